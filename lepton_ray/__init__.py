@@ -1,0 +1,56 @@
+"""Lepton-Ray: privacy-preserving federated learning on Ray.
+
+``import lepton_ray`` is light: it loads neither Ray nor torch. Only :func:`run` (and the CLI)
+reach the Ray runtime in ``actors/``, lazily.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lepton_ray.errors import (
+    BudgetExhaustedError,
+    ConfigError,
+    DataError,
+    LeptonError,
+    PrivacyError,
+    ProtocolError,
+    ThresholdError,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lepton_ray.result import RunResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetExhaustedError",
+    "ConfigError",
+    "DataError",
+    "LeptonError",
+    "PrivacyError",
+    "ProtocolError",
+    "ThresholdError",
+    "load_spec",
+    "run",
+]
+
+
+def load_spec(spec_or_path: Any, **overrides: Any):
+    """Load and validate a job spec from a path, a dict or a ``JobSpec``; see :func:`run`."""
+    from lepton_ray.config import load_spec as _load
+
+    return _load(spec_or_path, **overrides)
+
+
+def run(spec_or_path: Any, **overrides: Any) -> "RunResult":
+    """Run a federated job on Ray (an embedded local Ray unless one is already initialised).
+
+    ``overrides`` replace spec fields: ``rounds=5``, ``training__lr=0.05`` (``__`` for a
+    dot), or a nested dict ``training={"lr": 0.05}``. Returns a :class:`RunResult` with
+    ``history`` (a DataFrame), ``summary``, ``model`` and ``predict(X)``.
+    """
+    spec = load_spec(spec_or_path, **overrides)
+    from actors.driver import run_job  # lazy: the only door from the library to Ray
+
+    return run_job(spec)
