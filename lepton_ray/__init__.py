@@ -43,14 +43,15 @@ def load_spec(spec_or_path: Any, **overrides: Any):
     return _load(spec_or_path, **overrides)
 
 
-def run(spec_or_path: Any, **overrides: Any) -> "RunResult":
+def run(spec_or_path: Any, *, overwrite: bool = False, **overrides: Any) -> "RunResult":
     """Run a federated job on Ray (an embedded local Ray unless one is already initialised).
 
     ``overrides`` replace spec fields: ``rounds=5``, ``training__lr=0.05`` (``__`` for a
     dot), or a nested dict ``training={"lr": 0.05}``. Returns a :class:`RunResult` with
-    ``history`` (a DataFrame), ``summary``, ``model`` and ``predict(X)``.
+    ``history`` (a DataFrame), ``summary``, ``model`` and ``predict(X)``. An output
+    directory that already holds a job's outputs is refused unless ``overwrite=True``.
     """
     spec = load_spec(spec_or_path, **overrides)
     from actors.driver import run_job  # lazy: the only door from the library to Ray
 
-    return run_job(spec)
+    return run_job(spec, overwrite=overwrite)

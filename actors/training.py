@@ -1,0 +1,59 @@
+"""The GPU-allocated training task.
+
+A host trains the parties it was asked to train in one Ray task that requests
+``training.gpus_per_party`` GPUs (fractional allowed, so several hosts share a GPU). When
+the task holds a GPU fraction, torch's caching allocator is capped to that fraction of the
+device so one task cannot starve its neighbours. ``device: auto`` falls back to the CPU when
+CUDA is absent; ``device: cuda`` without CUDA is an error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from lepton_ray.config import Device, JobSpec
+from lepton_ray.errors import LeptonError
+
+
+def resolve_device(requested: Device, gpu_fraction: float):
+    import torch
+
+    if requested is Device.CPU:
+        return torch.device("cpu")
+    has_cuda = torch.cuda.is_available() and len(ray.get_gpu_ids()) > 0
+    if requested is Device.CUDA and not has_cuda:
+        raise LeptonError(
+            "training.device: 'cuda' but this training task has no CUDA device "
+            f"(torch.cuda.is_available()={torch.cuda.is_available()}, Ray GPU ids={ray.get_gpu_ids()}); "
+            "set training.gpus_per_party > 0 on a GPU node, or use device 'auto'"
+        )
+    if not has_cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
+    if 0 < gpu_fraction < 1:
+        torch.cuda.set_per_process_memory_fraction(gpu_fraction, device)
+    return device
+
+
+@ray.remote
+def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarray,
+               datasets: list, picks: list[int], seeds: list[int]):
+    """Train ``datasets[i]`` for ``i`` in ``picks``; returns a ``LocalResult`` and the device."""
+    import torch
+
+    from lepton_ray.learning.local import train_parties
+
+    torch.set_num_threads(1)
+    device = resolve_device(spec.training.device, spec.training.gpus_per_party)
+    result = train_parties(
+        model_spec=spec.model,
+        training=spec.training,
+        n_features=n_features,
+        n_classes=n_classes,
+        global_params=params,
+        datasets=[datasets[i] for i in picks],
+        seeds=seeds,
+        device=device,
+    )
+    return result, str(device)

@@ -1,0 +1,515 @@
+"""The job spec: frozen, keyword-only dataclasses with enums, loaded from YAML.
+
+Loading never stops at the first problem. :func:`load_spec` walks the whole document, checks
+every key, type and bound, and raises one :class:`~lepton_ray.errors.ConfigError` listing
+every problem with its field path (``training.lr: must be > 0, got -1``), the way Opacus's
+validators collect errors before raising.
+
+Overrides (``--set training.lr=0.05`` on the CLI, ``training__lr=0.05`` in
+:func:`lepton_ray.run`) are applied to the raw document before validation, so they are
+checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from lepton_ray.errors import ConfigError
+
+
+class DataSource(enum.Enum):
+    DIGITS = "digits"
+    BREAST_CANCER = "breast_cancer"
+    WINE = "wine"
+    SYNTHETIC = "synthetic"
+    CSV = "csv"
+    PARQUET = "parquet"
+    PARTY_FILES = "party_files"
+
+
+class PartitionKind(enum.Enum):
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+    COLUMN = "column"
+
+
+class ModelKind(enum.Enum):
+    LOGISTIC = "logistic"
+    MLP = "mlp"
+
+
+class OptimizerKind(enum.Enum):
+    SGD = "sgd"
+    ADAM = "adam"
+
+
+class Device(enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class StrategyKind(enum.Enum):
+    FEDAVG = "fedavg"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+    FEDADAGRAD = "fedadagrad"
+
+
+class SamplingKind(enum.Enum):
+    ALL = "all"
+    FIXED = "fixed"
+    POISSON = "poisson"
+
+
+class SecureAggregation(enum.Enum):
+    NONE = "none"
+    SECAGG = "secagg"
+    SECAGG_PLUS = "secagg+"
+
+
+class PrivacyMode(enum.Enum):
+    NONE = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyntheticSpec:
+    """``sklearn.datasets.make_classification`` parameters."""
+
+    samples: int = 10_000
+    features: int = 20
+    informative: int = 10
+    classes: int = 2
+    class_sep: float = 1.0
+
+    def problems(self, path: str) -> list[str]:
+        out = _positive(self, path, "samples", "features", "informative", "classes")
+        if self.informative > self.features:
+            out.append(f"{path}.informative: must be <= features ({self.features}), got {self.informative}")
+        if self.classes < 2:
+            out.append(f"{path}.classes: must be >= 2, got {self.classes}")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartitionSpec:
+    kind: PartitionKind = PartitionKind.IID
+    alpha: float = 0.5
+    column: str | None = None
+    min_size: int = 1
+
+    def problems(self, path: str) -> list[str]:
+        out = []
+        if self.alpha <= 0:
+            out.append(f"{path}.alpha: must be > 0, got {self.alpha}")
+        if self.min_size < 1:
+            out.append(f"{path}.min_size: must be >= 1, got {self.min_size}")
+        if self.kind is PartitionKind.COLUMN and not self.column:
+            out.append(f"{path}.column: required when kind is 'column'")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    source: DataSource = DataSource.DIGITS
+    path: str | None = None
+    label: str | None = None
+    features: tuple[str, ...] | None = None
+    party_paths: tuple[str, ...] | None = None
+    test_path: str | None = None
+    standardize: bool = True
+    test_fraction: float = 0.2
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    partition: PartitionSpec = field(default_factory=PartitionSpec)
+
+    def problems(self, path: str) -> list[str]:
+        out = []
+        if not 0.0 < self.test_fraction < 1.0:
+            out.append(f"{path}.test_fraction: must be in (0, 1), got {self.test_fraction}")
+        if self.source in (DataSource.CSV, DataSource.PARQUET):
+            if not self.path:
+                out.append(f"{path}.path: required for source '{self.source.value}'")
+            if not self.label:
+                out.append(f"{path}.label: required for source '{self.source.value}'")
+        if self.source is DataSource.PARTY_FILES:
+            if not self.party_paths:
+                out.append(f"{path}.party_paths: required for source 'party_files'")
+            if not self.test_path:
+                out.append(f"{path}.test_path: required for source 'party_files'")
+            if not self.label:
+                out.append(f"{path}.label: required for source 'party_files'")
+        if self.partition.kind is PartitionKind.COLUMN and self.source not in (
+            DataSource.CSV,
+            DataSource.PARQUET,
+        ):
+            out.append(f"{path}.partition.kind: 'column' needs a csv or parquet source")
+        if self.source is DataSource.SYNTHETIC:
+            out += self.synthetic.problems(f"{path}.synthetic")
+        out += self.partition.problems(f"{path}.partition")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartiesSpec:
+    count: int = 10
+    per_host: int | None = None
+
+    def problems(self, path: str) -> list[str]:
+        out = _positive(self, path, "count")
+        if self.per_host is not None and self.per_host < 1:
+            out.append(f"{path}.per_host: must be >= 1, got {self.per_host}")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    kind: ModelKind = ModelKind.MLP
+    hidden: tuple[int, ...] = (128,)
+
+    def problems(self, path: str) -> list[str]:
+        return [
+            f"{path}.hidden[{i}]: must be >= 1, got {h}" for i, h in enumerate(self.hidden) if h < 1
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingSpec:
+    optimizer: OptimizerKind = OptimizerKind.SGD
+    lr: float = 0.1
+    momentum: float = 0.0
+    epochs: int = 1
+    batch_size: int = 32
+    proximal_mu: float = 0.0
+    gpus_per_party: float = 0.0
+    device: Device = Device.AUTO
+
+    def problems(self, path: str) -> list[str]:
+        out = _positive(self, path, "lr", "epochs", "batch_size")
+        if not 0.0 <= self.momentum < 1.0:
+            out.append(f"{path}.momentum: must be in [0, 1), got {self.momentum}")
+        if self.proximal_mu < 0:
+            out.append(f"{path}.proximal_mu: must be >= 0, got {self.proximal_mu}")
+        if self.gpus_per_party < 0:
+            out.append(f"{path}.gpus_per_party: must be >= 0, got {self.gpus_per_party}")
+        if self.gpus_per_party > 1 and self.gpus_per_party != int(self.gpus_per_party):
+            out.append(f"{path}.gpus_per_party: above 1 must be a whole number, got {self.gpus_per_party}")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSpec:
+    """Server optimiser (Reddi et al. 2021, "Adaptive Federated Optimization", Alg. 2)."""
+
+    strategy: StrategyKind = StrategyKind.FEDAVG
+    lr: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def problems(self, path: str) -> list[str]:
+        out = _positive(self, path, "lr", "tau")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                out.append(f"{path}.{name}: must be in [0, 1), got {v}")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingSpec:
+    """Which parties train each round: all, a fixed-size uniform sample, or Poisson(rate)."""
+
+    kind: SamplingKind = SamplingKind.ALL
+    fraction: float = 1.0
+    min_parties: int = 1
+
+    def problems(self, path: str) -> list[str]:
+        out = []
+        if not 0.0 < self.fraction <= 1.0:
+            out.append(f"{path}.fraction: must be in (0, 1], got {self.fraction}")
+        if self.min_parties < 1:
+            out.append(f"{path}.min_parties: must be >= 1, got {self.min_parties}")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureAggregationSpec:
+    mode: SecureAggregation = SecureAggregation.NONE
+
+    def problems(self, path: str) -> list[str]:
+        if self.mode is not SecureAggregation.NONE:
+            return [f"{path}.mode: '{self.mode.value}' is not available in this build; use 'none'"]
+        return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacySpec:
+    mode: PrivacyMode = PrivacyMode.NONE
+
+    def problems(self, path: str) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputSpec:
+    dir: str = "runs/job"
+    checkpoint_every: int = 1
+    progress: bool = True
+
+    def problems(self, path: str) -> list[str]:
+        return _positive(self, path, "checkpoint_every")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    name: str = "job"
+    seed: int = 0
+    rounds: int = 20
+    data: DataSpec = field(default_factory=DataSpec)
+    parties: PartiesSpec = field(default_factory=PartiesSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    server: ServerSpec = field(default_factory=ServerSpec)
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    secure_aggregation: SecureAggregationSpec = field(default_factory=SecureAggregationSpec)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+
+    def problems(self, path: str = "") -> list[str]:
+        out = _positive(self, path, "rounds")
+        if self.seed < 0:
+            out.append(_join(path, "seed") + f": must be >= 0, got {self.seed}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                out += value.problems(_join(path, f.name))
+        if self.data.party_paths and len(self.data.party_paths) != self.parties.count:
+            out.append(
+                f"parties.count: is {self.parties.count} but data.party_paths lists "
+                f"{len(self.data.party_paths)} files (one per party)"
+            )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-able dict; ``load_spec(spec.to_dict())`` gives an equal spec."""
+        return _to_plain(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_spec(spec_or_path: Any, /, **overrides: Any) -> JobSpec:
+    """Load a spec from a YAML path, a mapping or a ``JobSpec``, apply overrides, validate.
+
+    Keyword overrides use ``__`` for a dot (``training__lr=0.05``); a mapping value merges
+    into that section (``training={"lr": 0.05}``). Raises ``ConfigError`` with every problem.
+    """
+    source = None
+    if isinstance(spec_or_path, JobSpec):
+        raw: dict[str, Any] = spec_or_path.to_dict()
+    elif isinstance(spec_or_path, Mapping):
+        raw = _deep_copy(spec_or_path)
+    else:
+        source = str(spec_or_path)
+        raw = read_yaml(Path(spec_or_path))
+    for key, value in overrides.items():
+        set_path(raw, key.replace("__", "."), value, source=source)
+    return build_spec(raw, source=source)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"file not found: {path}"], str(path)) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read {path}: {exc.strerror}"], str(path)) from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"malformed YAML{where}: {problem}"], str(path)) from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError([f"top level must be a mapping, got {type(doc).__name__}"], str(path))
+    return doc
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"training.lr=0.05"`` -> ``("training.lr", 0.05)``; the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {text!r}: expected key.path=value"])
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def set_path(raw: dict[str, Any], dotted: str, value: Any, *, source: str | None = None) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError([f"{where}: is a value, cannot set {dotted}"], source)
+        node = child
+    last = parts[-1]
+    if isinstance(value, Mapping) and isinstance(node.get(last), dict):
+        for k, v in value.items():
+            set_path(node[last], k, v, source=source)
+    else:
+        node[last] = _deep_copy(value) if isinstance(value, Mapping) else value
+
+
+def build_spec(raw: Mapping[str, Any], *, source: str | None = None) -> JobSpec:
+    problems: list[str] = []
+    spec = _convert(JobSpec, raw, "", problems)
+    if not problems:
+        problems += spec.problems("")
+    if problems:
+        raise ConfigError(problems, source)
+    return spec
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _positive(obj: Any, path: str, *names: str) -> list[str]:
+    return [
+        f"{_join(path, n)}: must be > 0, got {getattr(obj, n)}"
+        for n in names
+        if getattr(obj, n) <= 0
+    ]
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+_MISSING = object()
+
+
+def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    """Convert a YAML value to ``tp``; on a problem, record it and return ``_MISSING``."""
+    where = path or "spec"
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, path, problems)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            return tp()
+        if not isinstance(value, Mapping):
+            problems.append(f"{where}: expected a mapping, got {_show(value)}")
+            return _MISSING
+        hints = typing.get_type_hints(tp)
+        known = {f.name for f in dataclasses.fields(tp)}
+        for key in value:
+            if key not in known:
+                hint = _closest(str(key), known)
+                problems.append(f"{_join(path, str(key))}: unknown key{hint}")
+        kwargs = {}
+        for name in known:
+            if name in value:
+                converted = _convert(hints[name], value[name], _join(path, name), problems)
+                if converted is not _MISSING:
+                    kwargs[name] = converted
+        try:
+            return tp(**kwargs)
+        except TypeError as exc:  # pragma: no cover - all fields have defaults
+            problems.append(f"{where}: {exc}")
+            return _MISSING
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        choices = [m.value for m in tp]
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str) and value.lower() in choices:
+            return tp(value.lower())
+        problems.append(f"{where}: must be one of {', '.join(map(repr, choices))}, got {_show(value)}")
+        return _MISSING
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list, got {_show(value)}")
+            return _MISSING
+        items = [_convert(item_tp, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return _MISSING if any(i is _MISSING for i in items) else tuple(items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{where}: expected true or false, got {_show(value)}")
+        return _MISSING
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        problems.append(f"{where}: expected an integer, got {_show(value)}")
+        return _MISSING
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{where}: expected a number, got {_show(value)}")
+        return _MISSING
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{where}: expected a string, got {_show(value)}")
+        return _MISSING
+    raise TypeError(f"unsupported spec field type {tp!r} at {where}")  # a bug, not user input
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:40]}..." if len(text) > 43 else text
+
+
+def _closest(key: str, known: set[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else f" (known: {', '.join(sorted(known))})"
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value

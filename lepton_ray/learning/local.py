@@ -1,0 +1,100 @@
+"""Local training: one party's epochs of SGD/Adam on its own rows, returning a delta.
+
+A call trains a batch of parties one after another on the same device; each party starts
+from the same global parameters with a fresh optimiser (stateless parties, as in FedAvg,
+McMahan et al. 2017) and its own shuffling seed, so results do not depend on which host or
+in which order a party is trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lepton_ray.config import ModelSpec, OptimizerKind, TrainingSpec
+from lepton_ray.learning.models import build_model, load_flat
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    deltas: np.ndarray  # (k, d) float32: local parameters minus global parameters
+    examples: np.ndarray  # (k,) int64: rows each party trained on
+    losses: np.ndarray  # (k,) float64: mean training loss over the last epoch
+
+
+def party_seed(job_seed: int, round_: int, party: int) -> int:
+    """Shuffling seed of one party in one round (not secret: public training randomness)."""
+    return int(np.random.SeedSequence([job_seed, round_, party, 0x7A1]).generate_state(1)[0])
+
+
+def train_parties(
+    *,
+    model_spec: ModelSpec,
+    training: TrainingSpec,
+    n_features: int,
+    n_classes: int,
+    global_params: np.ndarray,
+    datasets: list[tuple[np.ndarray, np.ndarray]],
+    seeds: list[int],
+    device: torch.device | str = "cpu",
+) -> LocalResult:
+    device = torch.device(device)
+    model = build_model(model_spec, n_features, n_classes).to(device)
+    start = torch.tensor(np.asarray(global_params, dtype=np.float32), device=device)
+    deltas = np.empty((len(datasets), start.numel()), dtype=np.float32)
+    examples = np.empty(len(datasets), dtype=np.int64)
+    losses = np.empty(len(datasets), dtype=np.float64)
+    for i, ((X, y), seed) in enumerate(zip(datasets, seeds)):
+        load_flat(model, global_params)
+        losses[i] = _train_one(model, start, X, y, training, seed, device)
+        with torch.no_grad():
+            local = torch.nn.utils.parameters_to_vector(model.parameters())
+            deltas[i] = (local - start).cpu().numpy()
+        examples[i] = len(y)
+    return LocalResult(deltas=deltas, examples=examples, losses=losses)
+
+
+def _train_one(model: nn.Module, start: torch.Tensor, X, y, training: TrainingSpec, seed: int,
+               device: torch.device) -> float:
+    X_t = torch.tensor(np.asarray(X, dtype=np.float32), device=device)  # copy: Ray buffers are read-only
+    y_t = torch.tensor(np.asarray(y, dtype=np.int64), device=device)
+    params = list(model.parameters())
+    if training.optimizer is OptimizerKind.SGD:
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=training.lr, momentum=training.momentum)
+    else:
+        opt = torch.optim.Adam(params, lr=training.lr)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(y_t)
+    mu = training.proximal_mu
+    anchors = _split_like(start, params) if mu > 0 else None
+    loss_fn = nn.CrossEntropyLoss()
+    last = 0.0
+    for _ in range(training.epochs):
+        order = torch.randperm(n, generator=gen).to(device)
+        total, count = 0.0, 0
+        for b in range(0, n, training.batch_size):
+            idx = order[b : b + training.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(X_t[idx]), y_t[idx])
+            objective = loss
+            if anchors is not None:
+                # FedProx (Li et al. 2020): (mu/2) ||w - w_global||^2
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+                objective = loss + 0.5 * mu * prox
+            objective.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        last = total / max(count, 1)
+    return last
+
+
+def _split_like(vector: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for p in params:
+        out.append(vector[offset : offset + p.numel()].view_as(p).detach())
+        offset += p.numel()
+    return out

@@ -1,0 +1,125 @@
+"""What a job writes, written so that no failure loses or corrupts what is already there.
+
+* whole files (summary, checkpoint, model) are written to a temporary file in the same
+  directory, fsynced, then renamed over the target (atomic on POSIX);
+* ``history.csv`` is append-only: one row per round, flushed and fsynced.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+HISTORY_COLUMNS = (
+    "round",
+    "status",
+    "parties_sampled",
+    "parties_completed",
+    "parties_clipped",
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "test_precision",
+    "test_recall",
+    "test_f1",
+    "round_seconds",
+    "epsilon",
+)
+
+HISTORY = "history.csv"
+SUMMARY = "summary.json"
+MODEL = "model.pt"
+CHECKPOINT = "checkpoint.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class HistoryWriter:
+    """Appends one fsynced CSV row per round to ``history.csv`` (header written once)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            self._append(",".join(HISTORY_COLUMNS) + "\n")
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        unknown = set(row) - set(HISTORY_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown history columns: {sorted(unknown)}")
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in HISTORY_COLUMNS])
+        self._append(buf.getvalue())
+
+    def _append(self, text: str) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def read_history(out_dir: Path):
+    import pandas as pd
+
+    path = Path(out_dir) / HISTORY
+    if not path.exists():
+        from lepton_ray.errors import LeptonError
+
+        raise LeptonError(f"{out_dir}: no {HISTORY} here (is this a job's output directory?)")
+    return pd.read_csv(path)

@@ -1,0 +1,61 @@
+"""What :func:`lepton_ray.run` returns: history, summary, the trained model and ``predict``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RunResult:
+    history: Any  # pandas.DataFrame, one row per round
+    summary: dict[str, Any]
+    model: Any  # torch.nn.Module
+    output_dir: Path
+    classes: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+
+    def predict_proba(self, X) -> np.ndarray:
+        import torch
+
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != len(self.mean):
+            raise ValueError(f"X must have shape (n, {len(self.mean)}), got {X.shape}")
+        Z = ((X - self.mean) / self.scale).astype(np.float32)
+        self.model.eval()
+        with torch.no_grad():
+            return torch.softmax(self.model(torch.as_tensor(Z)), dim=1).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        """Class labels (in the data's own label values) for raw feature rows ``X``."""
+        return self.classes[self.predict_proba(X).argmax(axis=1)]
+
+
+def load_result(out_dir) -> RunResult:
+    """Rebuild a :class:`RunResult` from a finished job's output directory."""
+    import json
+
+    import torch
+
+    from lepton_ray.config import load_spec
+    from lepton_ray.learning.models import build_model
+    from lepton_ray.outputs import MODEL, SUMMARY, read_history
+
+    out = Path(out_dir)
+    saved = torch.load(out / MODEL, weights_only=False)
+    spec = load_spec(saved["spec"])
+    model = build_model(spec.model, saved["n_features"], len(saved["classes"]))
+    model.load_state_dict(saved["state_dict"])
+    return RunResult(
+        history=read_history(out),
+        summary=json.loads((out / SUMMARY).read_text()),
+        model=model,
+        output_dir=out,
+        classes=np.asarray(saved["classes"]),
+        mean=np.asarray(saved["mean"]),
+        scale=np.asarray(saved["scale"]),
+    )
