@@ -381,7 +381,9 @@ def set_path(raw: dict[str, Any], dotted: str, value: Any, *, source: str | None
 def build_spec(raw: Mapping[str, Any], *, source: str | None = None) -> JobSpec:
     problems: list[str] = []
     spec = _convert(JobSpec, raw, "", problems)
-    if not problems:
+    if spec is not _MISSING:
+        # A field that failed to convert fell back to its (valid) default, so the semantic
+        # checks still run on every other field: all problems are reported in one pass.
         problems += spec.problems("")
     if problems:
         raise ConfigError(problems, source)

@@ -1,0 +1,134 @@
+import textwrap
+
+import pytest
+
+from lepton_ray.cli import main
+from lepton_ray.config import (
+    DataSource,
+    JobSpec,
+    ModelKind,
+    OptimizerKind,
+    StrategyKind,
+    load_spec,
+    parse_assignment,
+)
+from lepton_ray.errors import ConfigError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "job.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_main_job_spec_loads_with_enums():
+    spec = load_spec("jobs/digits.yaml")
+    assert spec.data.source is DataSource.DIGITS
+    assert spec.model.kind is ModelKind.MLP and spec.model.hidden == (128,)
+    assert spec.training.optimizer is OptimizerKind.SGD
+    assert spec.server.strategy is StrategyKind.FEDAVG
+    assert spec.parties.count == 10
+
+
+def test_spec_is_frozen():
+    spec = JobSpec()
+    with pytest.raises(Exception):
+        spec.rounds = 3  # type: ignore[misc]
+
+
+def test_round_trip_through_dict():
+    spec = load_spec("jobs/digits.yaml", training__lr=0.05)
+    assert load_spec(spec.to_dict()) == spec
+
+
+def test_overrides_keyword_dotted_and_nested():
+    spec = load_spec("jobs/digits.yaml", rounds=4, training__lr=0.5, server={"strategy": "fedadam"})
+    assert spec.rounds == 4 and spec.training.lr == 0.5
+    assert spec.server.strategy is StrategyKind.FEDADAM
+    assert spec.training.momentum == 0.9  # untouched sibling kept
+
+
+def test_parse_assignment_uses_yaml_types():
+    assert parse_assignment("model.hidden=[64, 32]") == ("model.hidden", [64, 32])
+    assert parse_assignment("training.lr=1e-3") == ("training.lr", "1e-3")  # YAML 1.1; float() accepts
+    assert load_spec({"training": {"lr": "1e-3"}}).training.lr == 1e-3
+    with pytest.raises(ConfigError):
+        parse_assignment("no-equals-sign")
+
+
+def test_every_problem_reported_at_once_with_paths(tmp_path):
+    p = write(tmp_path, """
+        rounds: -1
+        parties: {count: 0}
+        training: {lr: fast, batch_size: 0}
+        model: {kind: transformer, hiden: [3]}
+        sampling: {fraction: 1.5}
+        bogus: 1
+    """)
+    with pytest.raises(ConfigError) as info:
+        load_spec(p)
+    text = str(info.value)
+    for needle in [
+        "rounds: must be > 0, got -1",
+        "parties.count: must be > 0, got 0",
+        "training.lr: expected a number, got 'fast'",
+        "training.batch_size: must be > 0",
+        "model.kind: must be one of",
+        "model.hiden: unknown key (did you mean 'hidden'?)",
+        "sampling.fraction: must be in (0, 1]",
+        "bogus: unknown key",
+    ]:
+        assert needle in text, needle
+    assert len(info.value.problems) == 8
+
+
+@pytest.mark.parametrize(
+    "sets, needle",
+    [
+        (["unknown_section.x=1"], "unknown_section: unknown key"),
+        (["training.epochs=two"], "training.epochs: expected an integer, got 'two'"),
+        (["parties.count=-5"], "parties.count: must be > 0, got -5"),
+        (["data.source=mnist"], "data.source: must be one of"),
+        (["data.source=csv", "data.path=/does/not/exist.csv", "data.label=y"],
+         "data.path: file not found: /does/not/exist.csv"),
+        (["data.source=csv", "data.path={csv}", "data.label=diagnosis"],
+         "data.label: column 'diagnosis' not in"),
+        (["data.source=csv", "data.path={csv_text}", "data.label=y"],
+         "data.features: non-numeric feature column(s) colour"),
+        (["data.source=csv"], "data.path: required for source 'csv'"),
+        (["secure_aggregation.mode=maybe"], "secure_aggregation.mode: must be one of"),
+    ],
+)
+def test_bad_specs_exit_2_naming_the_field(tmp_path, capsys, sets, needle):
+    csv = tmp_path / "d.csv"
+    csv.write_text("a,b,y\n1,2,0\n3,4,1\n5,6,0\n7,8,1\n")
+    csv_text = tmp_path / "t.csv"
+    csv_text.write_text("a,colour,y\n1,red,0\n3,blue,1\n")
+    args = ["validate", "jobs/digits.yaml"]
+    for s in sets:
+        args += ["--set", s.format(csv=csv, csv_text=csv_text)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert "Traceback" not in err
+
+
+def test_malformed_yaml_and_missing_file(tmp_path, capsys):
+    p = write(tmp_path, "rounds: [1,\n")
+    assert main(["validate", str(p)]) == 2
+    assert "malformed YAML at line" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "file not found" in capsys.readouterr().err
+
+
+def test_validate_ok(capsys):
+    assert main(["validate", "jobs/digits.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ok: jobs/digits.yaml: 10 parties") and "64 features, 10 classes" in out
+
+
+def test_party_paths_count_must_match(tmp_path):
+    with pytest.raises(ConfigError, match="parties.count: is 3 but data.party_paths lists 2"):
+        load_spec({"parties": {"count": 3},
+                   "data": {"source": "party_files", "party_paths": ["a", "b"], "test_path": "t",
+                            "label": "y"}})
