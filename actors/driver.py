@@ -43,6 +43,28 @@ log = logging.getLogger("lepton_ray.driver")
 OUTPUT_FILES = (HISTORY, SUMMARY, MODEL, CHECKPOINT, "history.png")
 
 
+DROPOUT_ERRORS = (
+    ray.exceptions.ActorDiedError,
+    ray.exceptions.ActorUnavailableError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+    ray.exceptions.OutOfMemoryError,
+)
+
+
+def is_dropout(exc: BaseException) -> bool:
+    """A process or node died (the parties it carried drop out), as opposed to an exception
+    raised by our own code, which is a bug or a bad input and must surface."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, DROPOUT_ERRORS):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__
+        seen += 1
+    return False
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the Ray instance already initialised, or start an embedded local one."""
     if ray.is_initialized():
@@ -143,10 +165,11 @@ class Federation:
             try:
                 reports.append(ray.get(meta))
                 good_partials.append(partial)
-            except LeptonError:
-                raise
-            except ray.exceptions.RayError as exc:  # a host or its task died: its parties dropped
-                log.warning("round %d: a host failed, its parties count as dropped: %s", r, exc)
+            except ray.exceptions.RayError as exc:
+                if not is_dropout(exc):
+                    raise  # a bug or a bad input in training: surface it, never hide it
+                print(f"round {r}: a host or its training task died; its parties count as "
+                      f"dropped ({type(exc).__name__})", file=sys.stderr, flush=True)
         row: dict[str, Any] = {
             "round": r,
             "parties_sampled": len(sampled),

@@ -36,17 +36,36 @@ def resolve_device(requested: Device, gpu_fraction: float):
     return device
 
 
+_SAID: set[str] = set()
+
+
+def choose_trainer(spec: JobSpec):
+    """The vectorised trainer when the spec allows it, else the one-by-one loop (and say
+    why, once per process)."""
+    from lepton_ray.learning.local import train_parties
+    from lepton_ray.learning.vectorised import train_parties_vectorised, vectorise_blocker
+
+    if not spec.training.vectorised:
+        return train_parties
+    reason = vectorise_blocker(spec.model, spec.training)
+    if reason is None:
+        return train_parties_vectorised
+    if reason not in _SAID:
+        _SAID.add(reason)
+        print(f"training one party at a time: {reason}", flush=True)
+    return train_parties
+
+
 @ray.remote
 def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarray,
                datasets: list, picks: list[int], seeds: list[int]):
     """Train ``datasets[i]`` for ``i`` in ``picks``; returns a ``LocalResult`` and the device."""
     import torch
 
-    from lepton_ray.learning.local import train_parties
-
     torch.set_num_threads(1)
     device = resolve_device(spec.training.device, spec.training.gpus_per_party)
-    result = train_parties(
+    train = choose_trainer(spec)
+    result = train(
         model_spec=spec.model,
         training=spec.training,
         n_features=n_features,

@@ -191,6 +191,7 @@ class TrainingSpec:
     proximal_mu: float = 0.0
     gpus_per_party: float = 0.0
     device: Device = Device.AUTO
+    vectorised: bool = True
 
     def problems(self, path: str) -> list[str]:
         out = _positive(self, path, "lr", "epochs", "batch_size")

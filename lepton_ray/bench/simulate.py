@@ -18,7 +18,8 @@ import numpy as np
 
 
 def workload(parties: int, rounds: int, out: str, *, synthetic: int | None = None,
-             secure_aggregation: str = "none", per_host: int | None = None) -> dict:
+             secure_aggregation: str = "none", per_host: int | None = None,
+             vectorised: bool = True) -> dict:
     data: dict = {"source": "digits", "standardize": True, "test_fraction": 0.2,
                   "partition": {"kind": "iid"}}
     if synthetic:
@@ -32,7 +33,8 @@ def workload(parties: int, rounds: int, out: str, *, synthetic: int | None = Non
         "data": data,
         "parties": {"count": parties, "per_host": per_host},
         "model": {"kind": "mlp", "hidden": [128]},
-        "training": {"optimizer": "sgd", "lr": 0.1, "epochs": 1, "batch_size": 32},
+        "training": {"optimizer": "sgd", "lr": 0.1, "epochs": 1, "batch_size": 32,
+                     "vectorised": vectorised},
         "server": {"strategy": "fedavg", "lr": 1.0},
         "sampling": {"kind": "all"},
         "secure_aggregation": {"mode": secure_aggregation},
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic", type=int, default=None, metavar="ROWS",
                     help="synthetic data with ROWS rows (64 features, 10 classes) instead of digits")
     ap.add_argument("--secure-aggregation", default="none", choices=["none", "secagg+", "secagg"])
+    ap.add_argument("--vectorised", default="on", choices=["on", "off"],
+                    help="train a host's parties together with torch.func (on) or one by one")
     ap.add_argument("--per-host", type=int, default=None)
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain-loop baseline")
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as out:
         spec = load_spec(workload(args.parties, args.rounds, out, synthetic=args.synthetic,
                                   secure_aggregation=args.secure_aggregation,
-                                  per_host=args.per_host))
+                                  per_host=args.per_host, vectorised=args.vectorised == "on"))
         with PeakMemory() as mem:
             result = run_job(spec, overwrite=True, num_cpus=args.num_cpus)
         s = result.summary
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "hosts": s["hosts"],
             "secure_aggregation": args.secure_aggregation,
+            "vectorised": args.vectorised,
             "seconds_per_round": s["seconds_per_round"],
             "first_round_seconds": s["first_round_seconds"],
             "peak_rss_mb": round(mem.peak_mb, 1),
