@@ -15,7 +15,7 @@ import numpy as np
 import ray
 
 from lepton_ray.config import JobSpec
-from lepton_ray.learning.aggregation import PartialSum, accumulate
+from lepton_ray.learning.aggregation import PartialSum
 from lepton_ray.learning.local import party_seed
 
 
@@ -54,17 +54,15 @@ class PartyHost:
         seeds = [party_seed(self.spec.seed, round_, p) for p in sampled]
         t = self.spec.training
         task = train_task.options(num_gpus=t.gpus_per_party, num_cpus=1)
-        result, device = ray.get(
+        (partial, losses, examples), device = ray.get(
             task.remote(self.spec, self.n_features, self.n_classes, params_box[0],
-                        self.data_ref, picks, seeds)
+                        self.data_ref, picks, seeds, fold=True)
         )
-        partial = accumulate(result.deltas, result.examples)
-        losses = result.losses
         report = HostReport(
             host=self.host,
             completed=tuple(sampled),
-            examples=int(result.examples.sum()),
-            train_loss=float(np.average(losses, weights=result.examples)) if len(losses) else float("nan"),
+            examples=int(examples.sum()),
+            train_loss=float(np.average(losses, weights=examples)) if len(losses) else float("nan"),
             device=device,
             ray_calls=1,
         )

@@ -58,9 +58,14 @@ def choose_trainer(spec: JobSpec):
 
 @ray.remote
 def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarray,
-               datasets: list, picks: list[int], seeds: list[int]):
-    """Train ``datasets[i]`` for ``i`` in ``picks``; returns a ``LocalResult`` and the device."""
+               datasets: list, picks: list[int], seeds: list[int], *, fold: bool = False):
+    """Train ``datasets[i]`` for ``i`` in ``picks``. Returns ``(result, device)``; with
+    ``fold`` (the plaintext path) the result is the parties' example-weighted
+    :class:`~lepton_ray.learning.aggregation.PartialSum` plus their losses and example
+    counts, so the per-party deltas never leave the task; otherwise the ``LocalResult``."""
     import torch
+
+    from lepton_ray.learning.aggregation import accumulate
 
     torch.set_num_threads(1)
     device = resolve_device(spec.training.device, spec.training.gpus_per_party)
@@ -75,4 +80,6 @@ def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarra
         seeds=seeds,
         device=device,
     )
+    if fold:
+        return (accumulate(result.deltas, result.examples), result.losses, result.examples), str(device)
     return result, str(device)
