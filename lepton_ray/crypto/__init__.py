@@ -1,0 +1,51 @@
+"""Cryptographic building blocks for Lepton-Ray, all on the ``cryptography`` package.
+
+* :mod:`.identity`  - Ed25519 party identities, the roster, memoised verification
+* :mod:`.agreement` - per-round X25519 key pairs and HKDF'd pairwise keys
+* :mod:`.kdf`       - HKDF-SHA256 with domain separation (:class:`KeyPurpose`)
+* :mod:`.envelope`  - AES-256-GCM envelopes bound to job, round, stage, sender, receiver
+* :mod:`.prg`       - AES-256-CTR keystream -> ring elements / floats / public integers
+* :mod:`.shamir`    - Shamir t-of-n sharing of 32-byte secrets over GF(2**256 + 297)
+
+No home-made ciphers; secrets come from ``os.urandom`` or from an AES-CTR stream under a key
+derived from OS randomness. Pure: no Ray, no I/O.
+"""
+
+from lepton_ray.crypto.agreement import RoundKeyPair, pair_key, public_key_of
+from lepton_ray.crypto.encoding import encode_fields
+from lepton_ray.crypto.envelope import EnvelopeHeader, channel_cipher, open_envelope, seal
+from lepton_ray.crypto.identity import IdentityKey, Roster, SignatureVerifier
+from lepton_ray.crypto.kdf import KeyPurpose, derive_key
+from lepton_ray.crypto.prg import (
+    MaskExpander,
+    PublicRandom,
+    keystream,
+    ring_dtype,
+    uniform_floats,
+)
+from lepton_ray.crypto.shamir import PRIME, combine_shares, interpolate_at, split_secret
+
+__all__ = [
+    "PRIME",
+    "EnvelopeHeader",
+    "IdentityKey",
+    "KeyPurpose",
+    "MaskExpander",
+    "PublicRandom",
+    "Roster",
+    "RoundKeyPair",
+    "SignatureVerifier",
+    "channel_cipher",
+    "combine_shares",
+    "derive_key",
+    "encode_fields",
+    "interpolate_at",
+    "keystream",
+    "open_envelope",
+    "pair_key",
+    "public_key_of",
+    "ring_dtype",
+    "seal",
+    "split_secret",
+    "uniform_floats",
+]

@@ -1,0 +1,272 @@
+"""The SecAgg+ neighbour graph and the automatic choice of its degree k.
+
+Bell et al. 2020 ("Secure Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS,
+§3-4) replace the complete graph of Bonawitz et al. 2017 by a random sparse graph: a party
+masks with, and secret-shares to, only its k neighbours, and k = O(log n) suffices for the
+same guarantees with high probability. The complete graph (k = n - 1) is classic SecAgg.
+
+**Graph.** A random k-regular graph on the round's participants, derived deterministically
+from a public per-round seed (:class:`~lepton_ray.crypto.prg.PublicRandom`), so every party and
+the server build the same one with no communication. For k <= (n-1)/2 it is a random
+Hamiltonian cycle (connected by construction) plus a random (k-2)-regular graph sampled by the
+pairing method of Steger & Wormald 1999 ("Generating random regular graphs quickly"); for
+larger k it is the complement of a random (n-1-k)-regular graph (minimum degree >= (n-1)/2,
+hence connected). When n*k is odd, or the pairing gets stuck, a few parties have degree k-1
+("near-regular").
+
+**Threshold.** A party's secrets are shared among its *neighbourhood*: its neighbours plus
+itself (as in Bonawitz et al., where a user also holds a share of its own secrets), i.e. k+1
+holders. The default threshold is t = k//2 + 1: more than half of the k neighbours, counting
+the party's own share among the t (it can only contribute it while it is alive).
+
+**Choice of k** (:func:`choose_neighbours`). With dropout rate delta, a fraction gamma of
+parties possibly colluding with the server, statistical security sigma and correctness eta
+(bits), k is the smallest value with t = k//2 + 1 such that, by union bounds over the n
+parties with exact binomial tails (each neighbour drops / is corrupt independently):
+
+1. secrecy (sigma): n * P[Bin(k, gamma) >= t] <= 2^-sigma - no honest party has t corrupt
+   holders, so the coalition never holds t shares of one secret (Bell et al. Lemma 4.5's
+   condition on corrupt neighbours);
+2. no isolation (sigma): n * (delta + gamma)^k <= 2^-sigma - no honest survivor loses every
+   neighbour. An isolated survivor's masked input would be its input plus only its self mask;
+   larger cut-off sets need every one of their boundary neighbours to drop, which in a random
+   regular (expander) graph is exponentially rarer (Bell et al. §4, connectivity lemma), and
+   the t-checks below turn any cut-off set smaller than t into an abort anyway;
+3. correctness (eta): n(1-delta) P[Bin(k, delta+gamma) >= k-t+2] + n delta P[Bin(k,
+   delta+gamma) >= k-t+1] <= 2^-eta - every survivor keeps t live holders of its self-mask seed
+   (its own share included) and every dropped party keeps t live holders of its mask key.
+
+A Chernoff bound on (3) gives k >= (ln n + eta ln 2) / D(1/2 || delta + gamma), with D the
+binary KL divergence: k grows with log n. Defaults (delta = 0.1, gamma = 0, sigma = 40,
+eta = 10) give k = 15 at n = 100, 19 at n = 1000, 23 at n = 10^4. gamma = 0 matches the
+design's threat model (an honest-but-curious coordinator that does not collude with parties;
+parties alone never see a masked input); set gamma > 0 when parties may collude with the
+coordinator (gamma = 0.05 gives k = 34 at n = 100). If no k < n - 1 meets the bounds (small n,
+or delta + gamma near 1/2) the complete graph is used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from functools import cached_property
+
+from lepton_ray.crypto.prg import PublicRandom
+from lepton_ray.errors import ConfigError
+
+MIN_SPARSE_DEGREE = 2
+_MAX_RESTARTS = 200
+
+
+class GraphTopology(Enum):
+    """Ask for a topology by name instead of a degree."""
+
+    COMPLETE = "complete"
+
+
+COMPLETE_GRAPH = GraphTopology.COMPLETE
+"""Pass as ``neighbours=`` to get the complete graph (classic SecAgg, k = n - 1)."""
+
+
+def default_threshold(neighbours: int) -> int:
+    """t = k//2 + 1: a majority of the k neighbours, the party's own share counted among t."""
+    return neighbours // 2 + 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class NeighbourPolicy:
+    """Rates and security levels from which :func:`choose_neighbours` picks k."""
+
+    dropout_rate: float = 0.1
+    corrupt_rate: float = 0.0
+    security_bits: float = 40.0
+    correctness_bits: float = 10.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("dropout_rate", "corrupt_rate"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                problems.append(f"secagg.{name}: must be in [0, 1), got {value!r}")
+        if not problems and self.dropout_rate + self.corrupt_rate >= 1.0:
+            problems.append("secagg.dropout_rate + corrupt_rate: must be below 1, got "
+                            f"{self.dropout_rate + self.corrupt_rate}")
+        for name in ("security_bits", "correctness_bits"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0):
+                problems.append(f"secagg.{name}: must be positive, got {value!r}")
+        if problems:
+            raise ConfigError(problems)
+
+
+def _binomial_tail(k: int, p: float, m: int) -> float:
+    """P[Bin(k, p) >= m], summed in log space."""
+    if m <= 0:
+        return 1.0
+    if m > k or p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    lk = math.lgamma(k + 1)
+    return min(1.0, sum(
+        math.exp(lk - math.lgamma(i + 1) - math.lgamma(k - i + 1) + i * log_p + (k - i) * log_q)
+        for i in range(m, k + 1)))
+
+
+DEFAULT_POLICY = NeighbourPolicy()
+
+
+def choose_neighbours(n: int, policy: NeighbourPolicy = DEFAULT_POLICY) -> int:
+    """The smallest degree k meeting conditions (1)-(3) of the module docstring, or n - 1."""
+    if not isinstance(n, int) or n < 2:
+        raise ConfigError([f"secagg.parties: need at least 2 parties, got {n!r}"])
+    delta, gamma = policy.dropout_rate, policy.corrupt_rate
+    lost = delta + gamma
+    secrecy = 2.0 ** -policy.security_bits
+    correctness = 2.0 ** -policy.correctness_bits
+    if lost >= 0.5:
+        return n - 1
+    for k in range(MIN_SPARSE_DEGREE + 1, n - 1):
+        t = default_threshold(k)
+        if n * _binomial_tail(k, gamma, t) > secrecy:
+            continue
+        if n * lost**k > secrecy:
+            continue
+        fail = (n * (1 - delta) * _binomial_tail(k, lost, k - t + 2)
+                + n * delta * _binomial_tail(k, lost, k - t + 1))
+        if fail > correctness:
+            continue
+        return k
+    return n - 1
+
+
+@dataclass(frozen=True)
+class NeighbourGraph:
+    """An undirected graph on the round's participants (party ids), public to everyone.
+
+    ``adjacency[i]`` lists the neighbours of ``participants[i]`` (sorted); ``degree`` is the
+    nominal k. A party's Shamir x-coordinate is its position in ``participants`` plus one.
+    """
+
+    participants: tuple[int, ...]
+    adjacency: tuple[tuple[int, ...], ...]
+    degree: int
+
+    @cached_property
+    def _position(self) -> dict[int, int]:
+        return {party: i for i, party in enumerate(self.participants)}
+
+    @property
+    def n(self) -> int:
+        return len(self.participants)
+
+    @property
+    def complete(self) -> bool:
+        return self.degree >= self.n - 1
+
+    @property
+    def min_degree(self) -> int:
+        return min(len(a) for a in self.adjacency)
+
+    def __contains__(self, party: object) -> bool:
+        return party in self._position
+
+    def position(self, party: int) -> int:
+        return self._position[party]
+
+    def x_coordinate(self, party: int) -> int:
+        """Shamir evaluation point of ``party`` (1-based, never 0: f(0) is the secret)."""
+        return self._position[party] + 1
+
+    def neighbours_of(self, party: int) -> tuple[int, ...]:
+        return self.adjacency[self._position[party]]
+
+
+def build_graph(participants: Sequence[int], neighbours: int | GraphTopology,
+                seed: bytes) -> NeighbourGraph:
+    """The public neighbour graph for ``participants`` with degree ``neighbours`` (clamped to
+    n - 1, the complete graph), derived from the public ``seed``."""
+    ids = tuple(sorted(participants))
+    n = len(ids)
+    if n < 2:
+        raise ConfigError([f"secagg.participants: need at least 2 parties, got {n}"])
+    if len(set(ids)) != n:
+        raise ConfigError(["secagg.participants: party ids must be distinct"])
+    if neighbours is GraphTopology.COMPLETE:
+        k = n - 1
+    elif isinstance(neighbours, int) and not isinstance(neighbours, bool) and neighbours >= 1:
+        k = min(neighbours, n - 1)
+    else:
+        raise ConfigError([(f"secagg.neighbours: must be a positive int or COMPLETE_GRAPH, got "
+                           f"{neighbours!r}")])
+    if k == n - 1:
+        adjacency = tuple(ids[:i] + ids[i + 1:] for i in range(n))
+        return NeighbourGraph(ids, adjacency, k)
+    if k < MIN_SPARSE_DEGREE:
+        raise ConfigError([f"secagg.neighbours: k={k} cannot connect {n} parties; use k >= 2"])
+    rng = PublicRandom(seed, "neighbour-graph", n, k)
+    if 2 * k > n - 1:
+        sparse = _random_regular(n, n - 1 - k, rng, with_cycle=False)
+        sets = [set(range(n)) - sparse[v] - {v} for v in range(n)]
+    else:
+        sets = _random_regular(n, k, rng, with_cycle=True)
+    adjacency = tuple(tuple(ids[u] for u in sorted(s)) for s in sets)
+    return NeighbourGraph(ids, adjacency, k)
+
+
+def _random_regular(n: int, k: int, rng: PublicRandom, *, with_cycle: bool) -> list[set[int]]:
+    best: list[set[int]] = []
+    best_left = -1
+    for _ in range(_MAX_RESTARTS):
+        adj: list[set[int]] = [set() for _ in range(n)]
+        need = [k] * n
+        if with_cycle and k >= 2:
+            order = list(range(n))
+            rng.shuffle(order)
+            for i in range(n):
+                u, v = order[i], order[(i + 1) % n]
+                adj[u].add(v)
+                adj[v].add(u)
+                need[u] -= 1
+                need[v] -= 1
+        points = [v for v in range(n) for _ in range(need[v])]
+        left = _pair_points(points, adj, rng)
+        if left <= 1:
+            return adj
+        if best_left < 0 or left < best_left:
+            best, best_left = adj, left
+    return best  # near-regular: a few vertices short of degree k
+
+
+def _pair_points(points: list[int], adj: list[set[int]], rng: PublicRandom) -> int:
+    """Steger-Wormald pairing: join random pairs of free points whose vertices are distinct
+    and not yet adjacent. Returns the number of points left unpaired."""
+
+    def take(index: int) -> int:
+        value = points[index]
+        points[index] = points[-1]
+        points.pop()
+        return value
+
+    while len(points) >= 2:
+        for _ in range(64):
+            a, b = rng.below(len(points)), rng.below(len(points))
+            u, v = points[a], points[b]
+            if u != v and v not in adj[u]:
+                break
+        else:
+            verts = sorted(set(points))
+            candidates = [(u, v) for i, u in enumerate(verts) for v in verts[i + 1:]
+                          if v not in adj[u]]
+            if not candidates:
+                return len(points)
+            u, v = candidates[rng.below(len(candidates))]
+            a, b = points.index(u), points.index(v)
+        for index in sorted((a, b), reverse=True):
+            take(index)
+        adj[u].add(v)
+        adj[v].add(u)
+    return len(points)

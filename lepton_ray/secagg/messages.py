@@ -1,0 +1,161 @@
+"""One frozen message type per stage and direction: plain, picklable values.
+
+Party -> server: :class:`AdvertiseKeys`, :class:`ShareKeys`, :class:`MaskedInput`,
+:class:`UnmaskResponse`. Server -> parties: :class:`KeyBroadcast`, :class:`ShareInbox`,
+:class:`UnmaskRequest`; server output: :class:`AggregateResult`. Every message names its job
+and round; its stage is its type (``STAGE``), so a message for the wrong stage is rejected by
+its type, not by dictionary checks. A PartyHost sends a list of these per stage for all the
+parties it hosts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import ClassVar
+
+import numpy as np
+
+from lepton_ray.secagg.stages import Rejection, Stage
+
+ShareEntry = tuple[int, int]  # (owner party id, Shamir share as a GF(p) element)
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys:
+    """Stage 1, party -> server: the party's two fresh X25519 public keys, signed (Ed25519)
+    over (job, round, party, channel key, mask key) with its roster identity key."""
+
+    STAGE: ClassVar[Stage] = Stage.ADVERTISE_KEYS
+    job_id: str
+    round: int
+    party: int
+    channel_key: bytes
+    mask_key: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class KeyBroadcast:
+    """Stage 1, server -> every party: all accepted adverts (each still signed)."""
+
+    STAGE: ClassVar[Stage] = Stage.ADVERTISE_KEYS
+    job_id: str
+    round: int
+    adverts: tuple[AdvertiseKeys, ...]
+
+    @cached_property
+    def by_party(self) -> dict[int, AdvertiseKeys] | None:
+        """Adverts by party id, built once and shared by every party of a host; ``None`` if
+        the broadcast is malformed (not a tuple of adverts, or one id twice)."""
+        if not isinstance(self.adverts, tuple):
+            return None
+        index: dict[int, AdvertiseKeys] = {}
+        for advert in self.adverts:
+            if (not isinstance(advert, AdvertiseKeys) or type(advert.party) is not int
+                    or advert.party in index):
+                return None
+            index[advert.party] = advert
+        return index
+
+
+@dataclass(frozen=True)
+class EncryptedShare:
+    """A sealed envelope from ``sender`` to ``receiver`` holding the sender's Shamir shares
+    (self-mask seed, mask private key) for the receiver; opaque to the server."""
+
+    sender: int
+    receiver: int
+    ciphertext: bytes
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    """Stage 2, party -> server: one envelope for each live neighbour."""
+
+    STAGE: ClassVar[Stage] = Stage.SHARE_KEYS
+    job_id: str
+    round: int
+    party: int
+    shares: tuple[EncryptedShare, ...]
+
+
+@dataclass(frozen=True)
+class ShareInbox:
+    """Stage 2, server -> one party: the envelopes addressed to it. The senders listed here
+    are exactly the neighbours the receiver must mask with."""
+
+    STAGE: ClassVar[Stage] = Stage.SHARE_KEYS
+    job_id: str
+    round: int
+    receiver: int
+    shares: tuple[EncryptedShare, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedInput:
+    """Stage 3, party -> server: input + self mask + pairwise masks in Z_{2^b}, plus the
+    neighbours whose envelopes failed authentication (the server drops those senders)."""
+
+    STAGE: ClassVar[Stage] = Stage.MASKED_INPUT
+    job_id: str
+    round: int
+    party: int
+    vector: np.ndarray
+    rejected_senders: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Stage 4, server -> survivors: whose masked input is in the sum (``survivors``) and who
+    shared keys but is not (``dropped``). Disjoint: a holder reveals, per party, the share of
+    its self-mask seed (survivor) or of its mask key (dropped), never both."""
+
+    STAGE: ClassVar[Stage] = Stage.UNMASK
+    job_id: str
+    round: int
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+    @cached_property
+    def as_sets(self) -> tuple[frozenset[int], frozenset[int]] | None:
+        """(survivors, dropped) as sets, built once per request; ``None`` if malformed."""
+        if not (isinstance(self.survivors, tuple) and isinstance(self.dropped, tuple)):
+            return None
+        if not all(type(p) is int for p in self.survivors + self.dropped):
+            return None
+        return frozenset(self.survivors), frozenset(self.dropped)
+
+
+@dataclass(frozen=True)
+class UnmaskResponse:
+    """Stage 4, party -> server: shares of survivors' self-mask seeds and of dropped
+    parties' mask private keys, as (owner, share) pairs."""
+
+    STAGE: ClassVar[Stage] = Stage.UNMASK
+    job_id: str
+    round: int
+    party: int
+    self_mask_shares: tuple[ShareEntry, ...]
+    mask_key_shares: tuple[ShareEntry, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class AggregateResult:
+    """What the server outputs: the sum in Z_{2^b} of the inputs of ``survivors`` and nothing
+    about any single party. ``dropped`` lists every other participant; ``rejections`` every
+    rejected message of the round."""
+
+    job_id: str
+    round: int
+    total: np.ndarray
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    neighbours: int
+    threshold: int
+    modulus_bits: int
+    rejections: tuple[Rejection, ...] = field(default=())
+
+
+PARTY_MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskResponse)
+SERVER_MESSAGES = (KeyBroadcast, ShareInbox, UnmaskRequest)

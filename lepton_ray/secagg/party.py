@@ -1,0 +1,284 @@
+"""The party side of SecAgg+ as a state machine (what a PartyHost drives for each party).
+
+A party object lives for one round. Its methods must be called in order, once each:
+
+    advertise()                      -> AdvertiseKeys   (fresh X25519 keys, Ed25519-signed)
+    share_keys(KeyBroadcast)         -> ShareKeys       (Shamir shares, sealed per neighbour)
+    masked_input(ShareInbox, vector) -> MaskedInput     (x + self mask + pairwise masks)
+    unmask(UnmaskRequest)            -> UnmaskResponse  (shares the server may have)
+
+A bad server message raises :class:`ProtocolError` and the party aborts (it behaves as a
+dropout, which the protocol survives); too few live neighbours raises :class:`ThresholdError`
+for the same effect. A neighbour envelope that fails its GCM tag is not fatal: it is recorded
+in :attr:`SecAggParty.rejections` and reported to the server, which then drops its sender.
+
+Security reasoning (Bonawitz et al. 2017, §4; Bell et al. 2020, §3):
+* adverts are signed with the roster identity key and checked here, so the server cannot
+  substitute keys and read the shares;
+* shares travel sealed under a key only the two parties can derive (AES-GCM, associated data
+  binding job, round, stage, sender, receiver);
+* the unmask request must name disjoint survivor/dropped sets consistent with what this party
+  saw, and the party answers once; it never reveals both the self-mask-seed share and the
+  mask-key share of one party, and never its own mask-key share;
+* the party refuses to mask (or to unmask) when fewer than t of its neighbourhood are alive,
+  so its input is never protected by fewer masks than the threshold assumes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from lepton_ray.crypto.agreement import RoundKeyPair
+from lepton_ray.crypto.envelope import EnvelopeHeader, channel_cipher, open_envelope, seal
+from lepton_ray.crypto.identity import IdentityKey, SignatureVerifier
+from lepton_ray.crypto.prg import MaskExpander
+from lepton_ray.crypto.shamir import SHARE_BYTES, share_from_bytes, share_to_bytes, split_secret
+from lepton_ray.errors import ConfigError, DataError, ProtocolError, ThresholdError
+from lepton_ray.secagg.checks import check_header, is_int
+from lepton_ray.secagg.keys import (
+    advert_transcript,
+    channel_key,
+    pairwise_mask_seed,
+    self_mask_key,
+)
+from lepton_ray.secagg.messages import (
+    AdvertiseKeys,
+    EncryptedShare,
+    KeyBroadcast,
+    MaskedInput,
+    ShareInbox,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from lepton_ray.secagg.plan import RoundConfig
+from lepton_ray.secagg.stages import Rejection, RejectionReason, Stage
+
+SEED_BYTES = 32
+
+
+class SecAggParty:
+    """One party's side of one round; see the module docstring.
+
+    ``verifier`` and ``expander`` may be shared by all parties of a host (memoised signature
+    checks, reused mask buffers). ``entropy`` supplies every secret (round keys, self-mask
+    seed, Shamir coefficients, nonces); it defaults to ``os.urandom`` and should only ever be
+    replaced by a deterministic source in tests.
+    """
+
+    def __init__(self, *, party: int, identity: IdentityKey, config: RoundConfig,
+                 verifier: SignatureVerifier | None = None,
+                 expander: MaskExpander | None = None,
+                 entropy: Callable[[int], bytes] = os.urandom):
+        if party not in config.graph:
+            raise ConfigError([(f"secagg.party: party {party!r} is not a participant of round "
+                               f"{config.round}")])
+        if identity.public_bytes != config.roster.public_key(party):
+            raise ConfigError([(f"secagg.party: the identity key given for party {party} is not "
+                               "its roster key")])
+        self.party = party
+        self.config = config
+        self._identity = identity
+        self._verifier = verifier if verifier is not None else SignatureVerifier()
+        self._expander = expander
+        self._entropy = entropy
+        self._channel = RoundKeyPair.generate(entropy)
+        self._mask = RoundKeyPair.generate(entropy)
+        self._self_seed = entropy(SEED_BYTES)
+        self._next: Stage | None = Stage.ADVERTISE_KEYS
+        self._rejections: list[Rejection] = []
+        self._advert: AdvertiseKeys | None = None
+        self._live: dict[int, AdvertiseKeys] = {}
+        self._ciphers: dict = {}
+        self._partners: tuple[int, ...] = ()
+        self._held: dict[int, tuple[int, int]] = {}
+
+    @property
+    def rejections(self) -> tuple[Rejection, ...]:
+        """Neighbour messages this party rejected (currently: envelopes failing their tag)."""
+        return tuple(self._rejections)
+
+    @property
+    def stage(self) -> Stage | None:
+        """The stage this party expects next (``None`` once finished or aborted)."""
+        return self._next
+
+    # -- stage 1 ------------------------------------------------------------------------
+    def advertise(self) -> AdvertiseKeys:
+        self._begin(Stage.ADVERTISE_KEYS)
+        c = self.config
+        channel, mask = self._channel.public_bytes, self._mask.public_bytes
+        signature = self._identity.sign(advert_transcript(
+            job_id=c.job_id, round_=c.round, party=self.party, channel_key=channel,
+            mask_key=mask))
+        self._advert = AdvertiseKeys(c.job_id, c.round, self.party, channel, mask, signature)
+        self._next = Stage.SHARE_KEYS
+        return self._advert
+
+    # -- stage 2 ------------------------------------------------------------------------
+    def share_keys(self, broadcast: KeyBroadcast) -> ShareKeys:
+        stage = self._begin(Stage.SHARE_KEYS)
+        c = self.config
+        self._raise(check_header(broadcast, KeyBroadcast, c, stage))
+        seen = broadcast.by_party
+        if seen is None:
+            self._fail(stage, RejectionReason.MALFORMED,
+                       "broadcast is not a tuple of adverts with distinct party ids")
+        if seen.get(self.party) != self._advert:
+            self._fail(stage, RejectionReason.MALFORMED,
+                       "the broadcast does not carry this party's own advert unchanged")
+        live: dict[int, AdvertiseKeys] = {}
+        for j in c.graph.neighbours_of(self.party):
+            advert = seen.get(j)
+            if advert is None:
+                continue  # j dropped before advertising
+            if not (isinstance(advert.channel_key, bytes) and isinstance(advert.mask_key, bytes)
+                    and len(advert.channel_key) == 32 and len(advert.mask_key) == 32):
+                self._fail(stage, RejectionReason.MALFORMED, f"party {j}'s advert keys")
+            # The transcript is rebuilt from *our* job id and round, so a verified signature
+            # also proves the advert is for this job and round.
+            transcript = advert_transcript(job_id=c.job_id, round_=c.round, party=j,
+                                           channel_key=advert.channel_key,
+                                           mask_key=advert.mask_key)
+            if not self._verifier.verify(c.roster.public_key(j), transcript, advert.signature):
+                self._raise(check_header(advert, AdvertiseKeys, c, Stage.ADVERTISE_KEYS))
+                self._fail(stage, RejectionReason.BAD_SIGNATURE,
+                           f"party {j}'s advert is not signed by its roster key")
+            live[j] = advert
+        holders = sorted([*live, self.party])
+        if len(holders) < c.threshold:
+            raise ThresholdError(f"party {self.party}: only {len(holders)} live holders in its "
+                                 f"neighbourhood, threshold is {c.threshold}")
+        xs = [c.graph.x_coordinate(h) for h in holders]
+        seed_shares = split_secret(self._self_seed, threshold=c.threshold, xs=xs,
+                                   entropy=self._entropy)
+        key_shares = split_secret(self._mask.private_bytes(), threshold=c.threshold, xs=xs,
+                                  entropy=self._entropy)
+        envelopes = []
+        for holder, seed_share, key_share in zip(holders, seed_shares, key_shares):
+            if holder == self.party:
+                self._held[holder] = (seed_share, key_share)
+                continue
+            cipher = channel_cipher(channel_key(
+                self._channel, job_id=c.job_id, round_=c.round, own=self.party, peer=holder,
+                peer_public=live[holder].channel_key))
+            self._ciphers[holder] = cipher
+            header = EnvelopeHeader(c.job_id, c.round, Stage.SHARE_KEYS, self.party, holder)
+            plaintext = share_to_bytes(seed_share) + share_to_bytes(key_share)
+            envelopes.append(EncryptedShare(self.party, holder,
+                                            seal(cipher, header, plaintext, self._entropy)))
+        self._live = live
+        self._next = Stage.MASKED_INPUT
+        return ShareKeys(c.job_id, c.round, self.party, tuple(envelopes))
+
+    # -- stage 3 ------------------------------------------------------------------------
+    def masked_input(self, inbox: ShareInbox, vector: np.ndarray) -> MaskedInput:
+        c = self.config
+        if (not isinstance(vector, np.ndarray) or vector.shape != (c.dim,)
+                or vector.dtype != c.dtype):
+            got = (f"{vector.dtype} of shape {vector.shape}" if isinstance(vector, np.ndarray)
+                   else type(vector).__name__)
+            raise DataError(f"party {self.party}: input must be a {c.dtype} vector of shape "
+                            f"({c.dim},) (ring elements of Z_2^{c.modulus_bits}), got {got}")
+        stage = self._begin(Stage.MASKED_INPUT)
+        self._raise(check_header(inbox, ShareInbox, c, stage))
+        if inbox.receiver != self.party or not isinstance(inbox.shares, tuple):
+            self._fail(stage, RejectionReason.MALFORMED, "inbox addressed to another party")
+        senders = []
+        for share in inbox.shares:
+            if (not isinstance(share, EncryptedShare) or share.receiver != self.party
+                    or not is_int(share.sender) or share.sender not in self._live
+                    or share.sender in senders):
+                self._fail(stage, RejectionReason.MALFORMED,
+                           "inbox holds an envelope not from a distinct live neighbour")
+            senders.append(share.sender)
+        rejected = []
+        for share in inbox.shares:
+            header = EnvelopeHeader(c.job_id, c.round, Stage.SHARE_KEYS, share.sender,
+                                    self.party)
+            try:
+                plain = open_envelope(self._ciphers[share.sender], header, share.ciphertext)
+                if len(plain) != 2 * SHARE_BYTES:
+                    raise ProtocolError(f"envelope from party {share.sender} has "
+                                        f"{len(plain)} plaintext bytes")
+                held = (share_from_bytes(plain[:SHARE_BYTES]),
+                        share_from_bytes(plain[SHARE_BYTES:]))
+            except ProtocolError as err:
+                self._rejections.append(Rejection(share.sender, Stage.SHARE_KEYS,
+                                                  RejectionReason.TAMPERED, str(err)))
+                rejected.append(share.sender)
+                continue
+            self._held[share.sender] = held
+        # Mask with every neighbour the server routed, readable or not: the server knows
+        # exactly this set and strips the masks of any sender it later drops.
+        partners = tuple(sorted(senders))
+        if len(partners) + 1 < c.threshold:
+            raise ThresholdError(f"party {self.party}: only {len(partners)} neighbours shared "
+                                 f"keys, threshold is {c.threshold}; not sending a weakly "
+                                 "masked input")
+        expander = self._expander or MaskExpander(c.dim, c.dtype)
+        masked = expander.masked_copy(vector, self_mask_key(
+            self._self_seed, job_id=c.job_id, round_=c.round, party=self.party))
+        for j in partners:
+            seed = pairwise_mask_seed(self._mask, job_id=c.job_id, round_=c.round,
+                                      own=self.party, peer=j,
+                                      peer_public=self._live[j].mask_key)
+            (expander.add if self.party < j else expander.subtract)(masked, seed)
+        self._partners = partners
+        self._ciphers.clear()
+        self._next = Stage.UNMASK
+        return MaskedInput(c.job_id, c.round, self.party, masked, tuple(sorted(rejected)))
+
+    # -- stage 4 ------------------------------------------------------------------------
+    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+        stage = self._begin(Stage.UNMASK)
+        c = self.config
+        self._raise(check_header(request, UnmaskRequest, c, stage))
+        sets = request.as_sets
+        if sets is None:
+            self._fail(stage, RejectionReason.MALFORMED, "survivors/dropped must be id tuples")
+        alive, gone = sets
+        if alive & gone:
+            self._fail(stage, RejectionReason.MALFORMED,
+                       f"parties {sorted(alive & gone)[:8]} listed as both survivor and dropped")
+        if self.party not in alive:
+            self._fail(stage, RejectionReason.LATE,
+                       f"party {self.party} is not listed as a survivor")
+        neighbours = c.graph.neighbours_of(self.party)
+        partners = set(self._partners)
+        if any((j in alive or j in gone) and j not in partners for j in neighbours):
+            self._fail(stage, RejectionReason.MALFORMED,
+                       "request names neighbours that never shared keys with this party")
+        live = 1 + sum(1 for j in neighbours if j in alive)
+        if live < c.threshold:
+            raise ThresholdError(f"party {self.party}: only {live} of its neighbourhood "
+                                 f"survived, threshold is {c.threshold}")
+        seed_out, key_out = [], []
+        for owner, (seed_share, key_share) in sorted(self._held.items()):
+            if owner in alive:
+                seed_out.append((owner, seed_share))
+            elif owner in gone and owner != self.party:
+                key_out.append((owner, key_share))
+        self._held.clear()
+        self._next = None
+        return UnmaskResponse(c.job_id, c.round, self.party, tuple(seed_out), tuple(key_out))
+
+    # -- helpers ------------------------------------------------------------------------
+    def _begin(self, stage: Stage) -> Stage:
+        if self._next is not stage:
+            at = self._next.value if self._next else "finished/aborted"
+            raise ProtocolError(f"party {self.party} is at stage {at}, cannot run "
+                                f"{stage.value}")
+        self._next = None  # restored on success; an exception leaves the party aborted
+        return stage
+
+    def _raise(self, rejection: Rejection | None) -> None:
+        if rejection is not None:
+            raise rejection.error()
+
+    def _fail(self, stage: Stage, reason: RejectionReason, detail: str) -> None:
+        raise Rejection(self.party, stage, reason,
+                        f"rejected the server's message: {detail}").error()

@@ -1,0 +1,334 @@
+"""The server side of SecAgg+ as a state machine (what the SmpcCoordinator actor runs).
+
+One method per stage, each taking *all* messages that arrived for that stage (a party absent
+from the list never answered: it dropped out) and returning what goes back to the parties:
+
+    collect_adverts([AdvertiseKeys])  -> KeyBroadcast
+    route_shares([ShareKeys])         -> {party: ShareInbox}
+    collect_masked([MaskedInput])     -> UnmaskRequest
+    finish([UnmaskResponse])          -> AggregateResult   (only the sum)
+
+Every message is checked (type = stage, job, round, roster, signature, sizes, duplicates);
+a rejected message is recorded in :attr:`SecAggServer.rejections` and its sender is treated
+as dropped, which the protocol tolerates like any dropout. When fewer than t parties remain,
+or some secret the sum needs has fewer than t live holders, the round raises
+:class:`ThresholdError` *before* the unmask request goes out if that is already known, so no
+share is released for a round that cannot finish.
+
+Security (Bonawitz et al. 2017, Thm 6.3; Bell et al. 2020, Thm 3.6): the server sees masked
+inputs, each hidden by its self mask and by pairwise masks with its neighbours; it asks, for
+each party, for shares of *either* its self-mask seed (its masked input is in the sum) *or*
+its mask private key (it dropped), never both, so it can strip the masks of the sum and of
+nothing smaller (for a connected graph of survivors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from lepton_ray.crypto.agreement import RoundKeyPair, public_key_of
+from lepton_ray.crypto.envelope import OVERHEAD_BYTES
+from lepton_ray.crypto.identity import SignatureVerifier
+from lepton_ray.crypto.prg import MaskExpander
+from lepton_ray.crypto.shamir import PRIME, SHARE_BYTES, combine_shares
+from lepton_ray.errors import ProtocolError, ThresholdError
+from lepton_ray.secagg.checks import check_header, check_sender, is_int
+from lepton_ray.secagg.keys import advert_transcript, pairwise_mask_seed, self_mask_key
+from lepton_ray.secagg.messages import (
+    AdvertiseKeys,
+    AggregateResult,
+    EncryptedShare,
+    KeyBroadcast,
+    MaskedInput,
+    ShareInbox,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from lepton_ray.secagg.plan import RoundConfig
+from lepton_ray.secagg.stages import Rejection, RejectionReason, Stage
+
+ENVELOPE_BYTES = OVERHEAD_BYTES + 2 * SHARE_BYTES
+KEY_BYTES = 32
+
+
+class SecAggServer:
+    """Server state machine for one round; see the module docstring."""
+
+    def __init__(self, config: RoundConfig, *, verifier: SignatureVerifier | None = None,
+                 expander: MaskExpander | None = None):
+        self.config = config
+        self._verifier = verifier if verifier is not None else SignatureVerifier()
+        self._expander = expander
+        self._next: Stage | None = Stage.ADVERTISE_KEYS
+        self._rejections: list[Rejection] = []
+        self._adverts: dict[int, AdvertiseKeys] = {}
+        self._shared: frozenset[int] = frozenset()
+        self._survivors: tuple[int, ...] = ()
+        self._dropped: tuple[int, ...] = ()
+        self._survivor_set: frozenset[int] = frozenset()
+        self._dropped_set: frozenset[int] = frozenset()
+        self._partners: dict[int, tuple[int, ...]] = {}
+        self._not_holding: dict[int, set[int]] = {}
+        self._sum: np.ndarray | None = None
+
+    @property
+    def rejections(self) -> tuple[Rejection, ...]:
+        return tuple(self._rejections)
+
+    @property
+    def stage(self) -> Stage | None:
+        """The stage the server expects next (``None`` once finished or aborted)."""
+        return self._next
+
+    # -- stage 1 ------------------------------------------------------------------------
+    def collect_adverts(self, messages: Iterable[object]) -> KeyBroadcast:
+        stage = self._begin(Stage.ADVERTISE_KEYS)
+        accepted = self._accept(messages, AdvertiseKeys, stage, self.config.participants,
+                                self._check_advert)
+        self._require(len(accepted), stage, "parties advertised keys")
+        self._adverts = accepted
+        self._next = Stage.SHARE_KEYS
+        return KeyBroadcast(self.config.job_id, self.config.round,
+                            tuple(accepted[p] for p in sorted(accepted)))
+
+    def _check_advert(self, msg: AdvertiseKeys) -> Rejection | None:
+        stage = Stage.ADVERTISE_KEYS
+        for name in ("channel_key", "mask_key"):
+            value = getattr(msg, name)
+            if not isinstance(value, bytes) or len(value) != KEY_BYTES:
+                return Rejection(msg.party, stage, RejectionReason.MALFORMED,
+                                 f"{name} must be {KEY_BYTES} bytes")
+        if not isinstance(msg.signature, bytes):
+            return Rejection(msg.party, stage, RejectionReason.BAD_SIGNATURE, "unsigned advert")
+        transcript = advert_transcript(job_id=msg.job_id, round_=msg.round, party=msg.party,
+                                       channel_key=msg.channel_key, mask_key=msg.mask_key)
+        if not self._verifier.verify(self.config.roster.public_key(msg.party), transcript,
+                                     msg.signature):
+            return Rejection(msg.party, stage, RejectionReason.BAD_SIGNATURE,
+                             f"advert signature does not verify under party {msg.party}'s "
+                             "roster key")
+        return None
+
+    # -- stage 2 ------------------------------------------------------------------------
+    def route_shares(self, messages: Iterable[object]) -> dict[int, ShareInbox]:
+        stage = self._begin(Stage.SHARE_KEYS)
+        accepted = self._accept(messages, ShareKeys, stage, self._adverts, self._check_shares)
+        self._require(len(accepted), stage, "parties shared keys")
+        self._shared = frozenset(accepted)
+        boxes: dict[int, list] = {p: [] for p in accepted}
+        for sender in sorted(accepted):
+            for share in accepted[sender].shares:
+                if share.receiver in boxes:
+                    boxes[share.receiver].append(share)
+        self._next = Stage.MASKED_INPUT
+        job, rnd = self.config.job_id, self.config.round
+        return {p: ShareInbox(job, rnd, p, tuple(box)) for p, box in boxes.items()}
+
+    def _check_shares(self, msg: ShareKeys) -> Rejection | None:
+        stage = Stage.SHARE_KEYS
+        if not isinstance(msg.shares, tuple):
+            return Rejection(msg.party, stage, RejectionReason.MALFORMED, "shares is not a tuple")
+        expected = {j for j in self.config.graph.neighbours_of(msg.party) if j in self._adverts}
+        receivers = []
+        for share in msg.shares:
+            if (not isinstance(share, EncryptedShare) or share.sender != msg.party
+                    or not is_int(share.receiver) or not isinstance(share.ciphertext, bytes)
+                    or len(share.ciphertext) != ENVELOPE_BYTES):
+                return Rejection(msg.party, stage, RejectionReason.MALFORMED,
+                                 f"an envelope is not a {ENVELOPE_BYTES}-byte envelope from "
+                                 f"party {msg.party}")
+            receivers.append(share.receiver)
+        if len(receivers) != len(set(receivers)) or set(receivers) != expected:
+            return Rejection(msg.party, stage, RejectionReason.MALFORMED,
+                             f"envelopes addressed to {sorted(set(receivers))[:8]}..., expected "
+                             f"exactly the {len(expected)} live neighbours")
+        return None
+
+    # -- stage 3 ------------------------------------------------------------------------
+    def collect_masked(self, messages: Iterable[object]) -> UnmaskRequest:
+        stage = self._begin(Stage.MASKED_INPUT)
+        accepted = self._accept(messages, MaskedInput, stage, self._shared, self._check_masked)
+        graph, t = self.config.graph, self.config.threshold
+        accused: set[int] = set()
+        for reporter in sorted(accepted):
+            for sender in accepted[reporter].rejected_senders:
+                accused.add(sender)
+                self._not_holding.setdefault(sender, set()).add(reporter)
+                self._rejections.append(Rejection(
+                    sender, Stage.SHARE_KEYS, RejectionReason.TAMPERED,
+                    f"its envelope to party {reporter} failed authentication (reported by "
+                    f"party {reporter})"))
+        survivors = tuple(sorted(set(accepted) - accused))
+        dropped = tuple(sorted(self._shared - set(survivors)))
+        self._require(len(survivors), stage, "masked inputs were accepted")
+        alive = set(survivors)
+        for party in survivors:
+            holders = 1 + sum(1 for j in graph.neighbours_of(party) if j in alive)
+            if holders < t:
+                self._abort(f"survivor {party} has {holders} live holders of its self-mask "
+                            f"seed, threshold is {t}")
+        for party in dropped:
+            partners = tuple(j for j in graph.neighbours_of(party) if j in alive)
+            if not partners:
+                continue
+            holders = len(set(partners) - self._not_holding.get(party, set()))
+            if holders < t:
+                self._abort(f"dropped party {party} has {holders} live holders of its mask "
+                            f"key, threshold is {t}")
+            self._partners[party] = partners
+        total = np.zeros(self.config.dim, dtype=self.config.dtype)
+        for party in survivors:
+            np.add(total, accepted[party].vector, out=total)
+        self._sum, self._survivors, self._dropped = total, survivors, dropped
+        self._survivor_set, self._dropped_set = frozenset(survivors), frozenset(dropped)
+        self._next = Stage.UNMASK
+        return UnmaskRequest(self.config.job_id, self.config.round, survivors, dropped)
+
+    def _check_masked(self, msg: MaskedInput) -> Rejection | None:
+        stage, config = Stage.MASKED_INPUT, self.config
+        vector = msg.vector
+        if (not isinstance(vector, np.ndarray) or vector.dtype != config.dtype
+                or vector.shape != (config.dim,)):
+            got = (f"{vector.dtype} {vector.shape}" if isinstance(vector, np.ndarray)
+                   else type(vector).__name__)
+            return Rejection(msg.party, stage, RejectionReason.MALFORMED,
+                             f"vector must be {config.dtype} of shape ({config.dim},), got {got}")
+        reported = msg.rejected_senders
+        partners = set(config.graph.neighbours_of(msg.party)) & self._shared
+        if (not isinstance(reported, tuple) or len(set(reported)) != len(reported)
+                or not all(is_int(j) and j in partners for j in reported)):
+            return Rejection(msg.party, stage, RejectionReason.MALFORMED,
+                             "rejected_senders must list distinct neighbours that shared keys")
+        return None
+
+    # -- stage 4 ------------------------------------------------------------------------
+    def finish(self, messages: Iterable[object]) -> AggregateResult:
+        stage = self._begin(Stage.UNMASK)
+        survivors = self._survivor_set
+        accepted = self._accept(messages, UnmaskResponse, stage, survivors, self._check_unmask)
+        self._require(len(accepted), stage, "survivors sent their shares")
+        graph, t, config = self.config.graph, self.config.threshold, self.config
+        seed_points: dict[int, list[tuple[int, int]]] = {p: [] for p in self._survivors}
+        key_points: dict[int, list[tuple[int, int]]] = {p: [] for p in self._partners}
+        for holder in sorted(accepted):
+            x = graph.x_coordinate(holder)
+            for owner, value in accepted[holder].self_mask_shares:
+                seed_points[owner].append((x, value))
+            for owner, value in accepted[holder].mask_key_shares:
+                if owner in key_points:
+                    key_points[owner].append((x, value))
+        for owner, points in seed_points.items():
+            if len(points) < t:
+                self._abort(f"only {len(points)} shares of survivor {owner}'s self-mask seed "
+                            f"arrived, threshold is {t}")
+        for owner, points in key_points.items():
+            if len(points) < t:
+                self._abort(f"only {len(points)} shares of dropped party {owner}'s mask key "
+                            f"arrived, threshold is {t}")
+        try:
+            seeds = {p: combine_shares(pts, threshold=t) for p, pts in seed_points.items()}
+            mask_keys = {p: combine_shares(pts, threshold=t) for p, pts in key_points.items()}
+            for owner, secret in mask_keys.items():
+                if public_key_of(secret) != self._adverts[owner].mask_key:
+                    raise ProtocolError(
+                        f"reconstructed mask key of party {owner} does not match its advert: "
+                        "a holder sent a corrupt share")
+        except ProtocolError:
+            self._next = None
+            raise
+        expander = self._expander or MaskExpander(config.dim, config.dtype)
+        total = self._sum
+        if total is None:  # cannot happen: _begin(UNMASK) implies collect_masked ran
+            raise ProtocolError("server has no masked sum to unmask")
+        job, rnd = config.job_id, config.round
+        for party, seed in seeds.items():
+            expander.subtract(total, self_mask_key(seed, job_id=job, round_=rnd, party=party))
+        for party, secret in mask_keys.items():
+            keys = RoundKeyPair.from_private_bytes(secret)
+            for peer in self._partners[party]:
+                pair_seed = pairwise_mask_seed(keys, job_id=job, round_=rnd, own=party,
+                                               peer=peer,
+                                               peer_public=self._adverts[peer].mask_key)
+                # the survivor `peer` added the pair mask if peer < party, else subtracted it
+                (expander.subtract if peer < party else expander.add)(total, pair_seed)
+        self._next = None
+        self._sum = None
+        everyone = set(config.participants)
+        return AggregateResult(
+            job_id=job, round=rnd, total=total, survivors=self._survivors,
+            dropped=tuple(sorted(everyone - survivors)), neighbours=config.neighbours,
+            threshold=t, modulus_bits=config.modulus_bits, rejections=self.rejections)
+
+    def _check_unmask(self, msg: UnmaskResponse) -> Rejection | None:
+        stage, graph = Stage.UNMASK, self.config.graph
+        survivors, dropped = self._survivor_set, self._dropped_set
+        neighbours = graph.neighbours_of(msg.party)
+        may_seed = {j for j in neighbours if j in survivors}
+        may_seed.add(msg.party)
+        may_key = {j for j in neighbours if j in dropped
+                   and msg.party not in self._not_holding.get(j, ())}
+        for name, allowed in (("self_mask_shares", may_seed), ("mask_key_shares", may_key)):
+            entries = getattr(msg, name)
+            if not isinstance(entries, tuple):
+                return Rejection(msg.party, stage, RejectionReason.MALFORMED, f"{name} not a tuple")
+            owners = set()
+            for entry in entries:
+                if (type(entry) is not tuple or len(entry) != 2 or type(entry[1]) is not int
+                        or entry[0] not in allowed or not 0 <= entry[1] < PRIME
+                        or entry[0] in owners):
+                    return Rejection(msg.party, stage, RejectionReason.MALFORMED,
+                                     f"{name}: entry {str(entry)[:40]} is not a share this "
+                                     "party may send (or a second share for one owner)")
+                owners.add(entry[0])
+        return None
+
+    # -- helpers ------------------------------------------------------------------------
+    def _begin(self, stage: Stage) -> Stage:
+        if self._next is not stage:
+            at = self._next.value if self._next else "finished/aborted"
+            raise ProtocolError(f"server of round {self.config.round} is at stage {at}, "
+                                f"cannot run {stage.value}")
+        return stage
+
+    def _accept(self, messages: Iterable[object], expected: type, stage: Stage,
+                senders: Iterable[int],
+                check: Callable[[object], Rejection | None]) -> dict[int, object]:
+        allowed = set(senders)
+        candidates: dict[int, list] = {}
+        for msg in messages:
+            rejection = check_header(msg, expected, self.config, stage)
+            if rejection is None:
+                rejection = check_sender(msg.party, self.config, stage, allowed)
+            if rejection is None:
+                try:
+                    rejection = check(msg)
+                except ProtocolError as err:  # e.g. a field that cannot be encoded
+                    rejection = Rejection(msg.party, stage, RejectionReason.MALFORMED, str(err))
+            if rejection is not None:
+                self._rejections.append(rejection)
+                continue
+            candidates.setdefault(msg.party, []).append(msg)
+        accepted = {}
+        for party, copies in candidates.items():
+            if len(copies) == 1:
+                accepted[party] = copies[0]
+            else:
+                self._rejections.append(Rejection(
+                    party, stage, RejectionReason.DUPLICATE_PARTY,
+                    f"{len(copies)} messages claim party {party}; the server cannot tell which "
+                    "is genuine, so all are rejected and the party is dropped"))
+        return accepted
+
+    def _require(self, count: int, stage: Stage, what: str) -> None:
+        if count < self.config.threshold:
+            self._abort(f"only {count} {what} at {stage.value}, threshold is "
+                        f"{self.config.threshold}")
+
+    def _abort(self, why: str) -> None:
+        self._next = None
+        self._sum = None
+        raise ThresholdError(f"round {self.config.round} of job {self.config.job_id!r} aborted, "
+                             f"nothing released: {why}")

@@ -1,0 +1,212 @@
+"""Attacks: every bad message is rejected with a clear reason, its sender is treated as
+dropped, and the result stays exact over the honest survivors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from lepton_ray.crypto.identity import IdentityKey, Roster
+from lepton_ray.errors import ProtocolError
+from lepton_ray.secagg import (
+    COMPLETE_GRAPH,
+    AdvertiseKeys,
+    KeyBroadcast,
+    MaskedInput,
+    RejectionReason,
+    SecAggParty,
+    SecAggServer,
+    ShareKeys,
+    Stage,
+    UnmaskRequest,
+    plan_round,
+    run_local_round,
+)
+from lepton_ray.secagg.keys import advert_transcript
+
+
+def make_round(n=6, d=16, *, round_=0, identities=None, neighbours=COMPLETE_GRAPH):
+    identities = identities or [IdentityKey.generate() for _ in range(n)]
+    config = plan_round(job_id="job", round_=round_, roster=Roster.of(identities), dim=d,
+                        graph_seed=b"g" * 32, neighbours=neighbours)
+    rng = np.random.default_rng(round_)
+    inputs = {p: rng.integers(0, 2**32, d, dtype=np.uint64).astype(np.uint32)
+              for p in range(n)}
+    return config, identities, inputs
+
+
+def run(config, identities, inputs, **kwargs):
+    return run_local_round(config, dict(enumerate(identities)), inputs, **kwargs)
+
+
+def assert_exact(result, inputs, survivors):
+    assert list(result.survivors) == sorted(survivors)
+    expected = np.sum([inputs[p] for p in survivors], axis=0, dtype=np.uint32)
+    assert np.array_equal(result.total, expected)
+
+
+def reasons(result):
+    return {(r.party, r.stage, r.reason) for r in result.rejections}
+
+
+def test_tampered_ciphertext_drops_its_sender():
+    config, ids, inputs = make_round(7)
+
+    def tamper(messages):
+        out = []
+        for m in messages:
+            if m.party == 2:
+                first = m.shares[0]
+                bad = bytearray(first.ciphertext)
+                bad[-1] ^= 0x01  # flip one bit of the GCM tag's ciphertext
+                shares = (dataclasses.replace(first, ciphertext=bytes(bad)),) + m.shares[1:]
+                m = dataclasses.replace(m, shares=shares)
+            out.append(m)
+        return out
+
+    result = run(config, ids, inputs, filters={Stage.SHARE_KEYS: tamper})
+    assert (2, Stage.SHARE_KEYS, RejectionReason.TAMPERED) in reasons(result)
+    assert 2 in result.dropped
+    assert_exact(result, inputs, set(range(7)) - {2})
+    assert any("failed" in r.detail for r in result.rejections)
+
+
+def test_replayed_messages_from_an_earlier_round():
+    config0, ids, inputs0 = make_round(6, round_=0)
+    captured = {}
+    keep = lambda stage: (lambda ms: captured.setdefault(stage, list(ms)))
+    run(config0, ids, inputs0, filters={s: keep(s) for s in (Stage.ADVERTISE_KEYS,
+                                                             Stage.MASKED_INPUT)})
+    old_advert = next(m for m in captured[Stage.ADVERTISE_KEYS] if m.party == 3)
+    old_masked = next(m for m in captured[Stage.MASKED_INPUT] if m.party == 4)
+
+    config1, _, inputs1 = make_round(6, round_=1, identities=ids)
+    swap = lambda old: (lambda ms: [old if m.party == old.party else m for m in ms])
+    result = run(config1, ids, inputs1, filters={Stage.ADVERTISE_KEYS: swap(old_advert),
+                                                 Stage.MASKED_INPUT: swap(old_masked)})
+    assert (3, Stage.ADVERTISE_KEYS, RejectionReason.REPLAYED) in reasons(result)
+    assert (4, Stage.MASKED_INPUT, RejectionReason.REPLAYED) in reasons(result)
+    assert_exact(result, inputs1, {0, 1, 2, 5})
+
+    # relabelling the old advert's round breaks its signature
+    relabelled = dataclasses.replace(old_advert, round=1)
+    result = run(*make_round(6, round_=1, identities=ids)[:1], ids, inputs1,
+                 filters={Stage.ADVERTISE_KEYS: swap(relabelled)})
+    assert (3, Stage.ADVERTISE_KEYS, RejectionReason.BAD_SIGNATURE) in reasons(result)
+    assert_exact(result, inputs1, {0, 1, 2, 4, 5})
+
+
+def test_advert_signed_by_a_key_outside_the_roster():
+    config, ids, inputs = make_round(6)
+    outsider = IdentityKey.generate()
+
+    def forge(party):
+        channel, mask = b"\x09" * 32, b"\x0a" * 32
+        sig = outsider.sign(advert_transcript(job_id="job", round_=0, party=party,
+                                              channel_key=channel, mask_key=mask))
+        return AdvertiseKeys("job", 0, party, channel, mask, sig)
+
+    unsigned = dataclasses.replace(forge(5), party=5, signature=b"")
+    result = run(config, ids, inputs, filters={
+        Stage.ADVERTISE_KEYS: lambda ms: [forge(1), forge(99)] + ms + [unsigned]})
+    got = reasons(result)
+    assert (1, Stage.ADVERTISE_KEYS, RejectionReason.BAD_SIGNATURE) in got
+    assert (99, Stage.ADVERTISE_KEYS, RejectionReason.NOT_IN_ROSTER) in got
+    assert (5, Stage.ADVERTISE_KEYS, RejectionReason.BAD_SIGNATURE) in got
+    # the forgeries were filtered before the duplicate check: the genuine parties stay in
+    assert (1, Stage.ADVERTISE_KEYS, RejectionReason.DUPLICATE_PARTY) not in got
+    assert_exact(result, inputs, set(range(6)))
+
+
+def test_duplicated_party_id_drops_that_party():
+    config, ids, inputs = make_round(6)
+
+    def duplicate(messages):
+        twin = next(m for m in messages if m.party == 2)
+        fake = dataclasses.replace(twin, vector=np.zeros_like(twin.vector))
+        return messages + [fake]
+
+    result = run(config, ids, inputs, filters={Stage.MASKED_INPUT: duplicate})
+    assert (2, Stage.MASKED_INPUT, RejectionReason.DUPLICATE_PARTY) in reasons(result)
+    assert_exact(result, inputs, {0, 1, 3, 4, 5})
+
+    # an equivocating party: two different adverts, both validly signed by its identity
+    config, ids, inputs = make_round(6, round_=1)
+    twin = SecAggParty(party=4, identity=ids[4], config=config)
+    result = run(config, ids, inputs,
+                 filters={Stage.ADVERTISE_KEYS: lambda ms: ms + [twin.advertise()]})
+    assert (4, Stage.ADVERTISE_KEYS, RejectionReason.DUPLICATE_PARTY) in reasons(result)
+    assert_exact(result, inputs, {0, 1, 2, 3, 5})
+
+
+def test_wrong_stage_late_wrong_job_and_malformed_messages():
+    config, ids, inputs = make_round(6)
+    adverts = {}
+
+    def stash(ms):
+        adverts.update({m.party: m for m in ms})
+        return ms
+
+    def inject(ms):
+        wrong_job = dataclasses.replace(ms[0], job_id="other-job")
+        bad_shape = dataclasses.replace(ms[1], vector=ms[1].vector[:-1])
+        rest = [m for m in ms if m.party not in (ms[0].party, ms[1].party)]
+        return rest + [wrong_job, bad_shape, adverts[3], "not a message"]
+
+    result = run(config, ids, inputs, silent={Stage.MASKED_INPUT: [5]},
+                 filters={Stage.ADVERTISE_KEYS: stash, Stage.MASKED_INPUT: inject})
+    got = reasons(result)
+    assert (0, Stage.MASKED_INPUT, RejectionReason.WRONG_JOB) in got
+    assert (1, Stage.MASKED_INPUT, RejectionReason.MALFORMED) in got
+    assert (3, Stage.MASKED_INPUT, RejectionReason.LATE) in got  # an advert, long after
+    assert (-1, Stage.MASKED_INPUT, RejectionReason.WRONG_STAGE) in got
+    assert_exact(result, inputs, {2, 3, 4})
+
+
+def test_message_from_a_party_that_already_dropped_is_late():
+    config, ids, inputs = make_round(6)
+    parties = {p: SecAggParty(party=p, identity=ids[p], config=config) for p in range(6)}
+    server = SecAggServer(config)
+    broadcast = server.collect_adverts([p.advertise() for p in parties.values()])
+    shares = [parties[p].share_keys(broadcast) for p in range(6)]
+    inboxes = server.route_shares(shares[1:])  # party 0 dropped at share_keys
+    masked = [parties[p].masked_input(inboxes[p], inputs[p]) for p in range(1, 6)]
+    late = MaskedInput("job", 0, 0, inputs[0].copy())
+    request = server.collect_masked(masked + [late])
+    assert server.rejections[-1].reason is RejectionReason.LATE
+    assert 0 not in request.survivors + request.dropped
+    result = server.finish([parties[p].unmask(request) for p in range(1, 6)])
+    assert_exact(result, inputs, {1, 2, 3, 4, 5})
+
+
+def test_party_rejects_bad_server_messages():
+    config, ids, inputs = make_round(5, round_=1)
+    parties = {p: SecAggParty(party=p, identity=ids[p], config=config) for p in range(5)}
+    with pytest.raises(ProtocolError, match="cannot run share_keys"):
+        SecAggParty(party=0, identity=ids[0], config=config).share_keys(None)
+    adverts = tuple(p.advertise() for p in parties.values())
+    # a substituted key in a neighbour's advert breaks its signature
+    forged = dataclasses.replace(adverts[1], mask_key=b"\x01" * 32)
+    with pytest.raises(ProtocolError, match="BAD_SIGNATURE"):
+        parties[0].share_keys(KeyBroadcast("job", 1, (adverts[0], forged) + adverts[2:]))
+    assert parties[0].stage is None  # aborted: it now behaves as a dropout
+    with pytest.raises(ProtocolError, match="REPLAYED"):
+        parties[2].share_keys(KeyBroadcast("job", 0, adverts))
+    broadcast = KeyBroadcast("job", 1, adverts)
+    shares = [parties[p].share_keys(broadcast) for p in (1, 3, 4)]
+    assert all(isinstance(s, ShareKeys) for s in shares)
+    server = SecAggServer(config)
+    server.collect_adverts(adverts)
+    inboxes = server.route_shares(shares)
+    with pytest.raises(ProtocolError, match="addressed to another party"):
+        parties[3].masked_input(inboxes[1], inputs[3])
+    for p in (1, 4):
+        parties[p].masked_input(inboxes[p], inputs[p])
+    with pytest.raises(ProtocolError, match="both survivor and dropped"):
+        parties[1].unmask(UnmaskRequest("job", 1, (1, 4), (1,)))
+    with pytest.raises(ProtocolError, match="cannot run unmask"):
+        parties[1].unmask(UnmaskRequest("job", 1, (1, 4), ()))  # one answer, even after an error
+    with pytest.raises(ProtocolError, match="cannot run"):
+        server.finish([])  # the server is still waiting for masked inputs
