@@ -1,0 +1,121 @@
+"""compute_epsilon / calibrate_noise: never overshoot, tight to 1 %, clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lepton_ray.errors import PrivacyError
+from lepton_ray.privacy.accountants import AccountantKind
+from lepton_ray.privacy.calibration import (
+    CALIBRATION_TOLERANCE,
+    calibrate_noise,
+    compute_epsilon,
+    record_level_epsilon,
+    record_level_event,
+    sampled_gaussian_event,
+)
+from lepton_ray.privacy.events import Gaussian, PoissonSampled, SelfComposed
+
+
+def _eps(z: float, q: float, steps: int, delta: float, kind=AccountantKind.RDP) -> float:
+    return compute_epsilon(
+        sampling_rate=q, noise_multiplier=z, steps=steps, delta=delta, accountant=kind
+    )
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    target=st.floats(min_value=0.3, max_value=12.0),
+    q=st.sampled_from([0.001, 0.01, 0.05, 0.2, 1.0]),
+    steps=st.integers(min_value=1, max_value=3000),
+    delta=st.sampled_from([1e-7, 1e-5, 1e-3]),
+)
+def test_calibrated_noise_never_overshoots_and_is_within_one_percent(target, q, steps, delta):
+    z = calibrate_noise(target_epsilon=target, delta=delta, sampling_rate=q, steps=steps)
+    assert _eps(z, q, steps, delta) <= target  # never overshoot
+    # smallest: 1 % less noise already breaks the target
+    assert _eps(z / 1.01, q, steps, delta) > target
+
+
+def test_calibration_with_pld_never_overshoots():
+    target, q, steps, delta = 0.5, 0.05, 20, 1e-5
+    z = calibrate_noise(
+        target_epsilon=target,
+        delta=delta,
+        sampling_rate=q,
+        steps=steps,
+        accountant=AccountantKind.PLD,
+    )
+    assert _eps(z, q, steps, delta, AccountantKind.PLD) <= target
+    assert _eps(z / (1 + 2 * CALIBRATION_TOLERANCE), q, steps, delta, AccountantKind.PLD) > target
+    # PLD is tighter, so it needs less noise than RDP for the same target.
+    assert z < calibrate_noise(target_epsilon=target, delta=delta, sampling_rate=q, steps=steps)
+
+
+def test_calibration_round_trips_a_published_setting():
+    # TF-Privacy: z=1.3 gives 0.72422 for n=60000, batch 150, 15 epochs, delta=1e-5.
+    z = calibrate_noise(target_epsilon=0.72422, delta=1e-5, sampling_rate=150 / 60000, steps=6000)
+    assert z == pytest.approx(1.3, rel=CALIBRATION_TOLERANCE)
+    assert z >= 1.3 * (1 - 1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"target_epsilon": 0.0}, "target_epsilon"),
+        ({"target_epsilon": -1.0}, "target_epsilon"),
+        ({"target_epsilon": math.inf}, "target_epsilon"),
+        ({"delta": 0.0}, "delta"),
+        ({"delta": 1.0}, "delta"),
+        ({"sampling_rate": 0.0}, "sampling_probability"),
+        ({"sampling_rate": 1.5}, "sampling_probability"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 2.5}, "steps"),
+        ({"target_epsilon": 1e-4, "sampling_rate": 1.0, "steps": 10**6}, "not reachable"),
+        ({"target_epsilon": 1e6, "sampling_rate": 1.0, "steps": 1}, "too loose"),
+    ],
+)
+def test_impossible_or_bad_calibration_requests_raise_privacy_error(kwargs, match):
+    args = {"target_epsilon": 1.0, "delta": 1e-5, "sampling_rate": 0.01, "steps": 100}
+    args.update(kwargs)
+    with pytest.raises(PrivacyError, match=match):
+        calibrate_noise(**args)
+
+
+def test_compute_epsilon_validates_and_builds_the_sampled_gaussian_workload():
+    with pytest.raises(PrivacyError, match="noise_multiplier"):
+        compute_epsilon(sampling_rate=0.1, noise_multiplier=0.0, steps=10, delta=1e-5)
+    with pytest.raises(PrivacyError, match="steps"):
+        compute_epsilon(sampling_rate=0.1, noise_multiplier=1.0, steps=0, delta=1e-5)
+    assert sampled_gaussian_event(sampling_rate=0.1, noise_multiplier=1.0, steps=3) == SelfComposed(
+        event=PoissonSampled(sampling_probability=0.1, event=Gaussian(noise_multiplier=1.0)),
+        count=3,
+    )
+    assert sampled_gaussian_event(sampling_rate=1, noise_multiplier=2.0, steps=1) == Gaussian(
+        noise_multiplier=2.0
+    )
+    # More steps, less noise, more sampling: each costs privacy.
+    base = _eps(1.0, 0.01, 100, 1e-5)
+    assert _eps(1.0, 0.01, 200, 1e-5) > base
+    assert _eps(0.9, 0.01, 100, 1e-5) > base
+    assert _eps(1.0, 0.02, 100, 1e-5) > base
+
+
+def test_record_level_epsilon_uses_batch_over_n_and_ceil_steps():
+    event = record_level_event(n_local=1000, batch_size=64, epochs=3, noise_multiplier=1.1)
+    assert event == SelfComposed(
+        event=PoissonSampled(sampling_probability=0.064, event=Gaussian(noise_multiplier=1.1)),
+        count=3 * 16,  # ceil(1000 / 64) = 16
+    )
+    eps = record_level_epsilon(
+        n_local=1000, batch_size=64, epochs=3, noise_multiplier=1.1, delta=1e-5
+    )
+    assert eps == pytest.approx(_eps(1.1, 0.064, 48, 1e-5))
+    with pytest.raises(PrivacyError, match="batch_size"):
+        record_level_event(n_local=10, batch_size=11, epochs=1, noise_multiplier=1.0)
+    with pytest.raises(PrivacyError, match="epochs"):
+        record_level_event(n_local=10, batch_size=5, epochs=0, noise_multiplier=1.0)
