@@ -3,37 +3,58 @@
 Simulation runs about one host per CPU, each hosting N/W parties; a deployment runs one
 host per party on that party's node. Every exchange is batched: one call per round stage
 carries the work of all the parties this host holds, so Ray calls grow with hosts, not
-parties. The host holds state (its parties' data, in the object store once) and moves
-messages; training happens in :func:`actors.training.train_task`.
+parties. The host holds state (its parties' data, in the object store once; their identity
+keys; this round's SecAgg+ party state machines) and moves messages. Training happens in
+:func:`actors.training.train_task`; protocol logic in :mod:`lepton_ray.secagg`.
+
+Every stage method returns ``(StageReport, payload)`` (called with ``num_returns=2``), so
+the driver reads the small report and forwards the payload to the coordinator through the
+object store without fetching it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
 
 from lepton_ray.config import JobSpec
+from lepton_ray.errors import ProtocolError
 from lepton_ray.learning.aggregation import PartialSum
 from lepton_ray.learning.local import party_seed
 
 
 @dataclass(frozen=True)
-class HostReport:
-    """Small per-round metadata the driver reads (the update itself travels separately)."""
+class StageReport:
+    """Small per-stage metadata the driver reads (the messages travel separately)."""
 
     host: int
-    completed: tuple[int, ...]
-    examples: int
-    train_loss: float
-    device: str
-    ray_calls: int
+    parties: tuple[int, ...]  # parties that sent this stage's message
+    failed: tuple[tuple[int, str], ...] = ()  # (party, reason) that could not
+    examples: int = 0
+    train_loss: float = float("nan")
+    clipped: int = 0
+    device: str = ""
+    ray_calls: int = 0
+
+
+@dataclass
+class _Round:
+    round: int
+    config: object
+    plan: object
+    parties: dict = field(default_factory=dict)  # party id -> SecAggParty
+    training: object = None  # ObjectRef of the training task
+    order: list = field(default_factory=list)
 
 
 class PartyHost:
     def __init__(self, host: int, spec: JobSpec, party_ids: list[int], datasets: list,
                  n_features: int, n_classes: int):
+        from lepton_ray.crypto.identity import IdentityKey
+
         self.host = host
         self.spec = spec
         self.party_ids = list(party_ids)
@@ -41,29 +62,142 @@ class PartyHost:
         self.n_features = n_features
         self.n_classes = n_classes
         self.data_ref = ray.put(datasets)  # once; every round's task reads the same ref
+        # Each party's long-term Ed25519 identity; the private keys never leave this process.
+        self.identities = {p: IdentityKey.generate() for p in self.party_ids}
+        self.round: _Round | None = None
 
     def ready(self) -> int:
         return len(self.party_ids)
 
-    def train(self, round_: int, params_box: list, sampled: list[int]) -> tuple[HostReport, PartialSum]:
-        """Train ``sampled`` (global party ids hosted here) from the global parameters in
-        ``params_box[0]`` (an ObjectRef, boxed so Ray hands it on without fetching it)."""
+    def public_keys(self) -> dict[int, bytes]:
+        return {p: k.public_bytes for p, k in self.identities.items()}
+
+    # ------------------------------------------------------------------ training
+    def _launch_training(self, round_: int, params_box: list, sampled: list[int], *, fold: bool):
         from actors.training import train_task
 
         picks = [self.index[p] for p in sampled]
         seeds = [party_seed(self.spec.seed, round_, p) for p in sampled]
         t = self.spec.training
         task = train_task.options(num_gpus=t.gpus_per_party, num_cpus=1)
+        return task.remote(self.spec, self.n_features, self.n_classes, params_box[0],
+                           self.data_ref, picks, seeds, fold=fold)
+
+    def train(self, round_: int, params_box: list, sampled: list[int]) -> tuple[StageReport, PartialSum]:
+        """Plaintext path: train ``sampled`` from the global parameters in ``params_box[0]``
+        (an ObjectRef, boxed so Ray hands it on without fetching it); return the partial sum."""
         (partial, losses, examples), device = ray.get(
-            task.remote(self.spec, self.n_features, self.n_classes, params_box[0],
-                        self.data_ref, picks, seeds, fold=True)
-        )
-        report = HostReport(
-            host=self.host,
-            completed=tuple(sampled),
-            examples=int(examples.sum()),
-            train_loss=float(np.average(losses, weights=examples)) if len(losses) else float("nan"),
-            device=device,
-            ray_calls=1,
+            self._launch_training(round_, params_box, sampled, fold=True))
+        report = StageReport(
+            host=self.host, parties=tuple(sampled), examples=int(examples.sum()),
+            train_loss=_mean_loss(losses, examples), device=device, ray_calls=1,
         )
         return report, partial
+
+    # ------------------------------------------------------------------ SecAgg+ stages
+    def advertise(self, round_: int, plan, params_box: list, sampled: list[int]):
+        """Stage 1: start training (it overlaps the key stages), make each sampled party's
+        round keys and return their signed adverts."""
+        from lepton_ray.crypto.identity import SignatureVerifier
+        from lepton_ray.crypto.prg import MaskExpander
+        from lepton_ray.secagg import SecAggParty
+
+        config = plan.config
+        verifier = SignatureVerifier()
+        expander = MaskExpander(config.dim, config.dtype)
+        state = _Round(round=round_, config=config, plan=plan)
+        state.training = self._launch_training(round_, params_box, sampled, fold=False)
+        state.order = list(sampled)
+        adverts, failed = [], []
+        for p in sampled:
+            try:
+                party = SecAggParty(party=p, identity=self.identities[p], config=config,
+                                    verifier=verifier, expander=expander)
+                adverts.append(party.advertise())
+                state.parties[p] = party
+            except ProtocolError as exc:
+                failed.append((p, str(exc)))
+        self.round = state
+        return self._report(adverts, failed, ray_calls=1), adverts
+
+    def share_keys(self, round_: int, broadcast):
+        """Stage 2: each party Shamir-shares its self-mask seed and mask key to its
+        neighbours, encrypted pairwise."""
+        return self._each(round_, lambda party: party.share_keys(broadcast))
+
+    def masked_input(self, round_: int, inboxes: dict):
+        """Stage 3: clip, weight and quantise each party's delta, then mask it."""
+        from lepton_ray.learning.secure_updates import encode_update
+
+        state = self._state(round_)
+        result, device = ray.get(state.training)
+        sa = self.spec.secure_aggregation
+        quant, weight_cap = state.plan.quantization, state.plan.weight_cap
+        row = {p: i for i, p in enumerate(state.order)}
+        messages, failed, clipped, done = [], [], 0, []
+        for p, party in list(state.parties.items()):
+            inbox = inboxes.get(p)
+            if inbox is None:
+                failed.append((p, "no share inbox from the coordinator"))
+                del state.parties[p]
+                continue
+            i = row[p]
+            try:
+                enc = encode_update(result.deltas[i], int(result.examples[i]), clip_norm=sa.clip_norm,
+                                    weight_cap=weight_cap, quant=quant)
+                messages.append(party.masked_input(inbox, enc.ring))
+                clipped += enc.clipped
+                done.append(i)
+            except ProtocolError as exc:
+                failed.append((p, str(exc)))
+                del state.parties[p]
+        idx = np.array(done, dtype=int)
+        report = StageReport(
+            host=self.host, parties=tuple(m.party for m in messages), failed=tuple(failed),
+            examples=int(result.examples[idx].sum()) if len(idx) else 0,
+            train_loss=_mean_loss(result.losses[idx], result.examples[idx]) if len(idx) else float("nan"),
+            clipped=clipped, device=device,
+        )
+        return report, messages
+
+    def unmask(self, round_: int, request):
+        """Stage 4: send the shares that remove survivors' self masks and dropped parties'
+        pairwise masks; then forget the round."""
+        out = self._each(round_, lambda party: party.unmask(request))
+        self.round = None
+        return out
+
+    # ------------------------------------------------------------------ helpers
+    def _state(self, round_: int) -> _Round:
+        if self.round is None or self.round.round != round_:
+            have = None if self.round is None else self.round.round
+            raise ProtocolError(f"host {self.host}: asked for round {round_}, holds round {have}")
+        return self.round
+
+    def _each(self, round_: int, act):
+        state = self._state(round_)
+        messages, failed = [], []
+        for p, party in list(state.parties.items()):
+            try:
+                messages.append(act(party))
+            except ProtocolError as exc:
+                failed.append((p, str(exc)))
+                del state.parties[p]
+        return self._report(messages, failed), messages
+
+    def _report(self, messages, failed, ray_calls: int = 0) -> StageReport:
+        return StageReport(host=self.host, parties=tuple(m.party for m in messages),
+                           failed=tuple(failed), ray_calls=ray_calls)
+
+    # test hooks: a crash of this host's process, and a host too busy to answer in time
+    def die(self) -> None:
+        os._exit(1)
+
+    def stall(self, seconds: float) -> None:
+        import time
+
+        time.sleep(seconds)
+
+
+def _mean_loss(losses: np.ndarray, examples: np.ndarray) -> float:
+    return float(np.average(losses, weights=examples)) if len(losses) else float("nan")

@@ -244,12 +244,34 @@ class SamplingSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class SecureAggregationSpec:
-    mode: SecureAggregation = SecureAggregation.NONE
+    """SecAgg+ (Bell et al. 2020) by default; ``secagg`` is the complete graph (Bonawitz et
+    al. 2017); ``none`` sends plaintext updates to the coordinator.
+
+    ``clip_norm`` bounds each party's delta (L2) before quantisation into Z_{2^b};
+    ``scale`` (default: the largest that cannot overflow for ``parties.count`` parties);
+    ``neighbours`` k (default O(log n), see ``lepton_ray.secagg.graph``); ``threshold`` t
+    (default k//2 + 1); ``stage_timeout_s`` bounds every stage; ``weight_cap`` is the public
+    example count at which a party's FedAvg weight stops growing (default: largest party).
+    """
+
+    mode: SecureAggregation = SecureAggregation.SECAGG_PLUS
+    modulus_bits: int = 32
+    clip_norm: float = 10.0
+    scale: float | None = None
+    neighbours: int | None = None
+    threshold: int | None = None
+    stage_timeout_s: float = 120.0
+    weight_cap: int | None = None
 
     def problems(self, path: str) -> list[str]:
-        if self.mode is not SecureAggregation.NONE:
-            return [f"{path}.mode: '{self.mode.value}' is not available in this build; use 'none'"]
-        return []
+        out = _positive(self, path, "clip_norm", "stage_timeout_s")
+        if self.modulus_bits not in (32, 64):
+            out.append(f"{path}.modulus_bits: must be 32 or 64, got {self.modulus_bits}")
+        for name in ("scale", "neighbours", "threshold", "weight_cap"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                out.append(f"{path}.{name}: must be > 0, got {v}")
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -293,6 +315,16 @@ class JobSpec:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 out += value.problems(_join(path, f.name))
+        sa = self.secure_aggregation
+        if sa.mode is not SecureAggregation.NONE and sa.scale is not None and not out:
+            from lepton_ray.errors import ConfigError as _ConfigError
+            from lepton_ray.learning.secure_updates import quantization_for
+
+            try:  # n parties at the clip norm must not overflow Z_{2^b}
+                quantization_for(n_parties=self.parties.count, clip_norm=sa.clip_norm,
+                                 modulus_bits=sa.modulus_bits, dim=1, scale=sa.scale)
+            except _ConfigError as exc:
+                out += [f"secure_aggregation.scale: {p.split(': ', 1)[-1]}" for p in exc.problems]
         if self.data.party_paths and len(self.data.party_paths) != self.parties.count:
             out.append(
                 f"parties.count: is {self.parties.count} but data.party_paths lists "

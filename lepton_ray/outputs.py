@@ -88,6 +88,7 @@ class HistoryWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists() or self.path.stat().st_size == 0:
             self._append(",".join(HISTORY_COLUMNS) + "\n")
 

@@ -63,11 +63,15 @@ def test_hosts_only_carry_parties(ray_session, small_job, tmp_path):
 def test_ray_calls_grow_with_hosts_not_parties(ray_session, small_job, tmp_path):
     def calls(parties, per_host):
         r = lepton_ray.run(small_job, rounds=2, parties={"count": parties, "per_host": per_host},
-                           model={"kind": "logistic"}, output__dir=str(tmp_path / f"{parties}-{per_host}"))
+                           model={"kind": "logistic"}, secure_aggregation__mode=mode,
+                           output__dir=str(tmp_path / f"{mode}-{parties}-{per_host}"))
         return r.summary["ray_calls_per_round"]
 
+    mode = "none"
     assert calls(10, 5) == calls(200, 100) == 2 * 2 + 1  # per host: train + its task; + reduce
     assert calls(200, 50) == 2 * 4 + 1
+    mode = "secagg+"  # begin + per host (4 stages + training task) + 4 server stages
+    assert calls(10, 5) == calls(40, 20) == 1 + 2 * 5 + 4
 
 
 def test_sampling_fixed_fraction(ray_session, small_job, tmp_path):

@@ -1,0 +1,98 @@
+"""SecAgg+ in the runtime: same model as the plaintext path, exact over survivors when a host
+dies mid-round, clean abort below threshold, stage timeouts (marked ``ray``)."""
+
+import numpy as np
+import pytest
+import ray
+
+import lepton_ray
+from actors.driver import Federation
+from lepton_ray.config import load_spec
+from lepton_ray.learning.data import load_federated
+
+pytestmark = pytest.mark.ray
+
+
+def test_secagg_plus_trains_the_same_model_as_plaintext(ray_session, small_job, tmp_path):
+    plain = lepton_ray.run(small_job, secure_aggregation__mode="none", output__dir=str(tmp_path / "p"))
+    secure = lepton_ray.run(small_job, secure_aggregation__mode="secagg+", output__dir=str(tmp_path / "s"))
+    assert (secure.history["status"] == "ok").all()
+    assert (secure.history["parties_completed"] == 6).all()
+    assert (secure.history["parties_clipped"] == 0).all()
+    # quantisation error only: the same curve to ~1e-4
+    np.testing.assert_allclose(secure.history["test_loss"], plain.history["test_loss"], rtol=1e-3)
+    assert abs(secure.history["test_accuracy"].iloc[-1] - plain.history["test_accuracy"].iloc[-1]) <= 0.01
+
+
+def test_clipping_is_counted_never_silent(ray_session, small_job, tmp_path):
+    r = lepton_ray.run(small_job, rounds=2, secure_aggregation__clip_norm=0.01)
+    assert (r.history["parties_clipped"] == 6).all()
+
+
+def _federation(spec_dict, **over):
+    spec = load_spec(spec_dict, **over)
+    fed = Federation(spec, load_federated(spec.data, spec.parties.count, spec.seed))
+    fed.start()
+    return fed
+
+
+def _with_fault(monkeypatch, after_stage, fault):
+    real = Federation._gather
+
+    def gather(self, r, stage, outs, timeout):
+        live, dropped = real(self, r, stage, outs, timeout)
+        if stage == after_stage and r == 1:
+            fault(self)
+        return live, dropped
+
+    monkeypatch.setattr(Federation, "_gather", gather)
+
+
+def test_host_killed_mid_round_sum_is_exact_over_survivors(ray_session, small_job, monkeypatch):
+    job = dict(small_job, parties={"count": 9, "per_host": 3})
+    secure = _federation(job)
+    plain = _federation(job, secure_aggregation__mode="none",
+                        output__dir=job["output"]["dir"] + "-plain")
+    try:
+        start = secure.params.copy()
+        np.testing.assert_array_equal(start, plain.params)
+        _with_fault(monkeypatch, "share_keys", lambda fed: ray.kill(fed.hosts[0], no_restart=True))
+        row = secure.run_round(1)
+        assert row["status"] == "ok"
+        assert row["parties_completed"] == 6  # host 0's parties 0-2 dropped after sharing keys
+        # oracle: the plaintext path over the survivors only, same seeds, same start
+        outcome = plain._plain_round(1, {1: [3, 4, 5], 2: [6, 7, 8]}, ray.put(start))
+        np.testing.assert_allclose(secure.params - start, outcome.mean, atol=2e-6)
+        monkeypatch.undo()
+        row2 = secure.run_round(2)  # the dead host was restarted with fresh keys
+        assert row2["status"] == "ok" and row2["parties_completed"] == 9
+    finally:
+        secure.stop()
+        plain.stop()
+
+
+def test_below_threshold_aborts_cleanly_and_training_continues(ray_session, small_job, monkeypatch):
+    fed = _federation(dict(small_job, parties={"count": 9, "per_host": 3}))
+    try:
+        start = fed.params.copy()
+        _with_fault(monkeypatch, "share_keys",
+                    lambda f: [ray.kill(f.hosts[h], no_restart=True) for h in (0, 1)])
+        row = fed.run_round(1)
+        assert row["status"].startswith("aborted:")
+        assert row["parties_completed"] == 0
+        np.testing.assert_array_equal(fed.params, start)  # nothing released, nothing applied
+        monkeypatch.undo()
+        assert fed.run_round(2)["status"] == "ok"
+    finally:
+        fed.stop()
+
+
+def test_late_host_is_dropped_at_the_stage_timeout(ray_session, small_job, monkeypatch):
+    fed = _federation(dict(small_job, parties={"count": 9, "per_host": 3}),
+                      secure_aggregation__stage_timeout_s=2.0)
+    try:
+        _with_fault(monkeypatch, "share_keys", lambda f: f.hosts[2].stall.remote(6))
+        row = fed.run_round(1)
+        assert row["status"] == "ok" and row["parties_completed"] == 6
+    finally:
+        fed.stop()
