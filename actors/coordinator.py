@@ -4,10 +4,14 @@ Modes (``secure_aggregation.mode``):
 
 * ``secagg+`` / ``secagg`` — the server side of SecAgg+ (:class:`lepton_ray.secagg.SecAggServer`):
   relays encrypted shares between parties, collects masked inputs, asks survivors for the
-  shares that remove masks, and outputs only the sum in Z_{2^b}. It never holds a single
-  party's unmasked update.
+  shares that remove masks, and learns only the sum. It never holds a single party's
+  unmasked update.
 * ``none`` — plain sum of the hosts' partial sums. The coordinator sees every host's update
   in the clear (with one party per host, every party's update), so this mode says so loudly.
+
+With central differential privacy the coordinator adds the Gaussian noise to the unmasked
+sum before releasing it (DP-FedAvg, McMahan et al. 2018): it must be trusted to add it and
+to forget the un-noised sum. Noise comes from an AES-CTR stream keyed by the OS.
 
 Secure stage methods take each host's message list (Ray resolves the refs) and return
 ``(StageStatus, payload...)``: a round that falls below threshold is reported as aborted,
@@ -19,9 +23,12 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import numpy as np
+
 from lepton_ray.config import SecureAggregation
 from lepton_ray.errors import ThresholdError
 from lepton_ray.learning.aggregation import PartialSum, reduce
+from lepton_ray.privacy.dpfedavg import CentralNoise
 
 PLAINTEXT_WARNING = (
     "WARNING secure_aggregation is 'none': the coordinator sees each host's update in the "
@@ -37,27 +44,57 @@ class StageStatus:
     rejections: tuple = ()  # lepton_ray.secagg.Rejection values, new at this stage
 
 
+@dataclass(frozen=True)
+class Released:
+    """What leaves the coordinator: the (noised) sum, and who is in it."""
+
+    total: np.ndarray
+    parties: int
+    survivors: tuple[int, ...] = ()
+    dropped: tuple[int, ...] = ()
+
+
 class SmpcCoordinator:
     def __init__(self, mode: SecureAggregation):
         self.mode = mode
         self.server = None
+        self.plan = None
+        self.noise: CentralNoise | None = None
         self._seen_rejections = 0
+        self._normals = None
         if mode is SecureAggregation.NONE:
             print(PLAINTEXT_WARNING, file=sys.stderr, flush=True)
 
     def ready(self) -> str:
         return self.mode.value
 
+    def _release(self, total: np.ndarray, noise: CentralNoise | None) -> np.ndarray:
+        if noise is None:
+            return total
+        from lepton_ray.privacy.mechanisms import SecureNormalSource, add_gaussian_noise
+
+        if self._normals is None:
+            self._normals = SecureNormalSource()
+        out = total.astype(np.float64, copy=True)
+        out[: noise.dim] = add_gaussian_noise(out[: noise.dim], noise.delta_std, self._normals)
+        if noise.bits_std is not None:
+            out[noise.dim + 1] += noise.bits_std * float(self._normals.standard_normal(1)[0])
+        return out
+
     # ------------------------------------------------------------------ plaintext
-    def aggregate(self, round_: int, *partials: PartialSum) -> PartialSum:
-        """Reduce the hosts' partial sums (Ray resolves them from the object store)."""
-        return reduce(list(partials))
+    def aggregate(self, round_: int, noise: CentralNoise | None, *partials: PartialSum) -> Released:
+        """Reduce the hosts' partial sums (Ray resolves them from the object store) and
+        release the sum, noised when central DP is on."""
+        total = reduce(list(partials))
+        return Released(total=self._release(total.total, noise), parties=total.parties)
 
     # ------------------------------------------------------------------ SecAgg+
-    def begin(self, plan) -> None:
+    def begin(self, plan, noise: CentralNoise | None) -> None:
         from lepton_ray.secagg import SecAggServer
 
         self.server = SecAggServer(plan.config)
+        self.plan = plan
+        self.noise = noise
         self._seen_rejections = 0
 
     def collect_adverts(self, *host_messages):
@@ -76,7 +113,16 @@ class SmpcCoordinator:
         return self._stage(lambda msgs: self.server.collect_masked(msgs), host_messages)
 
     def finish(self, *host_messages):
-        return self._stage(lambda msgs: self.server.finish(msgs), host_messages)
+        """Unmask, dequantise and (central DP) noise the sum; only this leaves the actor."""
+        from lepton_ray.learning.party_update import ring_to_float
+
+        status, result = self._stage(lambda msgs: self.server.finish(msgs), host_messages)
+        if not status.ok:
+            return status, None
+        total = self._release(ring_to_float(result.total, self.plan.quantization), self.noise)
+        self.server = None  # the round's protocol state (and the un-noised sum) goes
+        return status, Released(total=total, parties=len(result.survivors),
+                                survivors=tuple(result.survivors), dropped=tuple(result.dropped))
 
     def _stage(self, work, host_messages):
         messages = [m for batch in host_messages for m in batch]

@@ -21,17 +21,20 @@ from typing import Any
 import numpy as np
 import ray
 
-from actors.coordinator import SmpcCoordinator
+from actors.coordinator import Released, SmpcCoordinator
 from actors.party_host import PartyHost, StageReport
-from lepton_ray.config import JobSpec, SecureAggregation
-from lepton_ray.errors import ConfigError
+from lepton_ray.config import JobSpec, SamplingKind, SecureAggregation
+from lepton_ray.errors import BudgetExhaustedError, ConfigError, ResumeError
 from lepton_ray.learning.data import FederatedData, as_float32, load_federated
 from lepton_ray.learning.sampling import round_rng, sample_parties
 from lepton_ray.outputs import (
+    AUDIT,
     CHECKPOINT,
     HISTORY,
+    LEDGER,
     MODEL,
     SUMMARY,
+    AuditLog,
     HistoryWriter,
     atomic_write_bytes,
     atomic_write_json,
@@ -41,7 +44,7 @@ from lepton_ray.result import RunResult
 
 log = logging.getLogger("lepton_ray.driver")
 
-OUTPUT_FILES = (HISTORY, SUMMARY, MODEL, CHECKPOINT, "history.png")
+OUTPUT_FILES = (HISTORY, SUMMARY, MODEL, CHECKPOINT, LEDGER, AUDIT, "history.png", "audit.md")
 
 
 DROPOUT_ERRORS = (
@@ -116,6 +119,12 @@ class Federation:
         self.params = flat_parameters(self.model)
         self.optimizer = ServerOptimizer(spec.server)
         self.history = HistoryWriter(self.out / HISTORY)
+        self.audit = AuditLog(self.out / AUDIT)
+        self.first_round = 1
+        self.dp = None  # DpFedAvg state when user-level DP is on
+        self.accountant = None
+        self.epsilon: float | None = None
+        self.participation = np.zeros(spec.parties.count, dtype=np.int64)
         self.hosts: list[Any] = []
         self.blocks: list[list[int]] = []
         self.coordinator = None
@@ -143,8 +152,67 @@ class Federation:
                 self.keys.update(part)
             self._update_roster()
             self.job_id = f"{self.spec.name}-{os.urandom(8).hex()}"
-            self.weight_cap = float(self.spec.secure_aggregation.weight_cap
-                                    or self.data.party_sizes.max())
+        self.weight_cap = float(self.spec.secure_aggregation.weight_cap
+                                or self.data.party_sizes.max())
+        if self.spec.privacy.enabled:
+            self._start_privacy()
+        self.audit.write("job_start", **self._trust_model())
+
+    def _start_privacy(self) -> None:
+        """Calibrate DP-FedAvg, open (or replay) the ledger, and refuse a job whose first
+        round alone would exceed the budget, before any training."""
+        from actors.accountant import DpAccountant
+        from lepton_ray.privacy.accountants import AccountantKind
+        from lepton_ray.privacy.dpfedavg import DpFedAvg
+
+        p, smp = self.spec.privacy, self.spec.sampling
+        q = smp.fraction if smp.kind is SamplingKind.POISSON else 1.0
+        kind = AccountantKind(p.accountant.value)
+        ac = p.adaptive_clipping
+        if self.dp is None:  # a resumed job restores its state from the checkpoint
+            self.dp = DpFedAvg.create(
+                n_parties=self.spec.parties.count, sampling_rate=q, rounds=self.spec.rounds,
+                epsilon=p.epsilon, delta=p.delta, clip_norm=p.clip_norm,
+                noise_multiplier=p.noise_multiplier, accountant=kind, adaptive=ac.enabled,
+                target_quantile=ac.target_quantile, learning_rate=ac.learning_rate,
+                count_noise_std=ac.count_noise_std)
+        self.accountant = ray.remote(DpAccountant).options(num_cpus=0).remote(
+            str(self.out / LEDGER), p.epsilon, p.delta, kind)
+        self.epsilon = ray.get(self.accountant.spent.remote())
+        first = ray.get(self.accountant.epsilon_if_charged.remote(self.dp.event()))
+        if first > p.epsilon:
+            from lepton_ray.errors import PrivacyError
+
+            raise PrivacyError(
+                f"privacy.epsilon: one round at noise multiplier {self.dp.noise_multiplier:.4g}"
+                f" and sampling rate {q:g} already costs epsilon {first:.4g} (spent so far "
+                f"{self.epsilon:.4g}) > budget {p.epsilon:g}; raise privacy.noise_multiplier "
+                "or the budget, or lower sampling.fraction")
+
+    def _trust_model(self) -> dict[str, Any]:
+        sa, p = self.spec.secure_aggregation, self.spec.privacy
+        info: dict[str, Any] = {
+            "job": self.spec.name, "parties": self.spec.parties.count, "hosts": len(self.blocks),
+            "rounds": self.spec.rounds, "secure_aggregation": sa.mode.value,
+            "sampling": {"kind": self.spec.sampling.kind.value, "fraction": self.spec.sampling.fraction},
+            "privacy": p.mode.value,
+        }
+        if self.secure:
+            info["secagg"] = {"modulus_bits": sa.modulus_bits, "neighbours": sa.neighbours,
+                              "threshold": sa.threshold, "stage_timeout_s": sa.stage_timeout_s,
+                              "job_id": self.job_id}
+        if self.dp is not None:
+            info["dp"] = {"noise": p.noise.value, "epsilon_budget": p.epsilon, "delta": p.delta,
+                          "noise_multiplier": self.dp.noise_multiplier,
+                          "delta_noise_multiplier": self.dp.delta_noise_multiplier,
+                          "clip_norm": self.dp.clip_norm, "sampling_rate": self.dp.sampling_rate,
+                          "expected_parties": self.dp.expected_parties,
+                          "adaptive_clipping": p.adaptive_clipping.enabled,
+                          "accountant": p.accountant.value}
+        if p.dp_sgd.enabled:
+            info["dp_sgd"] = {"noise_multiplier": p.dp_sgd.noise_multiplier,
+                              "clip_norm": p.dp_sgd.clip_norm, "delta": p.dp_sgd.delta}
+        return info
 
     def _new_host(self, h: int):
         block = self.blocks[h]
@@ -172,17 +240,32 @@ class Federation:
         self.dead.clear()
 
     def stop(self) -> None:
-        for actor in [*self.hosts, self.coordinator]:
+        if self.accountant is not None:
+            ray.get(self.accountant.close.remote())
+        for actor in [*self.hosts, self.coordinator, self.accountant]:
             if actor is not None:
                 ray.kill(actor)
-        self.hosts, self.coordinator = [], None
+        self.hosts, self.coordinator, self.accountant = [], None, None
 
     # ------------------------------------------------------------------ one round
     def run_round(self, r: int) -> dict[str, Any]:
+        """One round. With DP, the round's event is charged (and fsynced to the ledger)
+        before anything runs; ``BudgetExhaustedError`` propagates and nothing is released."""
         from lepton_ray.learning.evaluate import evaluate
         from lepton_ray.learning.models import load_flat
+        from lepton_ray.learning.party_update import Aggregate, UpdateRule
 
         t0 = time.perf_counter()
+        if self.dp is not None:
+            self.epsilon = ray.get(self.accountant.charge.remote(
+                r, self.dp.event(), f"round {r}: DP-FedAvg z={self.dp.noise_multiplier:.4g} "
+                f"C={self.dp.clip_norm:.4g} q={self.dp.sampling_rate:g}"))
+            rule = UpdateRule(clip_norm=self.dp.clip_norm, weight_cap=None,
+                              clip_bit=self.dp.clipping is not None)
+            noise = self.dp.noise(len(self.params))
+        else:
+            clip = self.spec.secure_aggregation.clip_norm if self.secure else None
+            rule, noise = UpdateRule(clip_norm=clip, weight_cap=self.weight_cap), None
         self.restart_dead_hosts()
         sampled = sample_parties(self.spec.sampling, self.spec.parties.count, round_rng(self.spec.seed, r))
         by_host = {h: [int(p) for p in sampled if block[0] <= p <= block[-1]]
@@ -192,11 +275,21 @@ class Federation:
         if not by_host:
             outcome = RoundOutcome(status="no_parties")
         elif self.secure:
-            outcome = self._secure_round(r, by_host, params_ref)
+            outcome = self._secure_round(r, by_host, params_ref, rule, noise)
         else:
-            outcome = self._plain_round(r, by_host, params_ref)
-        if outcome.mean is not None:
-            self.params = self.optimizer.step(self.params, outcome.mean)
+            outcome = self._plain_round(r, by_host, params_ref, rule, noise)
+        if outcome.released is not None:
+            agg = Aggregate.split(outcome.released.total, len(self.params), rule)
+            if self.dp is not None:
+                mean = self.dp.mean(agg.weighted)
+                self.dp = self.dp.after_round(agg.clip_bits)
+            elif agg.weight > 0:
+                mean = agg.weighted / agg.weight
+            else:
+                mean = None
+            if mean is not None:
+                self.params = self.optimizer.step(self.params, mean)
+            self.participation[list(outcome.participants)] += 1
         row: dict[str, Any] = {
             "round": r,
             "status": outcome.status,
@@ -204,11 +297,16 @@ class Federation:
             "parties_completed": outcome.completed,
             "parties_clipped": outcome.clipped,
             "train_loss": outcome.train_loss,
+            "epsilon": self.epsilon,
         }
         self.devices.update(outcome.devices)
         load_flat(self.model, self.params)
         row.update(evaluate(self.model, self.data.X_test, self.data.y_test, self.data.n_classes))
         row["round_seconds"] = time.perf_counter() - t0
+        self.audit.write("round", round=r, status=outcome.status, sampled=len(sampled),
+                         completed=outcome.completed, dropped=sorted(outcome.dropped),
+                         rejections=outcome.rejections, clipped=outcome.clipped,
+                         clip_norm=rule.clip_norm, epsilon=self.epsilon)
         self.history.write(row)
         if r % self.spec.output.checkpoint_every == 0 or r == self.spec.rounds:
             self.write_checkpoint(r)
@@ -216,37 +314,40 @@ class Federation:
         self.ray_calls.append(outcome.calls)
         return row
 
-    def _plain_round(self, r: int, by_host: dict[int, list[int]], params_ref) -> "RoundOutcome":
-        outs = {h: self.hosts[h].train.options(num_returns=2).remote(r, [params_ref], ps)
+    def _plain_round(self, r: int, by_host: dict[int, list[int]], params_ref, rule,
+                     noise=None) -> "RoundOutcome":
+        outs = {h: self.hosts[h].train.options(num_returns=2).remote(r, [params_ref], ps, rule)
                 for h, ps in by_host.items()}
         live, dropped = self._gather(r, "train", outs, timeout=None)
         calls = len(outs) + sum(rep.ray_calls for rep, _ in live.values())
         reports = [rep for rep, _ in live.values()]
         if not live:
-            return RoundOutcome(status="aborted: every host failed", calls=calls)
-        total = ray.get(self.coordinator.aggregate.remote(r, *[ref for _, ref in live.values()]))
+            return RoundOutcome(status="aborted: every host failed", calls=calls, dropped=set(dropped))
+        released = ray.get(self.coordinator.aggregate.remote(r, noise, *[ref for _, ref in live.values()]))
+        participants = {p for rep in reports for p in rep.parties}
         return RoundOutcome(
-            status="ok", mean=total.mean, calls=calls + 1,
-            completed=sum(len(rep.parties) for rep in reports),
+            status="ok", released=released, calls=calls + 1, completed=len(participants),
+            participants=participants, dropped=set(dropped), clipped=sum(rep.clipped for rep in reports),
             train_loss=_weighted_loss(reports), devices={rep.device for rep in reports},
         )
 
-    def _secure_round(self, r: int, by_host: dict[int, list[int]], params_ref) -> "RoundOutcome":
+    def _secure_round(self, r: int, by_host: dict[int, list[int]], params_ref, rule,
+                      noise=None) -> "RoundOutcome":
         """SecAgg+ with four batched stages; each waits at most ``stage_timeout_s`` and a host
         that fails or is late drops its parties from the rest of the round."""
         from lepton_ray.errors import ConfigError as _ConfigError
-        from lepton_ray.learning.secure_updates import decode_sum
 
         sa = self.spec.secure_aggregation
         timeout = sa.stage_timeout_s
         hosts = self.hosts
+        self._rejections: list[dict] = []
         try:
-            plan = self._plan(r, [p for ps in by_host.values() for p in ps])
+            plan = self._plan(r, [p for ps in by_host.values() for p in ps], rule)
         except _ConfigError as exc:  # e.g. too few sampled parties for any threshold
             return RoundOutcome(status=f"aborted: {exc.problems[0]}")
         plan_ref = ray.put(plan)
         calls = 1
-        ray.get(self.coordinator.begin.remote(plan_ref))
+        ray.get(self.coordinator.begin.remote(plan_ref, noise))
         c = self.coordinator
 
         outs = {h: hosts[h].advertise.options(num_returns=2).remote(r, plan_ref, [params_ref], ps)
@@ -281,35 +382,33 @@ class Federation:
         status, result = c.finish.options(num_returns=2).remote(*_payloads(live))
         if (why := self._aborted(r, status)):
             return RoundOutcome(status=why, calls=calls, devices={t.device for t in trained})
-        result = ray.get(result)
-        weighted, weight = decode_sum(result.total, plan.quantization)
-        survivors = set(result.survivors)
-        if weight <= 0:
-            return RoundOutcome(status="aborted: the survivors' total weight is zero", calls=calls)
+        released: Released = ray.get(result)
+        survivors = set(released.survivors)
         return RoundOutcome(
-            status="ok", mean=weighted / weight, calls=calls, completed=len(survivors),
+            status="ok", released=released, calls=calls, completed=len(survivors),
+            participants=survivors, dropped=set(released.dropped),
             clipped=sum(t.clipped for t in trained), train_loss=_weighted_loss(trained),
-            devices={t.device for t in trained},
+            devices={t.device for t in trained}, rejections=self._rejections,
         )
 
-    def _plan(self, r: int, participants: list[int]):
+    def _plan(self, r: int, participants: list[int], rule):
         import hashlib
 
-        from lepton_ray.learning.secure_updates import SecureRoundPlan, quantization_for
+        from lepton_ray.learning.party_update import SecureRoundPlan, quantization_for
         from lepton_ray.secagg import COMPLETE_GRAPH, plan_round
 
         sa = self.spec.secure_aggregation
         neighbours = COMPLETE_GRAPH if sa.mode is SecureAggregation.SECAGG else sa.neighbours
         # public per-round randomness for the neighbour graph, bound to this job and round
         graph_seed = hashlib.sha256(f"lepton-ray/graph/{self.job_id}/{r}".encode()).digest()
-        dim = len(self.params) + 1
+        dim = rule.width(len(self.params))
         config = plan_round(job_id=self.job_id, round_=r, roster=self.roster, dim=dim,
                             graph_seed=graph_seed, participants=sorted(participants),
                             modulus_bits=sa.modulus_bits, neighbours=neighbours,
                             threshold=sa.threshold)
-        quant = quantization_for(n_parties=len(participants), clip_norm=sa.clip_norm,
-                                 modulus_bits=sa.modulus_bits, dim=dim - 1, scale=sa.scale)
-        return SecureRoundPlan(config=config, quantization=quant, weight_cap=self.weight_cap)
+        quant = quantization_for(n_parties=len(participants), rule=rule,
+                                 modulus_bits=sa.modulus_bits, dim=len(self.params), scale=sa.scale)
+        return SecureRoundPlan(config=config, rule=rule, quantization=quant)
 
     def _gather(self, r: int, stage: str, outs: dict, timeout: float | None):
         """Wait (at most ``timeout`` s) for each host's stage report; returns the hosts that
@@ -329,6 +428,7 @@ class Federation:
                     self.dead.add(h)
                 print(f"round {r} {stage}: host {h} died; its parties count as dropped "
                       f"({type(exc).__name__})", file=sys.stderr, flush=True)
+                dropped += self.blocks[h]
                 continue
             for party, reason in report.failed:
                 print(f"round {r} {stage}: party {party} dropped: {reason}", file=sys.stderr, flush=True)
@@ -341,6 +441,8 @@ class Federation:
     def _aborted(self, r: int, status_ref) -> str | None:
         status = ray.get(status_ref)
         for rej in status.rejections:
+            self._rejections.append({"party": rej.party, "stage": rej.stage.value,
+                                     "reason": rej.reason.value, "detail": rej.detail})
             print(f"round {r}: rejected {rej}", file=sys.stderr, flush=True)
         if status.ok:
             return None
@@ -355,11 +457,46 @@ class Federation:
             "round": r,
             "params": self.params,
             "server_state": self.optimizer.state,
+            "dp": self.dp,
+            "participation": self.participation,
             "spec": self.spec.to_dict(),
         }
         buf = io.BytesIO()
         torch.save(state, buf)
         atomic_write_bytes(self.out / CHECKPOINT, buf.getvalue())
+
+    def restore(self) -> int:
+        """Resume from ``checkpoint.pt``: parameters, server-optimiser and DP state. History
+        rows after the checkpoint are cut (those rounds run again, so no row is duplicated);
+        the privacy ledger is only ever replayed, never cut. Returns the checkpoint's round."""
+        import torch
+
+        from lepton_ray.config import load_spec
+        from lepton_ray.outputs import truncate_history
+
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            raise ResumeError(f"--resume {self.out}: no {CHECKPOINT} there; nothing to resume")
+        try:
+            state = torch.load(path, weights_only=False)
+        except Exception as exc:  # a checkpoint is written atomically, so this is not ours
+            raise ResumeError(f"--resume {self.out}: cannot read {CHECKPOINT}: {exc}") from None
+        saved = load_spec(state["spec"])
+        if saved.to_dict() | {"rounds": 0} != self.spec.to_dict() | {"rounds": 0}:
+            raise ResumeError(f"--resume {self.out}: the spec differs from the one the job "
+                              "started with (only rounds may change)")
+        if state["params"].shape != self.params.shape:
+            raise ResumeError(f"--resume {self.out}: checkpoint parameters have shape "
+                              f"{state['params'].shape}, the model {self.params.shape}")
+        self.params = state["params"]
+        self.optimizer.state = state["server_state"]
+        self.dp = state["dp"]
+        self.participation = state["participation"]
+        r = int(state["round"])
+        cut = truncate_history(self.out, r)
+        self.first_round = r + 1
+        self.audit.write("resume", from_round=r, history_rows_cut=cut)
+        return r
 
     def write_model(self) -> None:
         import torch
@@ -402,33 +539,92 @@ class Federation:
             "ray_calls_per_round": float(np.mean(self.ray_calls)) if self.ray_calls else None,
             "devices": sorted(self.devices),
             "secure_aggregation": self.spec.secure_aggregation.mode.value,
+            "privacy": self.privacy_summary(),
             "spec": self.spec.to_dict(),
         }
 
+    def privacy_summary(self) -> dict[str, Any]:
+        p = self.spec.privacy
+        out: dict[str, Any] = {"mode": p.mode.value}
+        if self.dp is not None:
+            out.update({
+                "noise": p.noise.value, "epsilon_spent": self.epsilon, "epsilon_budget": p.epsilon,
+                "delta": p.delta, "accountant": p.accountant.value,
+                "noise_multiplier": self.dp.noise_multiplier, "clip_norm": self.dp.clip_norm,
+                "sampling_rate": self.dp.sampling_rate, "ledger": str(self.out / LEDGER),
+            })
+        if p.dp_sgd.enabled:
+            out["record_level"] = self.record_level_epsilons()
+        return out
 
-def run_job(spec: JobSpec, *, overwrite: bool = False, num_cpus: int | None = None) -> RunResult:
+    def record_level_epsilons(self) -> dict[str, Any]:
+        """Each party's record-level (epsilon, delta) from local DP-SGD: its DP-SGD run in one
+        round (Poisson batches, q = B/n_i) composed over the rounds it took part in."""
+        from lepton_ray.privacy.accountants import AccountantKind, make_accountant
+        from lepton_ray.privacy.calibration import record_level_event
+        from lepton_ray.privacy.events import SelfComposed
+
+        d, t = self.spec.privacy.dp_sgd, self.spec.training
+        kind = AccountantKind(self.spec.privacy.accountant.value)
+        cache: dict[tuple[int, int], float] = {}
+        per_party: dict[str, float] = {}
+        for party, (n, times) in enumerate(zip(self.data.party_sizes, self.participation)):
+            if times == 0:
+                per_party[str(party)] = 0.0
+                continue
+            key = (int(n), int(times))
+            if key not in cache:
+                batch = min(t.batch_size, int(n))
+                one = record_level_event(n_local=int(n), batch_size=batch, epochs=t.epochs,
+                                         noise_multiplier=d.noise_multiplier)
+                event = one if times == 1 else SelfComposed(event=one, count=int(times))
+                cache[key] = make_accountant(kind).composed(event).epsilon(d.delta)
+            per_party[str(party)] = cache[key]
+        values = list(per_party.values())
+        return {"noise_multiplier": d.noise_multiplier, "clip_norm": d.clip_norm, "delta": d.delta,
+                "epsilon_max": max(values), "epsilon_median": float(np.median(values)),
+                "per_party": per_party}
+
+
+def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
+            num_cpus: int | None = None) -> RunResult:
+    """Run (or with ``resume`` continue) a job; see the module docstring."""
     out = Path(spec.output.dir)
     data = load_federated(spec.data, spec.parties.count, spec.seed)  # data errors before Ray
-    prepare_output_dir(out, overwrite=overwrite)
+    if not resume:
+        prepare_output_dir(out, overwrite=overwrite)
     ensure_ray(num_cpus)
     fed = Federation(spec, data)
+    if resume:
+        fed.restore()
     t0 = time.perf_counter()
     last: dict[str, Any] = {}
-    status = "failed"
-    bar = _progress(spec)
+    status, reason = "failed", ""
+    bar = None
     try:
         fed.start()
-        for r in range(1, spec.rounds + 1):
-            last = fed.run_round(r)
+        bar = _progress(spec, fed.first_round)
+        for r in range(fed.first_round, spec.rounds + 1):
+            try:
+                last = fed.run_round(r)
+            except BudgetExhaustedError as exc:
+                status, reason = "budget_exhausted", _cause(exc)
+                print(f"round {r} not run: {reason}", file=sys.stderr, flush=True)
+                break
             if bar is not None:
-                bar.set_postfix(acc=f"{last['test_accuracy']:.3f}", loss=f"{last['test_loss']:.3f}")
+                bar.set_postfix(acc=f"{last['test_accuracy']:.3f}", loss=f"{last['test_loss']:.3f}",
+                                **({"eps": f"{fed.epsilon:.2f}"} if fed.epsilon is not None else {}))
                 bar.update(1)
-        status = "completed"
+        else:
+            status = "completed"
     finally:
         if bar is not None:
             bar.close()
         fed.stop()
         summary = fed.summary(last, status, time.perf_counter() - t0)
+        if reason:
+            summary["reason"] = reason
+        fed.audit.write("job_end", status=status, reason=reason, epsilon=fed.epsilon)
         fed.write_model()
         atomic_write_json(out / SUMMARY, summary)
     return RunResult(
@@ -442,23 +638,32 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, num_cpus: int | None = No
     )
 
 
-def _progress(spec: JobSpec):
+def _cause(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    return str(cause if cause is not None else exc)
+
+
+def _progress(spec: JobSpec, first_round: int = 1):
     if not spec.output.progress:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=spec.rounds, desc=spec.name, unit="round", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=spec.rounds, initial=first_round - 1, desc=spec.name, unit="round",
+                file=sys.stderr, dynamic_ncols=True)
 
 
 @dataclass
 class RoundOutcome:
     status: str
-    mean: np.ndarray | None = None
+    released: Released | None = None
     calls: int = 0
     completed: int = 0
+    participants: set = field(default_factory=set)
+    dropped: set = field(default_factory=set)
     clipped: int = 0
     train_loss: float = float("nan")
     devices: set = field(default_factory=set)
+    rejections: list = field(default_factory=list)
 
 
 def _payloads(live: dict) -> list:

@@ -73,7 +73,7 @@ class PartyHost:
         return {p: k.public_bytes for p, k in self.identities.items()}
 
     # ------------------------------------------------------------------ training
-    def _launch_training(self, round_: int, params_box: list, sampled: list[int], *, fold: bool):
+    def _launch_training(self, round_: int, params_box: list, sampled: list[int], *, fold=None):
         from actors.training import train_task
 
         picks = [self.index[p] for p in sampled]
@@ -83,14 +83,15 @@ class PartyHost:
         return task.remote(self.spec, self.n_features, self.n_classes, params_box[0],
                            self.data_ref, picks, seeds, fold=fold)
 
-    def train(self, round_: int, params_box: list, sampled: list[int]) -> tuple[StageReport, PartialSum]:
+    def train(self, round_: int, params_box: list, sampled: list[int], rule) -> tuple[StageReport, PartialSum]:
         """Plaintext path: train ``sampled`` from the global parameters in ``params_box[0]``
-        (an ObjectRef, boxed so Ray hands it on without fetching it); return the partial sum."""
-        (partial, losses, examples), device = ray.get(
-            self._launch_training(round_, params_box, sampled, fold=True))
+        (an ObjectRef, boxed so Ray hands it on without fetching it); return the sum of their
+        update vectors under ``rule`` (an ``UpdateRule``)."""
+        (partial, clipped, losses, examples), device = ray.get(
+            self._launch_training(round_, params_box, sampled, fold=rule))
         report = StageReport(
             host=self.host, parties=tuple(sampled), examples=int(examples.sum()),
-            train_loss=_mean_loss(losses, examples), device=device, ray_calls=1,
+            train_loss=_mean_loss(losses, examples), clipped=clipped, device=device, ray_calls=1,
         )
         return report, partial
 
@@ -106,7 +107,7 @@ class PartyHost:
         verifier = SignatureVerifier()
         expander = MaskExpander(config.dim, config.dtype)
         state = _Round(round=round_, config=config, plan=plan)
-        state.training = self._launch_training(round_, params_box, sampled, fold=False)
+        state.training = self._launch_training(round_, params_box, sampled)
         state.order = list(sampled)
         adverts, failed = [], []
         for p in sampled:
@@ -127,12 +128,11 @@ class PartyHost:
 
     def masked_input(self, round_: int, inboxes: dict):
         """Stage 3: clip, weight and quantise each party's delta, then mask it."""
-        from lepton_ray.learning.secure_updates import encode_update
+        from lepton_ray.learning.party_update import encode_ring
 
         state = self._state(round_)
         result, device = ray.get(state.training)
-        sa = self.spec.secure_aggregation
-        quant, weight_cap = state.plan.quantization, state.plan.weight_cap
+        rule, quant = state.plan.rule, state.plan.quantization
         row = {p: i for i, p in enumerate(state.order)}
         messages, failed, clipped, done = [], [], 0, []
         for p, party in list(state.parties.items()):
@@ -143,10 +143,9 @@ class PartyHost:
                 continue
             i = row[p]
             try:
-                enc = encode_update(result.deltas[i], int(result.examples[i]), clip_norm=sa.clip_norm,
-                                    weight_cap=weight_cap, quant=quant)
-                messages.append(party.masked_input(inbox, enc.ring))
-                clipped += enc.clipped
+                ring, was_clipped = encode_ring(result.deltas[i], int(result.examples[i]), rule, quant)
+                messages.append(party.masked_input(inbox, ring))
+                clipped += was_clipped
                 done.append(i)
             except ProtocolError as exc:
                 failed.append((p, str(exc)))

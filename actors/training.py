@@ -47,7 +47,7 @@ def choose_trainer(spec: JobSpec):
 
     if not spec.training.vectorised:
         return train_parties
-    reason = vectorise_blocker(spec.model, spec.training)
+    reason = vectorise_blocker(spec.model, spec.training, dp_sgd=spec.privacy.dp_sgd.enabled)
     if reason is None:
         return train_parties_vectorised
     if reason not in _SAID:
@@ -58,14 +58,15 @@ def choose_trainer(spec: JobSpec):
 
 @ray.remote
 def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarray,
-               datasets: list, picks: list[int], seeds: list[int], *, fold: bool = False):
-    """Train ``datasets[i]`` for ``i`` in ``picks``. Returns ``(result, device)``; with
-    ``fold`` (the plaintext path) the result is the parties' example-weighted
-    :class:`~lepton_ray.learning.aggregation.PartialSum` plus their losses and example
-    counts, so the per-party deltas never leave the task; otherwise the ``LocalResult``."""
+               datasets: list, picks: list[int], seeds: list[int], *, fold=None):
+    """Train ``datasets[i]`` for ``i`` in ``picks``. Returns ``(result, device)``. With
+    ``fold`` (an ``UpdateRule``; the plaintext path) the result is ``(PartialSum, clipped,
+    losses, examples)``: the parties' update vectors summed here, so the per-party deltas
+    never leave the task. Otherwise it is the ``LocalResult`` with every party's delta."""
     import torch
 
-    from lepton_ray.learning.aggregation import accumulate
+    from lepton_ray.learning.aggregation import PartialSum
+    from lepton_ray.learning.party_update import fold as fold_updates
 
     torch.set_num_threads(1)
     device = resolve_device(spec.training.device, spec.training.gpus_per_party)
@@ -79,7 +80,10 @@ def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarra
         datasets=[datasets[i] for i in picks],
         seeds=seeds,
         device=device,
+        **({"dp_sgd": spec.privacy.dp_sgd} if spec.privacy.dp_sgd.enabled else {}),
     )
-    if fold:
-        return (accumulate(result.deltas, result.examples), result.losses, result.examples), str(device)
+    if fold is not None:
+        total, clipped = fold_updates(result.deltas, result.examples, fold)
+        partial = PartialSum(total=total, parties=len(result.examples))
+        return (partial, clipped, result.losses, result.examples), str(device)
     return result, str(device)

@@ -55,9 +55,11 @@ def cmd_simulate(args) -> int:
     from actors.driver import run_job
 
     spec = _load(args)
+    if args.resume:
+        spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, dir=args.resume))
     if args.quiet:
         spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, progress=False))
-    result = run_job(spec, overwrite=args.overwrite, num_cpus=args.num_cpus)
+    result = run_job(spec, overwrite=args.overwrite, resume=bool(args.resume), num_cpus=args.num_cpus)
     s = result.summary
     final = s["final"]
     print(
@@ -65,7 +67,75 @@ def cmd_simulate(args) -> int:
         f"{s['hosts']} hosts; test accuracy {final['test_accuracy']:.4f}, macro F1 "
         f"{final['test_f1']:.4f}, loss {final['test_loss']:.4f}; "
         f"{s['seconds_per_round']:.3f} s/round; outputs in {result.output_dir}"
+        + (f"; epsilon {s['privacy']['epsilon_spent']:.3f} of {s['privacy']['epsilon_budget']:g}"
+           if s["privacy"].get("epsilon_spent") is not None else "")
+        + (f"; stopped: {s['reason']}" if s.get("reason") else "")
     )
+    return 0
+
+
+def cmd_epsilon(args) -> int:
+    from lepton_ray.privacy.accountants import AccountantKind
+    from lepton_ray.privacy.calibration import compute_epsilon
+
+    eps = compute_epsilon(sampling_rate=args.sampling_rate, noise_multiplier=args.noise_multiplier,
+                          steps=args.steps, delta=args.delta, accountant=AccountantKind(args.accountant))
+    print(json.dumps({"epsilon": eps}) if args.json else
+          f"epsilon = {eps:.6g} at delta = {args.delta:g} ({args.accountant.upper()}; q = "
+          f"{args.sampling_rate:g}, z = {args.noise_multiplier:g}, {args.steps} steps)")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from lepton_ray.privacy.accountants import AccountantKind
+    from lepton_ray.privacy.calibration import calibrate_noise
+
+    z = calibrate_noise(target_epsilon=args.epsilon, delta=args.delta, sampling_rate=args.sampling_rate,
+                        steps=args.steps, accountant=AccountantKind(args.accountant))
+    print(json.dumps({"noise_multiplier": z}) if args.json else
+          f"noise multiplier = {z:.6g}: the smallest whose epsilon <= {args.epsilon:g} at delta = "
+          f"{args.delta:g} ({args.accountant.upper()}; q = {args.sampling_rate:g}, {args.steps} steps)")
+    return 0
+
+
+def cmd_ledger(args) -> int:
+    from lepton_ray.outputs import LEDGER
+    from lepton_ray.privacy.ledger import read_ledger
+
+    path = Path(args.out) / LEDGER
+    if not path.exists():
+        raise LeptonError(f"{args.out}: no {LEDGER} here (did the job run with privacy on?)")
+    rows = read_ledger(path)
+    if args.json:
+        print(json.dumps([json.loads(r.to_json()) for r in rows]))
+        return 0
+    print(f"{'round':>5}  {'epsilon':>9}  {'delta':>7}  {'acct':4}  event")
+    for r in rows:
+        flag = "  (recovered after a crash)" if r.recovered else ""
+        print(f"{r.round:>5}  {r.epsilon_after:>9.4f}  {r.delta:>7.0e}  {r.accountant.value:4}  "
+              f"{_describe(r.event)}{flag}")
+    return 0
+
+
+def _describe(event) -> str:
+    d = event.to_dict()
+    return ", ".join(f"{k}={v}" for k, v in _flatten(d).items())
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = f"{v:.4g}" if isinstance(v, float) else v
+    return out
+
+
+def cmd_audit(args) -> int:
+    from lepton_ray.audit import write_report
+
+    print(f"wrote {write_report(Path(args.out))}")
     return 0
 
 
@@ -91,12 +161,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_spec(sub.add_parser("simulate", help="run a job on an embedded local Ray"))
     p.add_argument("--overwrite", action="store_true", help="replace outputs already in output.dir")
+    p.add_argument("--resume", metavar="OUT", default=None,
+                   help="continue the job whose outputs are in OUT from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray")
     p.set_defaults(func=cmd_simulate)
 
     p = with_spec(sub.add_parser("validate", help="check a job spec and its data"))
     p.set_defaults(func=cmd_validate)
+
+    def privacy_args(p):
+        p.add_argument("--delta", type=float, required=True)
+        p.add_argument("--sampling-rate", type=float, required=True, metavar="Q")
+        p.add_argument("--steps", type=int, required=True, metavar="T")
+        p.add_argument("--accountant", choices=["rdp", "pld"], default="rdp")
+        p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("epsilon", help="epsilon of T steps of the Poisson-sampled Gaussian")
+    p.add_argument("--noise-multiplier", type=float, required=True, metavar="Z")
+    privacy_args(p)
+    p.set_defaults(func=cmd_epsilon)
+
+    p = sub.add_parser("calibrate", help="smallest noise multiplier within an epsilon budget")
+    p.add_argument("--epsilon", type=float, required=True)
+    privacy_args(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("ledger", help="print a job's privacy ledger with the running epsilon")
+    p.add_argument("out", help="a job's output directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ledger)
+
+    p = sub.add_parser("audit", help="write OUT/audit.md, the job's compliance report")
+    p.add_argument("out", help="a job's output directory")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("plot", help="write OUT/history.png (accuracy and loss per round)")
     p.add_argument("out", help="a job's output directory")

@@ -79,6 +79,17 @@ class SecureAggregation(enum.Enum):
 
 class PrivacyMode(enum.Enum):
     NONE = "none"
+    USER_LEVEL = "user_level"
+
+
+class NoisePlacement(enum.Enum):
+    CENTRAL = "central"
+    DISTRIBUTED = "distributed"
+
+
+class AccountantChoice(enum.Enum):
+    RDP = "rdp"
+    PLD = "pld"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,11 +286,85 @@ class SecureAggregationSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PrivacySpec:
-    mode: PrivacyMode = PrivacyMode.NONE
+class AdaptiveClippingSpec:
+    """Andrew et al. 2021: track the ``target_quantile`` of update norms with a noised count."""
+
+    enabled: bool = False
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    count_noise_std: float | None = None  # default: expected parties / 20, as in the paper
 
     def problems(self, path: str) -> list[str]:
-        return []
+        out = []
+        if not 0 < self.target_quantile < 1:
+            out.append(f"{path}.target_quantile: must be in (0, 1), got {self.target_quantile}")
+        if self.learning_rate <= 0:
+            out.append(f"{path}.learning_rate: must be > 0, got {self.learning_rate}")
+        if self.count_noise_std is not None and self.count_noise_std <= 0:
+            out.append(f"{path}.count_noise_std: must be > 0, got {self.count_noise_std}")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class DpSgdSpec:
+    """Record-level DP-SGD inside each party (Abadi et al. 2016); 0 noise = off."""
+
+    noise_multiplier: float = 0.0
+    clip_norm: float = 1.0
+    delta: float = 1e-5
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0
+
+    def problems(self, path: str) -> list[str]:
+        out = []
+        if self.noise_multiplier < 0:
+            out.append(f"{path}.noise_multiplier: must be >= 0 (0 turns DP-SGD off), got {self.noise_multiplier}")
+        if self.clip_norm <= 0:
+            out.append(f"{path}.clip_norm: must be > 0, got {self.clip_norm}")
+        if not 0 < self.delta < 1:
+            out.append(f"{path}.delta: must be in (0, 1), got {self.delta}")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacySpec:
+    """User-level DP-FedAvg (McMahan et al. 2018): each party's delta is clipped to
+    ``clip_norm`` at the party, Gaussian noise of std ``noise_multiplier * clip_norm`` is
+    added to the sum (``noise: central``: by the coordinator), and the accountant charges
+    every round to the budget (``epsilon``, ``delta``) before it runs. Without
+    ``noise_multiplier`` the smallest one that fits the budget over ``rounds`` is used."""
+
+    mode: PrivacyMode = PrivacyMode.NONE
+    noise: NoisePlacement = NoisePlacement.CENTRAL
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    clip_norm: float = 1.0
+    accountant: AccountantChoice = AccountantChoice.RDP
+    adaptive_clipping: AdaptiveClippingSpec = field(default_factory=AdaptiveClippingSpec)
+    dp_sgd: DpSgdSpec = field(default_factory=DpSgdSpec)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode is not PrivacyMode.NONE
+
+    def problems(self, path: str) -> list[str]:
+        out = []
+        if self.epsilon <= 0:
+            out.append(f"{path}.epsilon: must be > 0, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            out.append(f"{path}.delta: must be in (0, 1), got {self.delta}")
+        if self.noise_multiplier is not None and self.noise_multiplier <= 0:
+            out.append(f"{path}.noise_multiplier: must be > 0, got {self.noise_multiplier}")
+        if self.clip_norm <= 0:
+            out.append(f"{path}.clip_norm: must be > 0, got {self.clip_norm}")
+        if self.enabled and self.noise is NoisePlacement.DISTRIBUTED:
+            out.append(f"{path}.noise: 'distributed' is not available in this build; use 'central'")
+        out += self.adaptive_clipping.problems(f"{path}.adaptive_clipping")
+        out += self.dp_sgd.problems(f"{path}.dp_sgd")
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -325,6 +410,9 @@ class JobSpec:
                                  modulus_bits=sa.modulus_bits, dim=1, scale=sa.scale)
             except _ConfigError as exc:
                 out += [f"secure_aggregation.scale: {p.split(': ', 1)[-1]}" for p in exc.problems]
+        if self.privacy.enabled and self.sampling.kind is SamplingKind.FIXED:
+            out.append("sampling.kind: 'fixed' has no privacy amplification the accountant can "
+                       "count; use 'poisson' (rate = sampling.fraction) or 'all' with privacy")
         if self.data.party_paths and len(self.data.party_paths) != self.parties.count:
             out.append(
                 f"parties.count: is {self.parties.count} but data.party_paths lists "

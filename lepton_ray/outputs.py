@@ -34,6 +34,8 @@ HISTORY_COLUMNS = (
 )
 
 HISTORY = "history.csv"
+LEDGER = "ledger.jsonl"
+AUDIT = "audit.jsonl"
 SUMMARY = "summary.json"
 MODEL = "model.pt"
 CHECKPOINT = "checkpoint.pt"
@@ -105,6 +107,64 @@ class HistoryWriter:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+class AuditLog:
+    """Append-only ``audit.jsonl``: one fsynced JSON object per event (job start, every round,
+    job end) from which ``lepton-ray audit`` builds the compliance report."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, kind: str, **fields: Any) -> None:
+        import datetime
+
+        record = {"event": kind, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                  **fields}
+        line = json.dumps(record, default=_json_default, sort_keys=False) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_audit(out_dir: Path) -> list[dict[str, Any]]:
+    path = Path(out_dir) / AUDIT
+    if not path.exists():
+        from lepton_ray.errors import LeptonError
+
+        raise LeptonError(f"{out_dir}: no {AUDIT} here (is this a job's output directory?)")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(path.read_text(encoding="utf-8").splitlines()):
+                break  # a torn last line from a crash: everything before it is intact
+            raise
+    return rows
+
+
+def truncate_history(out_dir: Path, last_round: int) -> int:
+    """Keep only the header and rows with ``round <= last_round`` (atomic rewrite); returns
+    how many rows were dropped. Used on resume: rounds after the checkpoint run again."""
+    path = Path(out_dir) / HISTORY
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep, dropped = lines[:1], 0
+    for line in lines[1:]:
+        head = line.split(",", 1)[0]
+        if head.isdigit() and int(head) <= last_round and line.endswith("\n"):
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_bytes(path, "".join(keep).encode("utf-8"))
+    return dropped
 
 
 def _cell(value: Any) -> str:

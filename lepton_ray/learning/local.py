@@ -40,7 +40,11 @@ def train_parties(
     datasets: list[tuple[np.ndarray, np.ndarray]],
     seeds: list[int],
     device: torch.device | str = "cpu",
+    dp_sgd=None,
 ) -> LocalResult:
+    """Train each party from ``global_params``. With ``dp_sgd`` (a ``DpSgdSpec``) every step
+    is record-level DP-SGD (Abadi et al. 2016): a Poisson batch with rate B/n, per-sample
+    clipping and Gaussian noise (see :mod:`lepton_ray.privacy.dpsgd`)."""
     device = torch.device(device)
     model = build_model(model_spec, n_features, n_classes).to(device)
     start = torch.tensor(np.asarray(global_params, dtype=np.float32), device=device)
@@ -49,7 +53,10 @@ def train_parties(
     losses = np.empty(len(datasets), dtype=np.float64)
     for i, ((X, y), seed) in enumerate(zip(datasets, seeds)):
         load_flat(model, global_params)
-        losses[i] = _train_one(model, start, X, y, training, seed, device)
+        if dp_sgd is not None:
+            losses[i] = _train_one_dp(model, X, y, training, dp_sgd, seed, device)
+        else:
+            losses[i] = _train_one(model, start, X, y, training, seed, device)
         with torch.no_grad():
             local = torch.nn.utils.parameters_to_vector(model.parameters())
             deltas[i] = (local - start).cpu().numpy()
@@ -98,3 +105,42 @@ def _split_like(vector: torch.Tensor, params: list[torch.Tensor]) -> list[torch.
         out.append(vector[offset : offset + p.numel()].view_as(p).detach())
         offset += p.numel()
     return out
+
+
+def _train_one_dp(model: nn.Module, X, y, training: TrainingSpec, dp, seed: int,
+                  device: torch.device) -> float:
+    """DP-SGD: ``epochs * ceil(n / B)`` steps, each on a Poisson batch (every row with
+    probability q = B / n, as the accountant assumes), per-sample clipped and noised. The
+    sampling uses the public training seed; the noise comes from an OS-seeded generator."""
+    from lepton_ray.privacy.dpsgd import dp_sgd_step, os_seeded_generator
+
+    X_t = torch.tensor(np.asarray(X, dtype=np.float32), device=device)
+    y_t = torch.tensor(np.asarray(y, dtype=np.int64), device=device)
+    n = len(y_t)
+    q = min(1.0, training.batch_size / n)
+    params = dict(model.named_parameters())
+    if training.optimizer is OptimizerKind.SGD:
+        opt: torch.optim.Optimizer = torch.optim.SGD(params.values(), lr=training.lr, momentum=training.momentum)
+    else:
+        opt = torch.optim.Adam(params.values(), lr=training.lr)
+    sampler = torch.Generator().manual_seed(seed)
+    noise = os_seeded_generator(device)
+    loss_fn = nn.functional.cross_entropy
+    steps = training.epochs * -(-n // training.batch_size)
+    total, count = 0.0, 0
+    for _ in range(steps):
+        mask = torch.rand(n, generator=sampler) < q
+        idx = torch.nonzero(mask).flatten().to(device)
+        step = dp_sgd_step(model, {k: v.detach() for k, v in params.items()}, {},
+                           X_t[idx], y_t[idx], loss_fn, clip_norm=dp.clip_norm,
+                           noise_multiplier=dp.noise_multiplier, expected_batch_size=q * n,
+                           generator=noise)
+        opt.zero_grad(set_to_none=True)
+        for name, p in params.items():
+            p.grad = step.grads[name]
+        opt.step()
+        if len(idx):
+            with torch.no_grad():
+                total += float(loss_fn(model(X_t[idx]), y_t[idx])) * len(idx)
+            count += len(idx)
+    return total / max(count, 1)

@@ -33,9 +33,11 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
-def vectorise_blocker(model_spec: ModelSpec, training: TrainingSpec) -> str | None:
+def vectorise_blocker(model_spec: ModelSpec, training: TrainingSpec, *, dp_sgd: bool = False) -> str | None:
     """Why these settings cannot be trained vectorised, or ``None`` when they can."""
-    return None  # every built-in model and optimiser vectorises; DP-SGD and others may not
+    if dp_sgd:
+        return "record-level DP-SGD (per-sample clipping, Poisson batches) is not vectorised"
+    return None
 
 
 def schedule(sizes: list[int], seeds: list[int], epochs: int, batch: int) -> np.ndarray:

@@ -1,0 +1,140 @@
+"""A party's model delta as an aggregation input, and the aggregate back as a server update.
+
+Both aggregation paths sum the same per-party vector of length ``d + 1 + e``::
+
+    [ w_i * clip_C(delta_i),  w_i,  b_i ]
+
+* ``clip_C`` bounds the L2 norm by C: at the party, before secure aggregation (the
+  sensitivity that differential privacy needs, and the range that quantisation needs).
+  Clipping is never silent: the caller counts it.
+* ``w_i``: without privacy, FedAvg's example weight ``min(n_i, W) / W`` with the public cap
+  ``W`` (default: the largest party's count, which makes the weighting exact); with
+  user-level DP every party weighs 1 and the server divides by the *expected* number of
+  parties (McMahan et al. 2018, "Learning Differentially Private Recurrent Language
+  Models", the fixed-denominator estimator), so one party changes the sum by at most C.
+* ``b_i`` (only with adaptive clipping): +1/2 if ``||delta_i|| <= C`` else -1/2 (Andrew et
+  al. 2021, "Differentially Private Learning with Adaptive Clipping").
+
+Secure aggregation only reveals sums, so this is what makes FedAvg, DP-FedAvg and adaptive
+clipping work through SecAgg+. The vector's norm is at most ``sqrt(C^2 + 1 + e/4)``, the
+bound the quantiser's overflow check uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lepton_ray.errors import DataError
+from lepton_ray.secagg.quantize import (
+    ClipResult,
+    QuantizationSpec,
+    clip_l2,
+    dequantize,
+    quantize,
+    require_no_overflow,
+)
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    clip_norm: float | None  # None: no clipping (plaintext path without privacy only)
+    weight_cap: float | None = None  # None: every party weighs 1 (user-level DP)
+    clip_bit: bool = False  # append the adaptive-clipping bit
+
+    @property
+    def extras(self) -> int:
+        return 1 if self.clip_bit else 0
+
+    @property
+    def norm_bound(self) -> float:
+        if self.clip_norm is None:
+            raise ValueError("an unclipped update has no norm bound (secure aggregation needs one)")
+        return math.sqrt(self.clip_norm**2 + 1.0 + 0.25 * self.extras)
+
+    def width(self, dim: int) -> int:
+        return dim + 1 + self.extras
+
+
+def encode_float(delta: np.ndarray, examples: int, rule: UpdateRule) -> tuple[np.ndarray, bool]:
+    """The party's vector (float64, length ``d + 1 + e``) and whether its delta was clipped."""
+    clipped = _clip(delta, rule.clip_norm)
+    w = 1.0 if rule.weight_cap is None else min(float(examples), rule.weight_cap) / rule.weight_cap
+    out = np.empty(rule.width(len(clipped.vector)), dtype=np.float64)
+    d = len(clipped.vector)
+    np.multiply(clipped.vector, w, out=out[:d])
+    out[d] = w
+    if rule.clip_bit:
+        out[d + 1] = 0.5 if rule.clip_norm is None or clipped.norm <= rule.clip_norm else -0.5
+    return out, clipped.clipped
+
+
+def _clip(delta: np.ndarray, clip_norm: float | None) -> ClipResult:
+    if clip_norm is not None:
+        return clip_l2(delta, clip_norm)
+    v = np.asarray(delta, dtype=np.float64)
+    if not np.all(np.isfinite(v)):
+        bad = int(np.flatnonzero(~np.isfinite(v))[0])
+        raise DataError(f"update has a non-finite value {v[bad]} at index {bad}")
+    return ClipResult(v, float(np.linalg.norm(v)), False)
+
+
+def fold(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule) -> tuple[np.ndarray, int]:
+    """Local accumulation on a host (plaintext path): the sum of the parties' vectors, and
+    how many were clipped."""
+    total = np.zeros(rule.width(deltas.shape[1]), dtype=np.float64)
+    clipped = 0
+    for delta, n in zip(deltas, examples):
+        vec, was = encode_float(delta, int(n), rule)
+        total += vec
+        clipped += was
+    return total, clipped
+
+
+def encode_ring(delta: np.ndarray, examples: int, rule: UpdateRule,
+                quant: QuantizationSpec, *, key: bytes | None = None) -> tuple[np.ndarray, bool]:
+    """The party's vector quantised into Z_{2^b} (stochastic rounding from AES-CTR)."""
+    vec, clipped = encode_float(delta, examples, rule)
+    return quantize(vec, quant, key=key).values, clipped
+
+
+def quantization_for(*, n_parties: int, rule: UpdateRule, modulus_bits: int, dim: int,
+                     scale: float | None = None) -> QuantizationSpec:
+    """The round's quantisation: the automatic scale for ``n_parties`` vectors of norm at most
+    ``rule.norm_bound``, or ``scale`` checked against overflow (``ConfigError`` if n
+    parties could overflow Z_{2^b})."""
+    norm = rule.norm_bound
+    if scale is None:
+        return QuantizationSpec.automatic(n_parties=n_parties, clip_norm=norm, modulus_bits=modulus_bits)
+    require_no_overflow(n_parties, norm, scale, modulus_bits, rule.width(dim))
+    return QuantizationSpec(clip_norm=norm, scale=scale, modulus_bits=modulus_bits)
+
+
+def ring_to_float(total: np.ndarray, quant: QuantizationSpec) -> np.ndarray:
+    return dequantize(total, quant)
+
+
+@dataclass(frozen=True, eq=False)
+class Aggregate:
+    """A summed (and, with central DP, noised) vector split into its parts."""
+
+    weighted: np.ndarray  # sum of w_i clip(delta_i)
+    weight: float  # sum of w_i
+    clip_bits: float | None  # sum of b_i (adaptive clipping)
+
+    @classmethod
+    def split(cls, total: np.ndarray, dim: int, rule: UpdateRule) -> "Aggregate":
+        return cls(weighted=total[:dim], weight=float(total[dim]),
+                   clip_bits=float(total[dim + 1]) if rule.clip_bit else None)
+
+
+@dataclass(frozen=True)
+class SecureRoundPlan:
+    """What every host and the coordinator share about one secure round: the SecAgg+ round
+    config (roster, graph, threshold, ring), the update rule and the quantisation."""
+
+    config: object  # lepton_ray.secagg.RoundConfig
+    rule: UpdateRule
+    quantization: QuantizationSpec

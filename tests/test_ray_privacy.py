@@ -1,0 +1,143 @@
+"""Differential privacy in the runtime: the ledger is charged before release, the budget
+ends a job cleanly, bad settings fail before training, a crash between charge and release
+never under-counts, and resumed jobs neither duplicate nor lose history rows."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lepton_ray
+from lepton_ray.cli import main
+from lepton_ray.errors import PrivacyError
+from lepton_ray.privacy.accountants import AccountantKind, make_accountant
+from lepton_ray.privacy.calibration import compute_epsilon
+from lepton_ray.privacy.events import Gaussian, SelfComposed
+from lepton_ray.privacy.ledger import read_ledger
+
+pytestmark = pytest.mark.ray
+
+DP = {"mode": "user_level", "epsilon": 50.0, "delta": 1e-5, "noise_multiplier": 1.0, "clip_norm": 1.0}
+
+
+def test_every_round_is_charged_and_history_shows_epsilon(ray_session, small_job, tmp_path):
+    r = lepton_ray.run(small_job, rounds=3, privacy=DP, sampling={"kind": "poisson", "fraction": 0.5})
+    rows = read_ledger(r.output_dir / "ledger.jsonl")
+    assert [row.round for row in rows] == [1, 2, 3]
+    for t, row in enumerate(rows, 1):  # oracle: the closed-form composition of t rounds
+        assert row.epsilon_after == pytest.approx(
+            compute_epsilon(sampling_rate=0.5, noise_multiplier=1.0, steps=t, delta=1e-5), rel=1e-9)
+    np.testing.assert_allclose(r.history["epsilon"], [row.epsilon_after for row in rows], rtol=1e-5)
+    assert r.summary["privacy"]["epsilon_spent"] == pytest.approx(rows[-1].epsilon_after)
+    assert (r.history["parties_clipped"] <= r.history["parties_completed"]).all()
+
+
+def test_budget_exhaustion_ends_the_job_cleanly(ray_session, small_job):
+    budget = compute_epsilon(sampling_rate=1.0, noise_multiplier=1.0, steps=2, delta=1e-5) * 1.01
+    r = lepton_ray.run(small_job, rounds=5, privacy=dict(DP, epsilon=budget))
+    assert r.summary["status"] == "budget_exhausted"
+    assert "budget" in r.summary["reason"].lower() or "exceed" in r.summary["reason"].lower()
+    assert r.history["round"].tolist() == [1, 2]
+    assert len(read_ledger(r.output_dir / "ledger.jsonl")) == 2  # the refused charge wrote nothing
+    assert json.loads((r.output_dir / "summary.json").read_text())["status"] == "budget_exhausted"
+
+
+def test_bad_privacy_settings_fail_before_any_training(ray_session, small_job, capsys, tmp_path):
+    with pytest.raises(PrivacyError, match="one round .* already costs epsilon"):
+        lepton_ray.run(small_job, privacy=dict(DP, epsilon=0.1))
+    assert not (tmp_path / "out" / "history.csv").exists() or \
+        len(pd.read_csv(tmp_path / "out" / "history.csv")) == 0
+    import yaml
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(small_job))
+    for bad, needle in [("privacy.noise_multiplier=-1", "privacy.noise_multiplier: must be > 0"),
+                        ("privacy.delta=1", "privacy.delta: must be in (0, 1)"),
+                        ("sampling.fraction=1.5", "sampling.fraction: must be in (0, 1]")]:
+        assert main(["validate", str(spec), "--set", "privacy.mode=user_level", "--set", bad]) == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_adaptive_clipping_moves_the_clip_norm_at_the_same_price(ray_session, small_job, tmp_path):
+    fixed = lepton_ray.run(small_job, rounds=3, privacy=dict(DP, clip_norm=0.05),
+                           output__dir=str(tmp_path / "fixed"))
+    adaptive = lepton_ray.run(small_job, rounds=3, privacy=dict(DP, clip_norm=0.05, adaptive_clipping={
+        "enabled": True, "target_quantile": 0.5, "learning_rate": 0.5, "count_noise_std": 2.0}),
+        output__dir=str(tmp_path / "adaptive"))
+    audit = [json.loads(line) for line in (tmp_path / "adaptive" / "audit.jsonl").read_text().splitlines()]
+    norms = [e["clip_norm"] for e in audit if e["event"] == "round"]
+    assert norms[0] == 0.05 and norms[-1] > norms[0]  # every update is longer: C grows
+    np.testing.assert_allclose(adaptive.history["epsilon"], fixed.history["epsilon"], rtol=1e-9)
+
+
+def test_dp_sgd_reports_record_level_epsilon_per_party(ray_session, small_job):
+    r = lepton_ray.run(small_job, rounds=2, privacy={"dp_sgd": {"noise_multiplier": 1.1, "clip_norm": 1.0}})
+    rec = r.summary["privacy"]["record_level"]
+    assert set(rec["per_party"]) == {str(i) for i in range(6)}
+    # independent composition: each party ran DP-SGD twice with q = 32 / n_i
+    sizes = r.summary["party_sizes"]
+    n = sizes["min"]
+    one = compute_epsilon(sampling_rate=32 / n, noise_multiplier=1.1, steps=-(-n // 32), delta=1e-5)
+    assert max(rec["per_party"].values()) >= one
+    assert r.history["test_accuracy"].iloc[-1] > 0.3
+
+
+CRASHER = textwrap.dedent("""
+    import os, sys, ray
+    import actors.driver as driver
+    from lepton_ray.config import load_spec
+    ray.init(address=os.environ["LEPTON_TEST_RAY"])
+    real = driver.Federation._plain_round
+    def crash(self, r, *a, **k):
+        if r == 3:      # round 3 was charged (fsynced) and is about to train: die hard
+            os._exit(17)
+        return real(self, r, *a, **k)
+    driver.Federation._plain_round = crash
+    driver.run_job(load_spec(sys.argv[1]))
+""")
+
+
+def test_crash_between_charge_and_release_then_resume(ray_session, small_job, tmp_path):
+    import yaml
+
+    job = dict(small_job, rounds=5, privacy=DP, secure_aggregation={"mode": "none"})
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(job))
+    env = dict(os.environ, LEPTON_TEST_RAY=ray_session.get_runtime_context().gcs_address)
+    proc = subprocess.run([sys.executable, "-c", CRASHER, str(spec)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    out = tmp_path / "out"
+    assert pd.read_csv(out / "history.csv")["round"].tolist() == [1, 2]
+    charged = read_ledger(out / "ledger.jsonl")
+    assert [row.round for row in charged] == [1, 2, 3]  # round 3 charged, never released
+
+    assert main(["simulate", str(spec), "--resume", str(out), "--quiet"]) == 0
+    history = pd.read_csv(out / "history.csv")
+    assert history["round"].tolist() == [1, 2, 3, 4, 5]  # no gap, no duplicate
+    rows = read_ledger(out / "ledger.jsonl")
+    assert [row.round for row in rows] == [1, 2, 3, 3, 4, 5]  # replayed, never reduced
+    released = make_accountant(AccountantKind.RDP).composed(
+        SelfComposed(event=Gaussian(noise_multiplier=1.0), count=5)).epsilon(1e-5)
+    assert rows[-1].epsilon_after >= released  # over-counts the crashed round, never under
+    assert history["epsilon"].iloc[-1] == pytest.approx(rows[-1].epsilon_after, rel=1e-5)
+    assert main(["audit", str(out)]) == 0
+    assert "resumed from the checkpoint of round 2" in (out / "audit.md").read_text()
+
+
+def test_resume_refuses_a_changed_spec(ray_session, small_job, tmp_path, capsys):
+    import yaml
+
+    r = lepton_ray.run(small_job, rounds=2)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(small_job))
+    assert main(["simulate", str(spec), "--resume", str(r.output_dir), "--quiet",
+                 "--set", "training.lr=0.5"]) == 2
+    assert "the spec differs" in capsys.readouterr().err
+    assert main(["simulate", str(spec), "--resume", str(r.output_dir), "--quiet", "--set", "rounds=4"]) == 0
+    assert pd.read_csv(r.output_dir / "history.csv")["round"].tolist() == [1, 2, 3, 4]
