@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lepton_ray.config import ServerSpec, StrategyKind
-from lepton_ray.learning.aggregation import accumulate, reduce
+from lepton_ray.learning.aggregation import PartialSum, reduce
+from lepton_ray.learning.party_update import Aggregate, UpdateRule, fold
 from lepton_ray.learning.strategies import ServerOptimizer
 
 rng = np.random.default_rng(0)
@@ -19,10 +20,14 @@ X0 = rng.normal(size=5)
 def test_fedavg_weighted_mean_over_hosts_equals_numpy():
     deltas = rng.normal(size=(7, 5)).astype(np.float32)
     weights = np.array([3, 1, 4, 1, 5, 9, 2])
-    total = reduce([accumulate(deltas[:3], weights[:3]), accumulate(deltas[3:], weights[3:])])
-    np.testing.assert_allclose(total.mean, np.average(deltas, axis=0, weights=weights), rtol=1e-6)
+    rule = UpdateRule(clip_norm=None, weight_cap=9.0)
+    parts = [fold(deltas[:3], weights[:3], rule)[0], fold(deltas[3:], weights[3:], rule)[0]]
+    total = reduce([PartialSum(total=p, parties=1) for p in parts])
+    agg = Aggregate.split(total.total, 5, rule)
+    np.testing.assert_allclose(agg.weighted / agg.weight, np.average(deltas, axis=0, weights=weights), rtol=1e-6)
     opt = ServerOptimizer(ServerSpec(strategy=StrategyKind.FEDAVG, lr=1.0))
-    np.testing.assert_allclose(opt.step(X0, total.mean), X0 + total.mean)
+    mean = agg.weighted / agg.weight
+    np.testing.assert_allclose(opt.step(X0, mean), X0 + mean)
 
 
 def test_fedadagrad_matches_torch_adagrad():

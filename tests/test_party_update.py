@@ -1,0 +1,99 @@
+"""The per-party aggregation vector and DP-FedAvg's per-round decisions (pure, no Ray)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from lepton_ray.errors import ConfigError, DataError, PrivacyError
+from lepton_ray.learning.party_update import (
+    Aggregate,
+    UpdateRule,
+    encode_float,
+    encode_ring,
+    fold,
+    quantization_for,
+    ring_to_float,
+)
+from lepton_ray.privacy.accountants import AccountantKind
+from lepton_ray.privacy.calibration import compute_epsilon
+from lepton_ray.privacy.dpfedavg import DpFedAvg
+from lepton_ray.privacy.events import Gaussian, PoissonSampled
+
+rng = np.random.default_rng(0)
+
+
+def test_vector_layout_weights_clip_and_bit():
+    delta = np.array([3.0, 4.0])  # norm 5
+    vec, clipped = encode_float(delta, 10, UpdateRule(clip_norm=1.0, weight_cap=20.0, clip_bit=True))
+    assert clipped
+    np.testing.assert_allclose(vec, [0.5 * 0.6, 0.5 * 0.8, 0.5, -0.5])
+    vec, clipped = encode_float(delta, 50, UpdateRule(clip_norm=10.0, weight_cap=20.0, clip_bit=True))
+    assert not clipped
+    np.testing.assert_allclose(vec, [3.0, 4.0, 1.0, 0.5])  # weight capped at 1
+    vec, _ = encode_float(delta, 50, UpdateRule(clip_norm=None, weight_cap=None))
+    np.testing.assert_allclose(vec, [3.0, 4.0, 1.0])
+
+
+def test_non_finite_update_is_a_clear_error():
+    with pytest.raises(DataError, match="non-finite value nan at index 1"):
+        encode_float(np.array([0.0, np.nan]), 1, UpdateRule(clip_norm=None))
+    with pytest.raises(DataError, match="non-finite"):
+        encode_float(np.array([np.inf, 0.0]), 1, UpdateRule(clip_norm=1.0))
+
+
+def test_ring_sum_decodes_to_the_float_sum():
+    rule = UpdateRule(clip_norm=2.0, weight_cap=100.0, clip_bit=True)
+    deltas = rng.normal(size=(20, 50)) * 0.3
+    examples = rng.integers(1, 150, 20)
+    quant = quantization_for(n_parties=20, rule=rule, modulus_bits=32, dim=50)
+    ring = sum(encode_ring(d, int(n), rule, quant)[0].astype(np.uint64) for d, n in zip(deltas, examples))
+    ring = (ring % 2**32).astype(np.uint32)
+    expected, clipped = fold(deltas, examples, rule)
+    got = ring_to_float(ring, quant)
+    np.testing.assert_allclose(got, expected, atol=20 / quant.scale)  # one rounding step per party
+    agg = Aggregate.split(got, 50, rule)
+    assert agg.clip_bits == pytest.approx(expected[-1], abs=1e-3)
+
+
+def test_fixed_scale_that_can_overflow_is_rejected():
+    rule = UpdateRule(clip_norm=10.0, weight_cap=1.0)
+    with pytest.raises(ConfigError, match="overflow"):
+        quantization_for(n_parties=1000, rule=rule, modulus_bits=32, dim=10, scale=1e6)
+    q = quantization_for(n_parties=1000, rule=rule, modulus_bits=32, dim=10)
+    # the automatic scale leaves room for 1000 parties at the bound: n (C' s + 1) < 2^31
+    assert 1000 * (rule.norm_bound * q.scale + 1) < 2**31
+
+
+def test_dpfedavg_event_noise_and_fixed_denominator():
+    dp = DpFedAvg.create(n_parties=100, sampling_rate=0.1, rounds=10, epsilon=5, delta=1e-5,
+                         clip_norm=0.5, noise_multiplier=1.2, accountant=AccountantKind.RDP)
+    assert dp.event() == PoissonSampled(sampling_probability=0.1, event=Gaussian(noise_multiplier=1.2))
+    noise = dp.noise(7)
+    assert noise.dim == 7 and noise.delta_std == pytest.approx(0.6) and noise.bits_std is None
+    np.testing.assert_allclose(dp.mean(np.full(3, 20.0)), np.full(3, 2.0))  # / (q N) = 10
+    assert dp.after_round(None) is dp
+
+
+def test_dpfedavg_calibrates_within_the_budget():
+    dp = DpFedAvg.create(n_parties=1000, sampling_rate=0.05, rounds=200, epsilon=3, delta=1e-5,
+                         clip_norm=1.0, noise_multiplier=None, accountant=AccountantKind.RDP)
+    eps = compute_epsilon(sampling_rate=0.05, noise_multiplier=dp.noise_multiplier, steps=200, delta=1e-5)
+    assert eps <= 3 and eps > 2.9
+
+
+def test_adaptive_clipping_split_and_update_direction():
+    dp = DpFedAvg.create(n_parties=100, sampling_rate=1.0, rounds=10, epsilon=5, delta=1e-5,
+                         clip_norm=1.0, noise_multiplier=1.0, accountant=AccountantKind.RDP,
+                         adaptive=True, target_quantile=0.5, learning_rate=0.2, count_noise_std=5.0)
+    # Andrew et al. 2021: z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)
+    assert dp.delta_noise_multiplier == pytest.approx((1.0 - (2 * 5.0) ** -2) ** -0.5)
+    assert dp.noise(4).bits_std == 5.0
+    grown = dp.after_round(-50.0)  # every party clipped: fraction 0 < 0.5 -> C grows
+    shrunk = dp.after_round(50.0)  # none clipped: fraction 1 > 0.5 -> C shrinks
+    assert grown.clip_norm == pytest.approx(math.exp(0.2 * 0.5))
+    assert shrunk.clip_norm == pytest.approx(math.exp(-0.2 * 0.5))
+    with pytest.raises(PrivacyError, match="count_noise_std"):
+        DpFedAvg.create(n_parties=100, sampling_rate=1.0, rounds=10, epsilon=5, delta=1e-5,
+                        clip_norm=1.0, noise_multiplier=1.0, accountant=AccountantKind.RDP,
+                        adaptive=True, count_noise_std=0.1)
