@@ -587,8 +587,9 @@ class Federation:
 
 
 def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
-            num_cpus: int | None = None) -> RunResult:
-    """Run (or with ``resume`` continue) a job; see the module docstring."""
+            num_cpus: int | None = None, on_round=None) -> RunResult:
+    """Run (or with ``resume`` continue) a job; see the module docstring. ``on_round(row)``
+    is called with each round's history row (for notebooks and benchmarks)."""
     out = Path(spec.output.dir)
     data = load_federated(spec.data, spec.parties.count, spec.seed)  # data errors before Ray
     if not resume:
@@ -607,6 +608,8 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         for r in range(fed.first_round, spec.rounds + 1):
             try:
                 last = fed.run_round(r)
+                if on_round is not None:
+                    on_round(last)
             except BudgetExhaustedError as exc:
                 status, reason = "budget_exhausted", _cause(exc)
                 print(f"round {r} not run: {reason}", file=sys.stderr, flush=True)

@@ -103,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(workload(args.parties, args.rounds, out, synthetic=args.synthetic,
                                   secure_aggregation=args.secure_aggregation,
                                   per_host=args.per_host, vectorised=args.vectorised == "on"))
+        rss_by_round: dict[int, float] = {}
         with PeakMemory() as mem:
-            result = run_job(spec, overwrite=True, num_cpus=args.num_cpus)
+            result = run_job(spec, overwrite=True, num_cpus=args.num_cpus,
+                             on_round=lambda row: rss_by_round.__setitem__(row["round"], mem.sample()))
         s = result.summary
         report = {
             "parties": args.parties,
@@ -118,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             "ray_calls_per_round": s["ray_calls_per_round"],
             "test_accuracy": s["final"]["test_accuracy"],
         }
+        if args.rounds >= 10:  # memory must stay flat across rounds
+            last = max(rss_by_round)
+            report["rss_mb_round_10"] = round(rss_by_round[10], 1)
+            report[f"rss_mb_round_{last}"] = round(rss_by_round[last], 1)
+            report["rss_growth_after_round_10"] = round(rss_by_round[last] / rss_by_round[10] - 1, 4)
         if not args.no_baseline:
             base = plain_loop_seconds_per_round(spec)
             report["plain_loop_seconds_per_round"] = base
