@@ -96,6 +96,8 @@ def prepare_output_dir(out: Path, *, overwrite: bool) -> None:
 
 def split_hosts(spec: JobSpec, n_cpus: int) -> list[list[int]]:
     n = spec.parties.count
+    if spec.parties.deploy:
+        return [[p] for p in range(n)]  # deployment: one host per party, on its node
     if spec.parties.per_host:
         n_hosts = math.ceil(n / spec.parties.per_host)
     else:
@@ -125,6 +127,7 @@ class Federation:
         self.accountant = None
         self.epsilon: float | None = None
         self.participation = np.zeros(spec.parties.count, dtype=np.int64)
+        self.placement: dict[str, dict] = {}
         self.hosts: list[Any] = []
         self.blocks: list[list[int]] = []
         self.coordinator = None
@@ -141,6 +144,15 @@ class Federation:
         self.blocks = split_hosts(self.spec, cpus)
         self.parties = as_float32(self.data.parties)
         self.hosts = [self._new_host(h) for h in range(len(self.blocks))]
+        if self.spec.parties.deploy:
+            self._check_placement_feasible()
+            import dataclasses
+
+            placed = ray.get([h.placement.remote() for h in self.hosts])
+            self.placement = {self.spec.parties.deploy[b[0]].id: {"host_node": pl["node"]}
+                              for b, pl in zip(self.blocks, placed)}
+            sizes = np.array([s for pl in placed for s in pl["sizes"]], dtype=np.int64)
+            self.data = dataclasses.replace(self.data, sizes=sizes)
         self.coordinator = ray.remote(SmpcCoordinator).options(num_cpus=0).remote(
             self.spec.secure_aggregation.mode
         )
@@ -216,9 +228,26 @@ class Federation:
 
     def _new_host(self, h: int):
         block = self.blocks[h]
+        if self.spec.parties.deploy:  # one host per party, pinned to the party's node
+            import dataclasses
+
+            party = self.spec.parties.deploy[block[0]]
+            stats = dataclasses.replace(self.data, X_test=self.data.X_test[:0], y_test=self.data.y_test[:0])
+            return ray.remote(PartyHost).options(
+                num_cpus=0, resources={party.node_resource: 0.001}, name=None).remote(
+                h, self.spec, block, None, self.data.n_features, self.data.n_classes, stats)
         return ray.remote(PartyHost).options(num_cpus=0).remote(
             h, self.spec, block, [self.parties[p] for p in block],
             self.data.n_features, self.data.n_classes)
+
+    def _check_placement_feasible(self) -> None:
+        """A party whose node resource no node offers would wait forever: say so instead."""
+        available = ray.cluster_resources()
+        missing = [d.node_resource for d in self.spec.parties.deploy if d.node_resource not in available]
+        if missing:
+            raise ConfigError([f"parties.deploy: no node offers the resource(s) {', '.join(missing)}; "
+                               "start each party's node with ray start --resources "
+                               "'{\"party:<id>\": 1}' (or set parties.deploy[i].resource)"])
 
     def _update_roster(self) -> None:
         from lepton_ray.crypto.identity import Roster
@@ -299,7 +328,10 @@ class Federation:
             "train_loss": outcome.train_loss,
             "epsilon": self.epsilon,
         }
-        self.devices.update(outcome.devices)
+        self.devices.update(d.split("@")[0] for d in outcome.devices)
+        if self.placement:
+            for h, node in outcome.train_nodes.items():
+                self.placement[self.spec.parties.deploy[self.blocks[h][0]].id]["train_node"] = node
         load_flat(self.model, self.params)
         row.update(evaluate(self.model, self.data.X_test, self.data.y_test, self.data.n_classes))
         row["round_seconds"] = time.perf_counter() - t0
@@ -329,6 +361,7 @@ class Federation:
             status="ok", released=released, calls=calls + 1, completed=len(participants),
             participants=participants, dropped=set(dropped), clipped=sum(rep.clipped for rep in reports),
             train_loss=_weighted_loss(reports), devices={rep.device for rep in reports},
+            train_nodes={h: rep.device.split("@")[-1] for h, (rep, _) in live.items()},
         )
 
     def _secure_round(self, r: int, by_host: dict[int, list[int]], params_ref, rule,
@@ -389,6 +422,7 @@ class Federation:
             participants=survivors, dropped=set(released.dropped),
             clipped=sum(t.clipped for t in trained), train_loss=_weighted_loss(trained),
             devices={t.device for t in trained}, rejections=self._rejections,
+            train_nodes={t.host: t.device.split("@")[-1] for t in trained},
         )
 
     def _plan(self, r: int, participants: list[int], rule):
@@ -540,6 +574,7 @@ class Federation:
             "devices": sorted(self.devices),
             "secure_aggregation": self.spec.secure_aggregation.mode.value,
             "privacy": self.privacy_summary(),
+            **({"placement": self.placement} if self.placement else {}),
             "spec": self.spec.to_dict(),
         }
 
@@ -591,7 +626,12 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
     """Run (or with ``resume`` continue) a job; see the module docstring. ``on_round(row)``
     is called with each round's history row (for notebooks and benchmarks)."""
     out = Path(spec.output.dir)
-    data = load_federated(spec.data, spec.parties.count, spec.seed)  # data errors before Ray
+    if spec.parties.deploy:  # the parties' data stays on their nodes: load only the test set
+        from lepton_ray.learning.data import load_server_data
+
+        data = load_server_data(spec.data)
+    else:
+        data = load_federated(spec.data, spec.parties.count, spec.seed)  # data errors before Ray
     if not resume:
         prepare_output_dir(out, overwrite=overwrite)
     ensure_ray(num_cpus)
@@ -667,6 +707,7 @@ class RoundOutcome:
     train_loss: float = float("nan")
     devices: set = field(default_factory=set)
     rejections: list = field(default_factory=list)
+    train_nodes: dict = field(default_factory=dict)  # host -> node its training task ran on
 
 
 def _payloads(live: dict) -> list:

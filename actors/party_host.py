@@ -51,8 +51,13 @@ class _Round:
 
 
 class PartyHost:
-    def __init__(self, host: int, spec: JobSpec, party_ids: list[int], datasets: list,
-                 n_features: int, n_classes: int):
+    """``datasets`` are the parties' ``(X, y)`` in simulation. In a deployment
+    (``parties.deploy``) they are ``None``: the host reads its party's file from its own
+    node's disk, standardised with the ``server`` statistics, and its training tasks request
+    the party's node resource, so the raw data never leaves that node."""
+
+    def __init__(self, host: int, spec: JobSpec, party_ids: list[int], datasets: list | None,
+                 n_features: int, n_classes: int, server=None):
         from lepton_ray.crypto.identity import IdentityKey
 
         self.host = host
@@ -61,13 +66,31 @@ class PartyHost:
         self.index = {p: i for i, p in enumerate(self.party_ids)}
         self.n_features = n_features
         self.n_classes = n_classes
-        self.data_ref = ray.put(datasets)  # once; every round's task reads the same ref
+        self.task_resources: dict[str, float] = {}
+        if datasets is None:
+            from lepton_ray.learning.data import as_float32, load_party_file
+
+            deployed = [spec.parties.deploy[p] for p in self.party_ids]
+            datasets = list(as_float32([
+                load_party_file(spec.data, d.data, server, field=f"parties.deploy[{p}].data")
+                for p, d in zip(self.party_ids, deployed)]))
+            self.task_resources = {d.node_resource: 0.001 for d in deployed}
+        self.sizes = [int(len(y)) for _, y in datasets]
+        self.data_ref = ray.put(datasets)  # once, in this node's object store
         # Each party's long-term Ed25519 identity; the private keys never leave this process.
         self.identities = {p: IdentityKey.generate() for p in self.party_ids}
         self.round: _Round | None = None
 
     def ready(self) -> int:
         return len(self.party_ids)
+
+    def placement(self) -> dict:
+        """Where this host runs and how many rows each of its parties holds."""
+        from ray.experimental import get_object_locations
+
+        where = get_object_locations([self.data_ref])[self.data_ref]
+        return {"node": ray.get_runtime_context().get_node_id(), "sizes": self.sizes,
+                "data_nodes": sorted(where["node_ids"])}  # every object store holding the rows
 
     def public_keys(self) -> dict[int, bytes]:
         return {p: k.public_bytes for p, k in self.identities.items()}
@@ -79,7 +102,8 @@ class PartyHost:
         picks = [self.index[p] for p in sampled]
         seeds = [party_seed(self.spec.seed, round_, p) for p in sampled]
         t = self.spec.training
-        task = train_task.options(num_gpus=t.gpus_per_party, num_cpus=1)
+        task = train_task.options(num_gpus=t.gpus_per_party, num_cpus=1,
+                                  resources=self.task_resources or None)
         return task.remote(self.spec, self.n_features, self.n_classes, params_box[0],
                            self.data_ref, picks, seeds, fold=fold)
 

@@ -85,5 +85,10 @@ def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarra
     if fold is not None:
         total, clipped = fold_updates(result.deltas, result.examples, fold)
         partial = PartialSum(total=total, parties=len(result.examples))
-        return (partial, clipped, result.losses, result.examples), str(device)
-    return result, str(device)
+        return (partial, clipped, result.losses, result.examples), _where(device)
+    return result, _where(device)
+
+
+def _where(device) -> str:
+    """``device@node`` of this task, for the placement record."""
+    return f"{device}@{ray.get_runtime_context().get_node_id()}"

@@ -37,6 +37,14 @@ def cmd_validate(args) -> int:
     from lepton_ray.learning.data import load_federated
 
     spec = _load(args)
+    if spec.parties.deploy:  # the parties' files live on their own nodes: check the test file
+        from lepton_ray.learning.data import load_server_data
+
+        data = load_server_data(spec.data)
+        print(f"ok: {args.spec}: deployment of {spec.parties.count} parties "
+              f"({', '.join(d.id for d in spec.parties.deploy)}); test file {data.n_features} "
+              f"features, {data.n_classes} classes, {len(data.y_test)} rows")
+        return 0
     data = load_federated(spec.data, spec.parties.count, spec.seed)
     sizes = data.party_sizes
     print(

@@ -152,8 +152,6 @@ class DataSpec:
             if not self.label:
                 out.append(f"{path}.label: required for source '{self.source.value}'")
         if self.source is DataSource.PARTY_FILES:
-            if not self.party_paths:
-                out.append(f"{path}.party_paths: required for source 'party_files'")
             if not self.test_path:
                 out.append(f"{path}.test_path: required for source 'party_files'")
             if not self.label:
@@ -170,14 +168,47 @@ class DataSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DeployedParty:
+    """One party of a deployment: its data file *on its own node's disk*, and the Ray custom
+    resource that pins its host and training tasks to that node (default ``party:<id>``,
+    which the node advertises with ``ray start --resources '{"party:<id>": 1}'``)."""
+
+    id: str = ""
+    data: str = ""
+    resource: str | None = None
+
+    @property
+    def node_resource(self) -> str:
+        return self.resource or f"party:{self.id}"
+
+    def problems(self, path: str) -> list[str]:
+        out = []
+        if not self.id:
+            out.append(f"{path}.id: required")
+        if not self.data:
+            out.append(f"{path}.data: required (the party's data file on its node)")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
 class PartiesSpec:
     count: int = 10
     per_host: int | None = None
+    deploy: tuple[DeployedParty, ...] = ()
 
     def problems(self, path: str) -> list[str]:
         out = _positive(self, path, "count")
         if self.per_host is not None and self.per_host < 1:
             out.append(f"{path}.per_host: must be >= 1, got {self.per_host}")
+        if self.deploy:
+            if len(self.deploy) != self.count:
+                out.append(f"{path}.count: is {self.count} but {path}.deploy lists {len(self.deploy)} parties")
+            ids = [d.id for d in self.deploy]
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            if dup:
+                out.append(f"{path}.deploy: party ids must be unique, repeated: {', '.join(dup)}")
+            for i, d in enumerate(self.deploy):
+                out += d.problems(f"{path}.deploy[{i}]")
         return out
 
 
@@ -413,6 +444,16 @@ class JobSpec:
         if self.privacy.enabled and self.sampling.kind is SamplingKind.FIXED:
             out.append("sampling.kind: 'fixed' has no privacy amplification the accountant can "
                        "count; use 'poisson' (rate = sampling.fraction) or 'all' with privacy")
+        if self.parties.deploy and self.data.source is not DataSource.PARTY_FILES:
+            out.append("data.source: must be 'party_files' when parties.deploy lists parties "
+                       "(each reads its own file on its node; set data.test_path and data.label)")
+        if (self.data.source is DataSource.PARTY_FILES and not self.parties.deploy
+                and not self.data.party_paths):
+            out.append("data.party_paths: required for source 'party_files' (or list the "
+                       "parties with their paths under parties.deploy)")
+        if self.parties.deploy and self.data.party_paths:
+            out.append("data.party_paths: leave empty with parties.deploy (each party's "
+                       "parties.deploy[i].data is its path)")
         if self.data.party_paths and len(self.data.party_paths) != self.parties.count:
             out.append(
                 f"parties.count: is {self.parties.count} but data.party_paths lists "

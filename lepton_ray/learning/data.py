@@ -42,6 +42,7 @@ class FederatedData:
     feature_names: tuple[str, ...]
     mean: np.ndarray
     scale: np.ndarray
+    sizes: np.ndarray | None = None  # deployments: rows per party as the hosts report them
 
     @property
     def n_features(self) -> int:
@@ -53,6 +54,8 @@ class FederatedData:
 
     @property
     def party_sizes(self) -> np.ndarray:
+        if self.sizes is not None:
+            return self.sizes
         return np.array([len(y) for _, y in self.parties], dtype=np.int64)
 
 
@@ -212,23 +215,38 @@ def _standardisation(X: np.ndarray, enabled: bool) -> tuple[np.ndarray, np.ndarr
     return mean, scale
 
 
-def _load_party_files(spec: DataSpec) -> FederatedData:
+def load_server_data(spec: DataSpec) -> FederatedData:
+    """Deployments: only the server's test file (its statistics standardise every party);
+    the parties' data stays on their nodes (:func:`load_party_file`, run there)."""
+    return _load_party_files(spec, paths=())
+
+
+def load_party_file(spec: DataSpec, path: str, server: FederatedData, *, field: str):
+    """One party's ``(X, y)`` from its own file, encoded and standardised like the server's
+    test data; run by the party's host on the party's node."""
+    t = table_from_frame(
+        read_frame(Path(path), spec.source, field=field), spec, group_column=None,
+        where=f"{field} '{path}'", classes=server.classes,
+    )
+    if t.feature_names != server.feature_names:
+        raise DataError(f"{field}: columns {list(t.feature_names)} differ from the test file's "
+                        f"{list(server.feature_names)}")
+    return (t.X - server.mean) / server.scale, t.y
+
+
+def _load_party_files(spec: DataSpec, paths=None) -> FederatedData:
     test = table_from_frame(
         read_frame(Path(spec.test_path or ""), spec.source, field="data.test_path"),
         spec, group_column=None, where=f"data.test_path '{spec.test_path}'",
     )
     mean, scale = _standardisation(test.X, spec.standardize)
-    parties = []
-    for i, p in enumerate(spec.party_paths or ()):
-        field = f"data.party_paths[{i}]"
-        t = table_from_frame(
-            read_frame(Path(p), spec.source, field=field), spec, group_column=None,
-            where=f"{field} '{p}'", classes=test.classes,
-        )
-        if t.feature_names != test.feature_names:
-            raise DataError(f"{field}: columns {list(t.feature_names)} differ from the test file's "
-                            f"{list(test.feature_names)}")
-        parties.append((((t.X - mean) / scale), t.y))
+    server = FederatedData(parties=(), X_test=((test.X - mean) / scale).astype(np.float32),
+                           y_test=test.y, classes=test.classes, feature_names=test.feature_names,
+                           mean=mean, scale=scale)
+    if paths is not None and not paths:
+        return server
+    parties = [load_party_file(spec, p, server, field=f"data.party_paths[{i}]")
+               for i, p in enumerate(spec.party_paths or ())]
     return FederatedData(
         parties=tuple(parties),
         X_test=((test.X - mean) / scale).astype(np.float32),
