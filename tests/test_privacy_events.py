@@ -120,7 +120,7 @@ def test_to_dict_shape_is_stable():
 @pytest.mark.parametrize(
     "data, match",
     [
-        ({"type": "skellam", "mu": 3}, "unknown privacy event type 'skellam'"),
+        ({"type": "no_such_mechanism", "mu": 3}, "unknown privacy event type 'no_such_mechanism'"),
         ({"noise_multiplier": 1.0}, "unknown privacy event type None"),
         ({"type": "gaussian"}, "missing field 'noise_multiplier'"),
         ({"type": "gaussian", "noise_multiplier": -1}, "noise_multiplier"),

@@ -10,6 +10,9 @@
 * :mod:`~lepton_ray.privacy.mechanisms` - clip at the party, Gaussian noise on the aggregate,
   AES-CTR normal source
 * :mod:`~lepton_ray.privacy.adaptive_clipping` - quantile-tracking clip norm (Andrew et al.)
+* :mod:`~lepton_ray.privacy.skellam`, :mod:`~lepton_ray.privacy.rotation` - distributed DP
+  inside secure aggregation (Skellam mechanism, Agarwal et al. 2021); importing this package
+  registers the Skellam RDP with the accountant, so ledgers holding Skellam charges replay
 * :mod:`~lepton_ray.privacy.dpsgd` - per-sample DP-SGD with torch.func; **not** imported
   here (it loads torch): ``from lepton_ray.privacy.dpsgd import dp_sgd_step``
 
@@ -31,6 +34,7 @@ from lepton_ray.privacy.adaptive_clipping import (
     adaptive_clipping_event,
     split_noise_multiplier,
 )
+from lepton_ray.privacy import skellam as _skellam  # noqa: F401  registers the Skellam RDP
 from lepton_ray.privacy.budget import PrivacyBudget
 from lepton_ray.privacy.calibration import (
     calibrate_noise,
