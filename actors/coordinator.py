@@ -119,7 +119,12 @@ class SmpcCoordinator:
         status, result = self._stage(lambda msgs: self.server.finish(msgs), host_messages)
         if not status.ok:
             return status, None
-        total = self._release(ring_to_float(result.total, self.plan.quantization), self.noise)
+        if self.plan.skellam is not None:  # distributed DP: the sum already carries the noise
+            from lepton_ray.privacy.skellam import decode_sum
+
+            total = decode_sum(result.total, self.plan.skellam, signs=self.plan.rotation_signs())
+        else:
+            total = self._release(ring_to_float(result.total, self.plan.quantization), self.noise)
         self.server = None  # the round's protocol state (and the un-noised sum) goes
         return status, Released(total=total, parties=len(result.survivors),
                                 survivors=tuple(result.survivors), dropped=tuple(result.dropped))

@@ -23,7 +23,7 @@ import ray
 
 from actors.coordinator import Released, SmpcCoordinator
 from actors.party_host import PartyHost, StageReport
-from lepton_ray.config import JobSpec, SamplingKind, SecureAggregation
+from lepton_ray.config import JobSpec, NoisePlacement, SamplingKind, SecureAggregation
 from lepton_ray.errors import BudgetExhaustedError, ConfigError, ResumeError
 from lepton_ray.learning.data import FederatedData, as_float32, load_federated
 from lepton_ray.learning.sampling import round_rng, sample_parties
@@ -181,8 +181,14 @@ class Federation:
         q = smp.fraction if smp.kind is SamplingKind.POISSON else 1.0
         kind = AccountantKind(p.accountant.value)
         ac = p.adaptive_clipping
+        distributed = None
+        if p.noise is NoisePlacement.DISTRIBUTED:
+            from lepton_ray.privacy.dpfedavg import DistributedNoise
+
+            distributed = DistributedNoise(bits=p.bits, dim=len(self.params),
+                                           min_survivor_fraction=p.min_survivor_fraction)
         if self.dp is None:  # a resumed job restores its state from the checkpoint
-            self.dp = DpFedAvg.create(
+            self.dp = DpFedAvg.create(distributed=distributed,
                 n_parties=self.spec.parties.count, sampling_rate=q, rounds=self.spec.rounds,
                 epsilon=p.epsilon, delta=p.delta, clip_norm=p.clip_norm,
                 noise_multiplier=p.noise_multiplier, accountant=kind, adaptive=ac.enabled,
@@ -285,29 +291,47 @@ class Federation:
         from lepton_ray.learning.party_update import Aggregate, UpdateRule
 
         t0 = time.perf_counter()
-        if self.dp is not None:
-            self.epsilon = ray.get(self.accountant.charge.remote(
-                r, self.dp.event(), f"round {r}: DP-FedAvg z={self.dp.noise_multiplier:.4g} "
-                f"C={self.dp.clip_norm:.4g} q={self.dp.sampling_rate:g}"))
-            rule = UpdateRule(clip_norm=self.dp.clip_norm, weight_cap=None,
-                              clip_bit=self.dp.clipping is not None)
-            noise = self.dp.noise(len(self.params))
-        else:
-            clip = self.spec.secure_aggregation.clip_norm if self.secure else None
-            rule, noise = UpdateRule(clip_norm=clip, weight_cap=self.weight_cap), None
         self.restart_dead_hosts()
         sampled = sample_parties(self.spec.sampling, self.spec.parties.count, round_rng(self.spec.seed, r))
         by_host = {h: [int(p) for p in sampled if block[0] <= p <= block[-1]]
                    for h, block in enumerate(self.blocks)}
         by_host = {h: ps for h, ps in by_host.items() if ps}
+        plan, noise = None, None
+        if self.dp is not None:
+            rule = UpdateRule(clip_norm=self.dp.clip_norm, weight_cap=None,
+                              clip_bit=self.dp.clipping is not None)
+            skellam = None
+            if self.dp.distributed is not None:
+                participants = [p for ps in by_host.values() for p in ps]
+                if len(participants) >= 2:
+                    plan = self._plan(r, participants, rule)
+                    skellam = plan.skellam
+                else:  # nobody (or one) sampled: charge the round at the expected size
+                    n = max(2, round(self.dp.expected_parties))
+                    skellam = self.dp.distributed.params(n=n, threshold=1, clip_norm=self.dp.clip_norm,
+                                                         noise_multiplier=self.dp.noise_multiplier)
+            else:
+                noise = self.dp.noise(len(self.params))
+            # write-ahead: charged (and fsynced) before anything noised can be released
+            self.epsilon = ray.get(self.accountant.charge.remote(
+                r, self.dp.event(skellam), f"round {r}: DP-FedAvg "
+                f"{'distributed Skellam' if skellam is not None else 'central Gaussian'} "
+                f"z={self.dp.noise_multiplier:.4g} C={self.dp.clip_norm:.4g} q={self.dp.sampling_rate:g}"))
+        else:
+            clip = self.spec.secure_aggregation.clip_norm if self.secure else None
+            rule = UpdateRule(clip_norm=clip, weight_cap=self.weight_cap)
         params_ref = ray.put(self.params)
         if not by_host:
             outcome = RoundOutcome(status="no_parties")
         elif self.secure:
-            outcome = self._secure_round(r, by_host, params_ref, rule, noise)
+            outcome = self._secure_round(r, by_host, params_ref, rule, noise, plan)
         else:
             outcome = self._plain_round(r, by_host, params_ref, rule, noise)
-        if outcome.released is not None:
+        if outcome.released is not None and self.dp is not None and self.dp.distributed is not None:
+            mean = self.dp.mean(outcome.released.total)  # Skellam: the decoded, noised sum
+            self.params = self.optimizer.step(self.params, mean)
+            self.participation[list(outcome.participants)] += 1
+        elif outcome.released is not None:
             agg = Aggregate.split(outcome.released.total, len(self.params), rule)
             if self.dp is not None:
                 mean = self.dp.mean(agg.weighted)
@@ -365,7 +389,7 @@ class Federation:
         )
 
     def _secure_round(self, r: int, by_host: dict[int, list[int]], params_ref, rule,
-                      noise=None) -> "RoundOutcome":
+                      noise=None, plan=None) -> "RoundOutcome":
         """SecAgg+ with four batched stages; each waits at most ``stage_timeout_s`` and a host
         that fails or is late drops its parties from the rest of the round."""
         from lepton_ray.errors import ConfigError as _ConfigError
@@ -375,7 +399,7 @@ class Federation:
         hosts = self.hosts
         self._rejections: list[dict] = []
         try:
-            plan = self._plan(r, [p for ps in by_host.values() for p in ps], rule)
+            plan = plan or self._plan(r, [p for ps in by_host.values() for p in ps], rule)
         except _ConfigError as exc:  # e.g. too few sampled parties for any threshold
             return RoundOutcome(status=f"aborted: {exc.problems[0]}")
         plan_ref = ray.put(plan)
@@ -435,11 +459,22 @@ class Federation:
         neighbours = COMPLETE_GRAPH if sa.mode is SecureAggregation.SECAGG else sa.neighbours
         # public per-round randomness for the neighbour graph, bound to this job and round
         graph_seed = hashlib.sha256(f"lepton-ray/graph/{self.job_id}/{r}".encode()).digest()
-        dim = rule.width(len(self.params))
+        dp = self.dp.distributed if self.dp is not None else None
+        if dp is not None:  # distributed DP: the Skellam pipeline sets the ring and the width
+            from lepton_ray.privacy.rotation import padded_dim
+
+            dim, bits = padded_dim(len(self.params)), (32 if dp.bits <= 32 else 64)
+        else:
+            dim, bits = rule.width(len(self.params)), sa.modulus_bits
         config = plan_round(job_id=self.job_id, round_=r, roster=self.roster, dim=dim,
                             graph_seed=graph_seed, participants=sorted(participants),
-                            modulus_bits=sa.modulus_bits, neighbours=neighbours,
-                            threshold=sa.threshold)
+                            modulus_bits=bits, neighbours=neighbours, threshold=sa.threshold)
+        if dp is not None:
+            skellam = dp.params(n=len(participants), threshold=config.threshold,
+                                clip_norm=self.dp.clip_norm, noise_multiplier=self.dp.noise_multiplier)
+            seed = hashlib.sha256(f"lepton-ray/rotation/{self.job_id}/{r}".encode()).digest()
+            return SecureRoundPlan(config=config, rule=rule, quantization=None, skellam=skellam,
+                                   rotation_seed=seed)
         quant = quantization_for(n_parties=len(participants), rule=rule,
                                  modulus_bits=sa.modulus_bits, dim=len(self.params), scale=sa.scale)
         return SecureRoundPlan(config=config, rule=rule, quantization=quant)

@@ -157,6 +157,16 @@ class PartyHost:
         state = self._state(round_)
         result, device = ray.get(state.training)
         rule, quant = state.plan.rule, state.plan.quantization
+        encode = lambda delta, n: encode_ring(delta, n, rule, quant)  # noqa: E731
+        if state.plan.skellam is not None:  # distributed DP: each party adds its noise share
+            from lepton_ray.privacy.skellam import encode_update as skellam_encode
+            from lepton_ray.privacy.skellam import os_seeded_generator
+
+            params, signs = state.plan.skellam, state.plan.rotation_signs()
+
+            def encode(delta, n):
+                enc = skellam_encode(delta, params, signs=signs, rng=os_seeded_generator())
+                return enc.values, enc.clipped
         row = {p: i for i, p in enumerate(state.order)}
         messages, failed, clipped, done = [], [], 0, []
         for p, party in list(state.parties.items()):
@@ -167,7 +177,7 @@ class PartyHost:
                 continue
             i = row[p]
             try:
-                ring, was_clipped = encode_ring(result.deltas[i], int(result.examples[i]), rule, quant)
+                ring, was_clipped = encode(result.deltas[i], int(result.examples[i]))
                 messages.append(party.masked_input(inbox, ring))
                 clipped += was_clipped
                 done.append(i)
@@ -185,7 +195,17 @@ class PartyHost:
 
     def unmask(self, round_: int, request):
         """Stage 4: send the shares that remove survivors' self masks and dropped parties'
-        pairwise masks; then forget the round."""
+        pairwise masks; then forget the round. With distributed DP an honest party refuses
+        when fewer parties survived than the noise was calibrated for (their noise shares
+        would not add up to the promised variance), so such a sum is never revealed."""
+        skellam = self._state(round_).plan.skellam
+        if skellam is not None and len(request.survivors) < skellam.min_survivors:
+            state = self._state(round_)
+            why = (f"only {len(request.survivors)} survivors, the noise needs "
+                   f"{skellam.min_survivors}: refusing to unmask")
+            failed = tuple((p, why) for p in state.parties)
+            self.round = None
+            return StageReport(host=self.host, parties=(), failed=failed), []
         out = self._each(round_, lambda party: party.unmask(request))
         self.round = None
         return out

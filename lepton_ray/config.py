@@ -376,6 +376,11 @@ class PrivacySpec:
     accountant: AccountantChoice = AccountantChoice.RDP
     adaptive_clipping: AdaptiveClippingSpec = field(default_factory=AdaptiveClippingSpec)
     dp_sgd: DpSgdSpec = field(default_factory=DpSgdSpec)
+    # noise: distributed (Skellam, Agarwal et al. 2021): bit width of the mechanism's ring and
+    # the fraction of a round's sampled parties that must survive (the noise is calibrated
+    # for that many shares; honest parties refuse to unmask a sum with fewer)
+    bits: int = 16
+    min_survivor_fraction: float = 0.9
 
     @property
     def enabled(self) -> bool:
@@ -391,8 +396,12 @@ class PrivacySpec:
             out.append(f"{path}.noise_multiplier: must be > 0, got {self.noise_multiplier}")
         if self.clip_norm <= 0:
             out.append(f"{path}.clip_norm: must be > 0, got {self.clip_norm}")
-        if self.enabled and self.noise is NoisePlacement.DISTRIBUTED:
-            out.append(f"{path}.noise: 'distributed' is not available in this build; use 'central'")
+        if not 2 <= self.bits <= 62:
+            out.append(f"{path}.bits: must be in [2, 62], got {self.bits}")
+        if not 0 < self.min_survivor_fraction <= 1:
+            out.append(f"{path}.min_survivor_fraction: must be in (0, 1], got {self.min_survivor_fraction}")
+        if self.enabled and self.noise is NoisePlacement.DISTRIBUTED and self.adaptive_clipping.enabled:
+            out.append(f"{path}.adaptive_clipping: not available with noise 'distributed' (use a fixed clip_norm)")
         out += self.adaptive_clipping.problems(f"{path}.adaptive_clipping")
         out += self.dp_sgd.problems(f"{path}.dp_sgd")
         return out
@@ -441,6 +450,10 @@ class JobSpec:
                                  modulus_bits=sa.modulus_bits, dim=1, scale=sa.scale)
             except _ConfigError as exc:
                 out += [f"secure_aggregation.scale: {p.split(': ', 1)[-1]}" for p in exc.problems]
+        if (self.privacy.enabled and self.privacy.noise is NoisePlacement.DISTRIBUTED
+                and self.secure_aggregation.mode is SecureAggregation.NONE):
+            out.append("privacy.noise: 'distributed' adds the noise inside secure aggregation; "
+                       "set secure_aggregation.mode to secagg+ or secagg")
         if self.privacy.enabled and self.sampling.kind is SamplingKind.FIXED:
             out.append("sampling.kind: 'fixed' has no privacy amplification the accountant can "
                        "count; use 'poisson' (rate = sampling.fraction) or 'all' with privacy")

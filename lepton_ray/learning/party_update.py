@@ -137,4 +137,11 @@ class SecureRoundPlan:
 
     config: object  # lepton_ray.secagg.RoundConfig
     rule: UpdateRule
-    quantization: QuantizationSpec
+    quantization: QuantizationSpec | None  # None with distributed DP (Skellam encodes)
+    skellam: object = None  # lepton_ray.privacy.skellam.SkellamParams (distributed DP)
+    rotation_seed: bytes = b""  # public per-round seed of the Skellam rotation
+
+    def rotation_signs(self):
+        from lepton_ray.privacy.rotation import rotation_signs
+
+        return rotation_signs(self.rotation_seed, self.skellam.dim, self.config.round)

@@ -18,6 +18,7 @@ exactly Gaussian(z): z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 202
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -39,18 +40,42 @@ class CentralNoise:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DistributedNoise:
+    """Distributed DP (Skellam, Agarwal et al. 2021): each party adds its share of the noise
+    before masking, so the sum SecAgg+ reveals is already private and nobody has to be
+    trusted with the noise. Per round the parameters depend on how many parties were
+    sampled (n) and must survive (n_min)."""
+
+    bits: int
+    dim: int
+    min_survivor_fraction: float
+
+    def min_survivors(self, n: int, threshold: int = 1) -> int:
+        return max(threshold, min(n, math.ceil(self.min_survivor_fraction * n)))
+
+    def params(self, *, n: int, threshold: int, clip_norm: float, noise_multiplier: float):
+        from lepton_ray.privacy.skellam import skellam_params
+
+        return skellam_params(bits=self.bits, dim=self.dim, clip_norm=clip_norm, parties=n,
+                              min_survivors=self.min_survivors(n, threshold),
+                              noise_multiplier=noise_multiplier)
+
+
+@dataclass(frozen=True, kw_only=True)
 class DpFedAvg:
     sampling_rate: float  # q
     expected_parties: float  # m = q N
     noise_multiplier: float  # total z charged per round
     clip_norm: float  # C this round
     clipping: AdaptiveClipping | None = None
+    distributed: DistributedNoise | None = None
 
     @classmethod
     def create(cls, *, n_parties: int, sampling_rate: float, rounds: int, epsilon: float,
                delta: float, clip_norm: float, noise_multiplier: float | None,
                accountant: AccountantKind, adaptive: bool = False, target_quantile: float = 0.5,
-               learning_rate: float = 0.2, count_noise_std: float | None = None) -> "DpFedAvg":
+               learning_rate: float = 0.2, count_noise_std: float | None = None,
+               distributed: DistributedNoise | None = None) -> "DpFedAvg":
         """Calibrate z for (epsilon, delta) over ``rounds`` rounds if not given; refuse
         settings whose first round alone exceeds the budget."""
         from lepton_ray.privacy.calibration import calibrate_noise
@@ -58,6 +83,14 @@ class DpFedAvg:
         if not 0 < sampling_rate <= 1:
             raise PrivacyError(f"sampling rate q must be in (0, 1], got {sampling_rate}")
         m = sampling_rate * n_parties
+        if noise_multiplier is None and distributed is not None:
+            from lepton_ray.privacy.skellam import calibrate_skellam
+
+            n = max(2, round(m))
+            noise_multiplier = calibrate_skellam(
+                target_epsilon=epsilon, delta=delta, sampling_rate=sampling_rate, steps=rounds,
+                bits=distributed.bits, dim=distributed.dim, clip_norm=clip_norm, parties=n,
+                min_survivors=distributed.min_survivors(n)).noise_multiplier
         if noise_multiplier is None:
             noise_multiplier = calibrate_noise(target_epsilon=epsilon, delta=delta,
                                                sampling_rate=sampling_rate, steps=rounds,
@@ -69,7 +102,8 @@ class DpFedAvg:
                                         learning_rate=learning_rate, count_noise_std=sigma_b)
             clipping.delta_noise_multiplier(noise_multiplier)  # PrivacyError if z too small
         return cls(sampling_rate=sampling_rate, expected_parties=m,
-                   noise_multiplier=noise_multiplier, clip_norm=clip_norm, clipping=clipping)
+                   noise_multiplier=noise_multiplier, clip_norm=clip_norm, clipping=clipping,
+                   distributed=distributed)
 
     @property
     def delta_noise_multiplier(self) -> float:
@@ -77,8 +111,12 @@ class DpFedAvg:
             return self.noise_multiplier
         return self.clipping.delta_noise_multiplier(self.noise_multiplier)
 
-    def event(self) -> Event:
-        """The privacy event of one round (what the accountant charges before it runs)."""
+    def event(self, skellam=None) -> Event:
+        """The privacy event of one round (what the accountant charges before it runs). With
+        distributed noise: the round's Skellam parameters at their minimum survivors, the
+        most a round can cost since honest parties refuse to unmask with fewer."""
+        if skellam is not None:
+            return skellam.event(sampling_probability=self.sampling_rate)
         if self.clipping is not None:
             return self.clipping.round_event(noise_multiplier=self.noise_multiplier,
                                              sampling_probability=self.sampling_rate)
