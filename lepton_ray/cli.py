@@ -82,10 +82,37 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def _skellam_args(args) -> dict:
+    missing = [f"--{n.replace('_', '-')}" for n in ("bits", "parties", "dim")
+               if getattr(args, n) is None]
+    if missing:
+        raise LeptonError(f"--mechanism skellam needs {', '.join(missing)}")
+    if args.accountant != "rdp":
+        raise LeptonError("--mechanism skellam is accounted with RDP only (--accountant rdp)")
+    survivors = args.min_survivors if args.min_survivors is not None else args.parties
+    return dict(bits=args.bits, dim=args.dim, clip_norm=args.clip_norm, parties=args.parties,
+                min_survivors=survivors)
+
+
 def cmd_epsilon(args) -> int:
     from lepton_ray.privacy.accountants import AccountantKind
     from lepton_ray.privacy.calibration import compute_epsilon
 
+    if args.mechanism == "skellam":
+        from lepton_ray.privacy.skellam import skellam_epsilon, skellam_params
+
+        kw = _skellam_args(args)
+        eps = skellam_epsilon(sampling_rate=args.sampling_rate, steps=args.steps, delta=args.delta,
+                              noise_multiplier=args.noise_multiplier, **kw)
+        p = skellam_params(noise_multiplier=args.noise_multiplier, **kw)
+        if args.json:
+            print(json.dumps({"epsilon": eps, "gamma": p.gamma,
+                              "wraparound_probability": p.wraparound_probability}))
+        else:
+            print(f"epsilon = {eps:.6g} at delta = {args.delta:g} (distributed Skellam, {args.bits} "
+                  f"bits, {kw['min_survivors']} of {args.parties} parties surviving; scale gamma = "
+                  f"{p.gamma:.4g}, wrap-around probability <= {p.wraparound_probability:.2g})")
+        return 0
     eps = compute_epsilon(sampling_rate=args.sampling_rate, noise_multiplier=args.noise_multiplier,
                           steps=args.steps, delta=args.delta, accountant=AccountantKind(args.accountant))
     print(json.dumps({"epsilon": eps}) if args.json else
@@ -98,6 +125,18 @@ def cmd_calibrate(args) -> int:
     from lepton_ray.privacy.accountants import AccountantKind
     from lepton_ray.privacy.calibration import calibrate_noise
 
+    if args.mechanism == "skellam":
+        from lepton_ray.privacy.skellam import calibrate_skellam
+
+        p = calibrate_skellam(target_epsilon=args.epsilon, delta=args.delta,
+                              sampling_rate=args.sampling_rate, steps=args.steps, **_skellam_args(args))
+        if args.json:
+            print(json.dumps({"noise_multiplier": p.noise_multiplier, "gamma": p.gamma,
+                              "wraparound_probability": p.wraparound_probability}))
+        else:
+            print(f"noise multiplier = {p.noise_multiplier:.6g} (distributed Skellam, {args.bits} bits; "
+                  f"gamma = {p.gamma:.4g}, wrap-around probability <= {p.wraparound_probability:.2g})")
+        return 0
     z = calibrate_noise(target_epsilon=args.epsilon, delta=args.delta, sampling_rate=args.sampling_rate,
                         steps=args.steps, accountant=AccountantKind(args.accountant))
     print(json.dumps({"noise_multiplier": z}) if args.json else
@@ -184,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, required=True, metavar="T")
         p.add_argument("--accountant", choices=["rdp", "pld"], default="rdp")
         p.add_argument("--json", action="store_true")
+        g = p.add_argument_group("distributed DP (--mechanism skellam)")
+        g.add_argument("--mechanism", choices=["gaussian", "skellam"], default="gaussian",
+                       help="gaussian: central noise; skellam: distributed noise inside SecAgg")
+        g.add_argument("--bits", type=int, help="bit width of the Skellam ring")
+        g.add_argument("--parties", type=int, help="parties per round")
+        g.add_argument("--min-survivors", type=int, help="parties that must survive (default: all)")
+        g.add_argument("--dim", type=int, help="model dimension")
+        g.add_argument("--clip-norm", type=float, default=1.0)
 
     p = sub.add_parser("epsilon", help="epsilon of T steps of the Poisson-sampled Gaussian")
     p.add_argument("--noise-multiplier", type=float, required=True, metavar="Z")
