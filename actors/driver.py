@@ -24,7 +24,7 @@ import ray
 from actors.coordinator import Released, SmpcCoordinator
 from actors.party_host import PartyHost, StageReport
 from lepton_ray.config import JobSpec, NoisePlacement, SamplingKind, SecureAggregation
-from lepton_ray.errors import BudgetExhaustedError, ConfigError, ResumeError
+from lepton_ray.errors import BudgetExhaustedError, ConfigError, LeptonError, ResumeError
 from lepton_ray.learning.data import FederatedData, as_float32, load_federated
 from lepton_ray.learning.sampling import round_rng, sample_parties
 from lepton_ray.outputs import (
@@ -44,7 +44,8 @@ from lepton_ray.result import RunResult
 
 log = logging.getLogger("lepton_ray.driver")
 
-OUTPUT_FILES = (HISTORY, SUMMARY, MODEL, CHECKPOINT, LEDGER, AUDIT, "history.png", "audit.md")
+OUTPUT_FILES = (HISTORY, SUMMARY, MODEL, CHECKPOINT, MODEL + ".enc", CHECKPOINT + ".enc", LEDGER,
+                AUDIT, "history.png", "audit.md")
 
 
 DROPOUT_ERRORS = (
@@ -120,6 +121,7 @@ class Federation:
         self.model = build_model(spec.model, data.n_features, data.n_classes, seed=spec.seed)
         self.params = flat_parameters(self.model)
         self.optimizer = ServerOptimizer(spec.server)
+        self.key = _encryption_key(spec)  # checked before anything runs
         self.history = HistoryWriter(self.out / HISTORY)
         self.audit = AuditLog(self.out / AUDIT)
         self.first_round = 1
@@ -532,7 +534,24 @@ class Federation:
         }
         buf = io.BytesIO()
         torch.save(state, buf)
-        atomic_write_bytes(self.out / CHECKPOINT, buf.getvalue())
+        self._write(CHECKPOINT, buf.getvalue())
+
+    def _write(self, name: str, data: bytes) -> None:
+        """Atomic write of a checkpoint or model file, sealed with AES-256-GCM (``name.enc``)
+        when ``output.encryption`` is set; the file name is bound as associated data."""
+        if self.key is None:
+            atomic_write_bytes(self.out / name, data)
+            return
+        from lepton_ray.crypto.at_rest import write_encrypted
+
+        write_encrypted(self.out / (name + ".enc"), data, self.key, associated=name.encode())
+
+    def _read(self, name: str) -> bytes:
+        if self.key is None:
+            return (self.out / name).read_bytes()
+        from lepton_ray.crypto.at_rest import read_encrypted
+
+        return read_encrypted(self.out / (name + ".enc"), self.key, associated=name.encode())
 
     def restore(self) -> int:
         """Resume from ``checkpoint.pt``: parameters, server-optimiser and DP state. History
@@ -543,11 +562,12 @@ class Federation:
         from lepton_ray.config import load_spec
         from lepton_ray.outputs import truncate_history
 
-        path = self.out / CHECKPOINT
-        if not path.exists():
-            raise ResumeError(f"--resume {self.out}: no {CHECKPOINT} there; nothing to resume")
+        name = CHECKPOINT + (".enc" if self.key is not None else "")
+        if not (self.out / name).exists():
+            raise ResumeError(f"--resume {self.out}: no {name} there; nothing to resume")
+        raw = self._read(CHECKPOINT)  # a wrong key is a clear LeptonError
         try:
-            state = torch.load(path, weights_only=False)
+            state = torch.load(io.BytesIO(raw), weights_only=False)
         except Exception as exc:  # a checkpoint is written atomically, so this is not ours
             raise ResumeError(f"--resume {self.out}: cannot read {CHECKPOINT}: {exc}") from None
         saved = load_spec(state["spec"])
@@ -583,7 +603,7 @@ class Federation:
             },
             buf,
         )
-        atomic_write_bytes(self.out / MODEL, buf.getvalue())
+        self._write(MODEL, buf.getvalue())
 
     def summary(self, last: dict[str, Any], status: str, seconds: float) -> dict[str, Any]:
         after_first = self.round_seconds[1:] or self.round_seconds
@@ -714,6 +734,18 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         mean=data.mean,
         scale=data.scale,
     )
+
+
+def _encryption_key(spec: JobSpec) -> bytes | None:
+    enc = spec.output.encryption
+    if not enc.enabled:
+        return None
+    from lepton_ray.crypto.at_rest import load_key
+
+    try:
+        return load_key(key_file=enc.key_file, key_env=enc.key_env)
+    except LeptonError as exc:
+        raise ConfigError([f"output.encryption: {exc}"]) from None
 
 
 def _cause(exc: BaseException) -> str:

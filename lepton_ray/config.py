@@ -408,13 +408,32 @@ class PrivacySpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EncryptionSpec:
+    """Encrypt checkpoints and the final model at rest (AES-256-GCM) with a 32-byte key read
+    from a file or an environment variable (never from the spec itself)."""
+
+    key_file: str | None = None
+    key_env: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.key_file or self.key_env)
+
+    def problems(self, path: str) -> list[str]:
+        if self.key_file and self.key_env:
+            return [f"{path}: give key_file or key_env, not both"]
+        return []
+
+
+@dataclass(frozen=True, kw_only=True)
 class OutputSpec:
     dir: str = "runs/job"
     checkpoint_every: int = 1
     progress: bool = True
+    encryption: EncryptionSpec = field(default_factory=EncryptionSpec)
 
     def problems(self, path: str) -> list[str]:
-        return _positive(self, path, "checkpoint_every")
+        return _positive(self, path, "checkpoint_every") + self.encryption.problems(f"{path}.encryption")
 
 
 @dataclass(frozen=True, kw_only=True)

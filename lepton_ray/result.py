@@ -35,18 +35,29 @@ class RunResult:
         return self.classes[self.predict_proba(X).argmax(axis=1)]
 
 
-def load_result(out_dir) -> RunResult:
-    """Rebuild a :class:`RunResult` from a finished job's output directory."""
+def load_result(out_dir, *, key: bytes | None = None) -> RunResult:
+    """Rebuild a :class:`RunResult` from a finished job's output directory. An encrypted
+    model (``model.pt.enc``) needs its ``key`` (see ``lepton_ray.crypto.at_rest.load_key``)."""
+    import io
     import json
 
     import torch
 
     from lepton_ray.config import load_spec
+    from lepton_ray.errors import LeptonError
     from lepton_ray.learning.models import build_model
     from lepton_ray.outputs import MODEL, SUMMARY, read_history
 
     out = Path(out_dir)
-    saved = torch.load(out / MODEL, weights_only=False)
+    if (out / (MODEL + ".enc")).exists():
+        if key is None:
+            raise LeptonError(f"{out / (MODEL + '.enc')} is encrypted: pass key=load_key(...)")
+        from lepton_ray.crypto.at_rest import read_encrypted
+
+        raw = read_encrypted(out / (MODEL + ".enc"), key, associated=MODEL.encode())
+    else:
+        raw = (out / MODEL).read_bytes()
+    saved = torch.load(io.BytesIO(raw), weights_only=False)
     spec = load_spec(saved["spec"])
     model = build_model(spec.model, saved["n_features"], len(saved["classes"]))
     model.load_state_dict(saved["state_dict"])
