@@ -187,8 +187,11 @@ class Federation:
         if p.noise is NoisePlacement.DISTRIBUTED:
             from lepton_ray.privacy.dpfedavg import DistributedNoise
 
+            from lepton_ray.privacy.events import SkellamAmplification
+
             distributed = DistributedNoise(bits=p.bits, dim=len(self.params),
-                                           min_survivor_fraction=p.min_survivor_fraction)
+                                           min_survivor_fraction=p.min_survivor_fraction,
+                                           amplification=SkellamAmplification(p.amplification.value))
         if self.dp is None:  # a resumed job restores its state from the checkpoint
             self.dp = DpFedAvg.create(distributed=distributed,
                 n_parties=self.spec.parties.count, sampling_rate=q, rounds=self.spec.rounds,

@@ -87,6 +87,16 @@ class NoisePlacement(enum.Enum):
     DISTRIBUTED = "distributed"
 
 
+class SamplingAmplification(enum.Enum):
+    """How a Poisson-sampled distributed (Skellam) round is accounted: ``mixture`` is sound
+    for per-party noise shares (the default); ``zhu_wang`` (Zhu and Wang 2019, Thm. 6, what
+    the Skellam authors' code applies) is tighter but sound only when the noise in the sum
+    does not depend on who took part."""
+
+    MIXTURE = "mixture"
+    ZHU_WANG = "zhu_wang"
+
+
 class AccountantChoice(enum.Enum):
     RDP = "rdp"
     PLD = "pld"
@@ -381,6 +391,7 @@ class PrivacySpec:
     # for that many shares; honest parties refuse to unmask a sum with fewer)
     bits: int = 16
     min_survivor_fraction: float = 0.9
+    amplification: SamplingAmplification = SamplingAmplification.MIXTURE
 
     @property
     def enabled(self) -> bool:

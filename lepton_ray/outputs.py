@@ -136,15 +136,18 @@ def read_audit(out_dir: Path) -> list[dict[str, Any]]:
 
         raise LeptonError(f"{out_dir}: no {AUDIT} here (is this a job's output directory?)")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if i == len(path.read_text(encoding="utf-8").splitlines()):
+            if i == len(lines):
                 break  # a torn last line from a crash: everything before it is intact
-            raise
+            from lepton_ray.errors import LeptonError
+
+            raise LeptonError(f"{path}: line {i} is not valid JSON (the log is corrupted)") from None
     return rows
 
 

@@ -97,3 +97,31 @@ def test_adaptive_clipping_split_and_update_direction():
         DpFedAvg.create(n_parties=100, sampling_rate=1.0, rounds=10, epsilon=5, delta=1e-5,
                         clip_norm=1.0, noise_multiplier=1.0, accountant=AccountantKind.RDP,
                         adaptive=True, count_noise_std=0.1)
+
+
+def test_audit_log_survives_a_torn_last_line_and_flags_corruption(tmp_path):
+    from lepton_ray.errors import LeptonError
+    from lepton_ray.outputs import AuditLog, read_audit
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.write("job_start", job="x")
+    log.write("round", round=1)
+    with open(tmp_path / "audit.jsonl", "a") as f:
+        f.write('{"event": "round", "rou')  # a crash mid-write
+    assert [e["event"] for e in read_audit(tmp_path)] == ["job_start", "round"]
+    text = (tmp_path / "audit.jsonl").read_text().splitlines()
+    (tmp_path / "audit.jsonl").write_text("\n".join([text[0], "garbage", text[1]]) + "\n")
+    with pytest.raises(LeptonError, match="line 2 is not valid JSON"):
+        read_audit(tmp_path)
+
+
+def test_history_truncation_on_resume(tmp_path):
+    from lepton_ray.outputs import HistoryWriter, read_history, truncate_history
+
+    h = HistoryWriter(tmp_path / "history.csv")
+    for r in (1, 2, 3):
+        h.write({"round": r, "status": "ok"})
+    with open(tmp_path / "history.csv", "a") as f:
+        f.write("4,o")  # torn row
+    assert truncate_history(tmp_path, 2) == 2
+    assert read_history(tmp_path)["round"].tolist() == [1, 2]

@@ -26,7 +26,7 @@ import numpy as np
 from lepton_ray.errors import PrivacyError
 from lepton_ray.privacy.accountants import AccountantKind
 from lepton_ray.privacy.adaptive_clipping import AdaptiveClipping
-from lepton_ray.privacy.events import Event, Gaussian, PoissonSampled
+from lepton_ray.privacy.events import Event, Gaussian, PoissonSampled, SkellamAmplification
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class DistributedNoise:
     bits: int
     dim: int
     min_survivor_fraction: float
+    amplification: SkellamAmplification = SkellamAmplification.MIXTURE
 
     def min_survivors(self, n: int, threshold: int = 1) -> int:
         return max(threshold, min(n, math.ceil(self.min_survivor_fraction * n)))
@@ -90,7 +91,8 @@ class DpFedAvg:
             noise_multiplier = calibrate_skellam(
                 target_epsilon=epsilon, delta=delta, sampling_rate=sampling_rate, steps=rounds,
                 bits=distributed.bits, dim=distributed.dim, clip_norm=clip_norm, parties=n,
-                min_survivors=distributed.min_survivors(n)).noise_multiplier
+                min_survivors=distributed.min_survivors(n),
+                amplification=distributed.amplification).noise_multiplier
         if noise_multiplier is None:
             noise_multiplier = calibrate_noise(target_epsilon=epsilon, delta=delta,
                                                sampling_rate=sampling_rate, steps=rounds,
@@ -116,7 +118,8 @@ class DpFedAvg:
         distributed noise: the round's Skellam parameters at their minimum survivors, the
         most a round can cost since honest parties refuse to unmask with fewer."""
         if skellam is not None:
-            return skellam.event(sampling_probability=self.sampling_rate)
+            return skellam.event(sampling_probability=self.sampling_rate,
+                                 amplification=self.distributed.amplification)
         if self.clipping is not None:
             return self.clipping.round_event(noise_multiplier=self.noise_multiplier,
                                              sampling_probability=self.sampling_rate)
