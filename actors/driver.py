@@ -202,7 +202,8 @@ class Federation:
         self.accountant = ray.remote(DpAccountant).options(num_cpus=0).remote(
             str(self.out / LEDGER), p.epsilon, p.delta, kind)
         self.epsilon = ray.get(self.accountant.spent.remote())
-        first = ray.get(self.accountant.epsilon_if_charged.remote(self.dp.event()))
+        skellam = self._expected_skellam() if self.dp.distributed is not None else None
+        first = ray.get(self.accountant.epsilon_if_charged.remote(self.dp.event(skellam)))
         if first > p.epsilon:
             from lepton_ray.errors import PrivacyError
 
@@ -307,14 +308,7 @@ class Federation:
                               clip_bit=self.dp.clipping is not None)
             skellam = None
             if self.dp.distributed is not None:
-                participants = [p for ps in by_host.values() for p in ps]
-                if len(participants) >= 2:
-                    plan = self._plan(r, participants, rule)
-                    skellam = plan.skellam
-                else:  # nobody (or one) sampled: charge the round at the expected size
-                    n = max(2, round(self.dp.expected_parties))
-                    skellam = self.dp.distributed.params(n=n, threshold=1, clip_norm=self.dp.clip_norm,
-                                                         noise_multiplier=self.dp.noise_multiplier)
+                plan, skellam = self._distributed_plan(r, by_host, rule)
             else:
                 noise = self.dp.noise(len(self.params))
             # write-ahead: charged (and fsynced) before anything noised can be released
@@ -328,6 +322,8 @@ class Federation:
         params_ref = ray.put(self.params)
         if not by_host:
             outcome = RoundOutcome(status="no_parties")
+        elif isinstance(plan, str):  # a distributed round that cannot run (charged all the same)
+            outcome = RoundOutcome(status=plan)
         elif self.secure:
             outcome = self._secure_round(r, by_host, params_ref, rule, noise, plan)
         else:
@@ -453,6 +449,25 @@ class Federation:
             devices={t.device for t in trained}, rejections=self._rejections,
             train_nodes={t.host: t.device.split("@")[-1] for t in trained},
         )
+
+    def _distributed_plan(self, r: int, by_host: dict[int, list[int]], rule):
+        """The round's SecAgg+ plan with its Skellam parameters, and those parameters. A round
+        that cannot run (fewer than 2 parties, no valid threshold) gets the reason instead of
+        a plan and the parameters at the expected size, so it is still charged."""
+        participants = [p for ps in by_host.values() for p in ps]
+        why = "no_parties" if not participants else "aborted: fewer than 2 parties sampled"
+        if len(participants) >= 2:
+            try:
+                plan = self._plan(r, participants, rule)
+                return plan, plan.skellam
+            except ConfigError as exc:
+                why = f"aborted: {exc.problems[0]}"
+        return why, self._expected_skellam()
+
+    def _expected_skellam(self):
+        return self.dp.distributed.params(n=max(2, round(self.dp.expected_parties)), threshold=1,
+                                          clip_norm=self.dp.clip_norm,
+                                          noise_multiplier=self.dp.noise_multiplier)
 
     def _plan(self, r: int, participants: list[int], rule):
         import hashlib

@@ -63,6 +63,11 @@ def test_bad_privacy_settings_fail_before_any_training(ray_session, small_job, c
         assert needle in capsys.readouterr().err
 
 
+def test_distributed_budget_checked_with_the_skellam_event_before_training(ray_session, small_job):
+    with pytest.raises(PrivacyError, match="one round .* already costs epsilon"):
+        lepton_ray.run(small_job, privacy=dict(DP, noise="distributed", epsilon=0.5))
+
+
 def test_adaptive_clipping_moves_the_clip_norm_at_the_same_price(ray_session, small_job, tmp_path):
     fixed = lepton_ray.run(small_job, rounds=3, privacy=dict(DP, clip_norm=0.05),
                            output__dir=str(tmp_path / "fixed"))
