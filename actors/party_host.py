@@ -75,6 +75,15 @@ class PartyHost:
                 load_party_file(spec.data, d.data, server, field=f"parties.deploy[{p}].data")
                 for p, d in zip(self.party_ids, deployed)]))
             self.task_resources = {d.node_resource: 0.001 for d in deployed}
+        t = spec.training
+        gpus, cpus = t.gpus_per_party, t.cpus_per_task
+        if spec.parties.deploy:  # a deployed party may bring its own resources
+            party = spec.parties.deploy[self.party_ids[0]]
+            gpus = party.gpus if party.gpus is not None else gpus
+            cpus = party.cpus if party.cpus is not None else cpus
+        self.task_options = {"num_gpus": gpus, "num_cpus": cpus,
+                             "resources": self.task_resources or None,
+                             **({"memory": t.memory_mb * 2**20} if t.memory_mb else {})}
         self.sizes = [int(len(y)) for _, y in datasets]
         self.data_ref = ray.put(datasets)  # once, in this node's object store
         # Each party's long-term Ed25519 identity; the private keys never leave this process.
@@ -101,9 +110,7 @@ class PartyHost:
 
         picks = [self.index[p] for p in sampled]
         seeds = [party_seed(self.spec.seed, round_, p) for p in sampled]
-        t = self.spec.training
-        task = train_task.options(num_gpus=t.gpus_per_party, num_cpus=1,
-                                  resources=self.task_resources or None)
+        task = train_task.options(**self.task_options)
         return task.remote(self.spec, self.n_features, self.n_classes, params_box[0],
                            self.data_ref, picks, seeds, fold=fold)
 

@@ -69,7 +69,9 @@ def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarra
     from lepton_ray.learning.party_update import fold as fold_updates
 
     torch.set_num_threads(1)
-    device = resolve_device(spec.training.device, spec.training.gpus_per_party)
+    # the GPU share Ray really assigned to this task (a deployed party may override the spec)
+    share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    device = resolve_device(spec.training.device, share)
     train = choose_trainer(spec)
     result = train(
         model_spec=spec.model,

@@ -186,6 +186,8 @@ class DeployedParty:
     id: str = ""
     data: str = ""
     resource: str | None = None
+    gpus: float | None = None  # this party's training resources (default: training.*)
+    cpus: float | None = None
 
     @property
     def node_resource(self) -> str:
@@ -197,6 +199,10 @@ class DeployedParty:
             out.append(f"{path}.id: required")
         if not self.data:
             out.append(f"{path}.data: required (the party's data file on its node)")
+        for name in ("gpus", "cpus"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                out.append(f"{path}.{name}: must be >= 0, got {v}")
         return out
 
 
@@ -242,6 +248,8 @@ class TrainingSpec:
     batch_size: int = 32
     proximal_mu: float = 0.0
     gpus_per_party: float = 0.0
+    cpus_per_task: float = 1.0
+    memory_mb: int | None = None  # memory Ray reserves for each training task
     device: Device = Device.AUTO
     vectorised: bool = True
 
@@ -255,6 +263,10 @@ class TrainingSpec:
             out.append(f"{path}.gpus_per_party: must be >= 0, got {self.gpus_per_party}")
         if self.gpus_per_party > 1 and self.gpus_per_party != int(self.gpus_per_party):
             out.append(f"{path}.gpus_per_party: above 1 must be a whole number, got {self.gpus_per_party}")
+        if self.cpus_per_task <= 0:
+            out.append(f"{path}.cpus_per_task: must be > 0, got {self.cpus_per_task}")
+        if self.memory_mb is not None and self.memory_mb <= 0:
+            out.append(f"{path}.memory_mb: must be > 0, got {self.memory_mb}")
         return out
 
 

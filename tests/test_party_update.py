@@ -125,3 +125,19 @@ def test_history_truncation_on_resume(tmp_path):
         f.write("4,o")  # torn row
     assert truncate_history(tmp_path, 2) == 2
     assert read_history(tmp_path)["round"].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("rule", [UpdateRule(clip_norm=None, weight_cap=30.0),
+                                  UpdateRule(clip_norm=0.8, weight_cap=None, clip_bit=True),
+                                  UpdateRule(clip_norm=2.0, weight_cap=50.0)])
+def test_fold_equals_the_sum_of_encoded_vectors(rule):
+    deltas = (rng.normal(size=(300, 20)) * rng.uniform(0.1, 1.0, size=(300, 1))).astype(np.float32)
+    examples = rng.integers(1, 80, 300)
+    total, clipped = fold(deltas, examples, rule)
+    encoded = [encode_float(d, int(n), rule) for d, n in zip(deltas, examples)]
+    np.testing.assert_allclose(total, np.sum([v for v, _ in encoded], axis=0), rtol=1e-9, atol=1e-9)
+    assert clipped == sum(c for _, c in encoded)
+    with pytest.raises(DataError, match="party 7 .* non-finite value inf at index 3"):
+        bad = deltas.copy()
+        bad[7, 3] = np.inf
+        fold(bad, examples, rule)

@@ -19,7 +19,7 @@ import numpy as np
 
 def workload(parties: int, rounds: int, out: str, *, synthetic: int | None = None,
              secure_aggregation: str = "none", per_host: int | None = None,
-             vectorised: bool = True) -> dict:
+             vectorised: bool = True, hidden: int = 128) -> dict:
     data: dict = {"source": "digits", "standardize": True, "test_fraction": 0.2,
                   "partition": {"kind": "iid"}}
     if synthetic:
@@ -32,7 +32,7 @@ def workload(parties: int, rounds: int, out: str, *, synthetic: int | None = Non
         "rounds": rounds,
         "data": data,
         "parties": {"count": parties, "per_host": per_host},
-        "model": {"kind": "mlp", "hidden": [128]},
+        "model": {"kind": "mlp", "hidden": [hidden]},
         "training": {"optimizer": "sgd", "lr": 0.1, "epochs": 1, "batch_size": 32,
                      "vectorised": vectorised},
         "server": {"strategy": "fedavg", "lr": 1.0},
@@ -93,16 +93,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-host", type=int, default=None)
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain-loop baseline")
+    ap.add_argument("--hidden", type=int, default=128, help="MLP hidden width (sets the model size d)")
+    ap.add_argument("--compare-plaintext", action="store_true",
+                    help="also run the same workload with secure_aggregation none in this process "
+                         "and print the ratio of seconds per round")
     args = ap.parse_args(argv)
 
     from actors.driver import run_job
     from lepton_ray.bench.memory import PeakMemory
     from lepton_ray.config import load_spec
 
+    plain = None
+    if args.compare_plaintext:
+        with tempfile.TemporaryDirectory() as out:
+            spec = load_spec(workload(args.parties, args.rounds, out, synthetic=args.synthetic,
+                                      secure_aggregation="none", per_host=args.per_host,
+                                      vectorised=args.vectorised == "on", hidden=args.hidden))
+            plain = run_job(spec, overwrite=True, num_cpus=args.num_cpus).summary
     with tempfile.TemporaryDirectory() as out:
         spec = load_spec(workload(args.parties, args.rounds, out, synthetic=args.synthetic,
                                   secure_aggregation=args.secure_aggregation,
-                                  per_host=args.per_host, vectorised=args.vectorised == "on"))
+                                  per_host=args.per_host, vectorised=args.vectorised == "on",
+                                  hidden=args.hidden))
         rss_by_round: dict[int, float] = {}
         with PeakMemory() as mem:
             result = run_job(spec, overwrite=True, num_cpus=args.num_cpus,
@@ -119,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mb": round(mem.peak_mb, 1),
             "ray_calls_per_round": s["ray_calls_per_round"],
             "test_accuracy": s["final"]["test_accuracy"],
+            "model_dim": int(sum(p.numel() for p in result.model.parameters())),
         }
+        if plain is not None:
+            report["plaintext_seconds_per_round"] = plain["seconds_per_round"]
+            report["ratio_to_plaintext"] = s["seconds_per_round"] / plain["seconds_per_round"]
+            report["plaintext_test_accuracy"] = plain["final"]["test_accuracy"]
         if args.rounds >= 10:  # memory must stay flat across rounds
             last = max(rss_by_round)
             report["rss_mb_round_10"] = round(rss_by_round[10], 1)
