@@ -79,8 +79,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    else:  # "local": always a fresh embedded instance, never a stale cluster left on the machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 logging_level=logging.WARNING)
 
 
 def prepare_output_dir(out: Path, *, overwrite: bool) -> None:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lepton_ray import cli_cluster
 from lepton_ray.errors import LeptonError
 
 EXIT_USAGE = 2
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="write OUT/history.png (accuracy and loss per round)")
     p.add_argument("out", help="a job's output directory")
     p.set_defaults(func=cmd_plot)
+    cli_cluster.register(sub)  # submit, status, logs, decrypt
     return parser
 
 

@@ -48,3 +48,20 @@ def test_encrypted_outputs_resume_and_wrong_key(ray_session, small_job, tmp_path
     monkeypatch.delenv("LEPTON_TEST_KEY")
     with pytest.raises(ConfigError, match="output.encryption: key variable LEPTON_TEST_KEY is not set"):
         lepton_ray.run(job, output__dir=str(tmp_path / "other"))
+
+
+def test_cli_decrypt_restores_a_jobs_model(ray_session, small_job, tmp_path, monkeypatch, capsys):
+    from lepton_ray.cli import main
+
+    key_file = tmp_path / "key.bin"
+    key_file.write_bytes(generate_key())
+    job = dict(small_job, rounds=1, secure_aggregation={"mode": "none"},
+               output=dict(small_job["output"], encryption={"key_file": str(key_file)}))
+    out = lepton_ray.run(job).output_dir
+    assert main(["decrypt", str(out / "model.pt.enc"), "--key-file", str(key_file)]) == 0
+    saved = torch.load(out / "model.pt", weights_only=False)
+    assert saved["spec"]["rounds"] == 1
+    other = tmp_path / "other.bin"
+    other.write_bytes(generate_key())
+    assert main(["decrypt", str(out / "checkpoint.pt.enc"), "--key-file", str(other)]) == 2
+    assert "wrong key or corrupted" in capsys.readouterr().err

@@ -6,9 +6,11 @@
 * :mod:`.envelope`  - AES-256-GCM envelopes bound to job, round, stage, sender, receiver
 * :mod:`.prg`       - AES-256-CTR keystream -> ring elements / floats / public integers
 * :mod:`.shamir`    - Shamir t-of-n sharing of 32-byte secrets over GF(2**256 + 297)
+* :mod:`.at_rest`   - AES-256-GCM files at rest (checkpoints, models) and key loading; the one
+  module here that does file I/O
 
 No home-made ciphers; secrets come from ``os.urandom`` or from an AES-CTR stream under a key
-derived from OS randomness. Pure: no Ray, no I/O.
+derived from OS randomness. Pure: no Ray, and no I/O outside at_rest.
 """
 
 from lepton_ray.crypto.agreement import RoundKeyPair, pair_key, public_key_of
