@@ -33,8 +33,9 @@ from lepton_ray.secagg.quantize import (
     QuantizationSpec,
     clip_l2,
     dequantize,
-    quantize,
     require_no_overflow,
+    stochastic_round,
+    to_ring,
 )
 
 
@@ -110,9 +111,12 @@ def fold(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule) -> tuple[np
 
 def encode_ring(delta: np.ndarray, examples: int, rule: UpdateRule,
                 quant: QuantizationSpec, *, key: bytes | None = None) -> tuple[np.ndarray, bool]:
-    """The party's vector quantised into Z_{2^b} (stochastic rounding from AES-CTR)."""
+    """The party's vector quantised into Z_{2^b} (stochastic rounding from AES-CTR). The
+    vector's norm is already within ``quant.clip_norm`` (= ``rule.norm_bound``) by
+    construction, so it is scaled and rounded without a second clipping pass."""
     vec, clipped = encode_float(delta, examples, rule)
-    return quantize(vec, quant, key=key).values, clipped
+    vec *= quant.scale
+    return to_ring(stochastic_round(vec, key), quant.modulus_bits), clipped
 
 
 def quantization_for(*, n_parties: int, rule: UpdateRule, modulus_bits: int, dim: int,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lepton_ray.crypto.kdf import KeyPurpose, derive_key
-from lepton_ray.crypto.prg import ring_dtype, uniform_floats
+from lepton_ray.crypto.prg import keystream, ring_dtype
 from lepton_ray.errors import ConfigError, DataError
 
 _SIGNED = {32: np.dtype("<i4"), 64: np.dtype("<i8")}
@@ -155,15 +155,21 @@ def clip_l2(vector: np.ndarray, clip_norm: float) -> ClipResult:
 
 
 def stochastic_round(values: np.ndarray, key: bytes | None = None) -> np.ndarray:
-    """Unbiased randomised rounding to int64: floor(x) + [u < x - floor(x)], u uniform from
-    AES-256-CTR keyed by HKDF(key) (``key=None``: 32 fresh bytes from the OS)."""
+    """Unbiased randomised rounding to int64: floor(x) + [r < (x - floor(x)) 2^32], r a
+    uniform 32-bit integer from AES-256-CTR keyed by HKDF(key) (``key=None``: 32 fresh bytes
+    from the OS). P(round up) = ceil(frac 2^32) / 2^32, within 2^-32 of frac, so the bias is
+    below 2^-32 per coordinate: far under the quantisation step. One 4-byte keystream word
+    per coordinate and an integer-valued comparison keep this a few passes over the vector."""
     x = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(x)) or (x.size and np.max(np.abs(x)) >= 2.0**62):
         raise DataError("stochastic_round: values must be finite and below 2**62 in magnitude")
     secret = os.urandom(32) if key is None else key
-    u = uniform_floats(derive_key(secret, KeyPurpose.STOCHASTIC_ROUNDING), x.size)
+    r = np.frombuffer(keystream(derive_key(secret, KeyPurpose.STOCHASTIC_ROUNDING), 4 * x.size),
+                      dtype="<u4").reshape(x.shape)
     low = np.floor(x)
-    return (low + (u.reshape(x.shape) < (x - low))).astype(np.int64)
+    frac = x - low
+    frac *= 4294967296.0
+    return low.astype(np.int64) + (r < frac)
 
 
 def to_ring(values: np.ndarray, modulus_bits: int = 32) -> np.ndarray:
