@@ -43,8 +43,7 @@ class StageReport:
 @dataclass
 class _Round:
     round: int
-    config: object
-    plan: object
+    plan: object  # lepton_ray.learning.party_update.SecureRoundPlan
     parties: dict = field(default_factory=dict)  # party id -> SecAggParty
     training: object = None  # ObjectRef of the training task
     order: list = field(default_factory=list)
@@ -137,7 +136,7 @@ class PartyHost:
         config = plan.config
         verifier = SignatureVerifier()
         expander = MaskExpander(config.dim, config.dtype)
-        state = _Round(round=round_, config=config, plan=plan)
+        state = _Round(round=round_, plan=plan)
         state.training = self._launch_training(round_, params_box, sampled)
         state.order = list(sampled)
         adverts, failed = [], []

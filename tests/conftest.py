@@ -31,3 +31,11 @@ def small_job(tmp_path):
         "training": {"lr": 0.1, "momentum": 0.9},
         "output": {"dir": str(tmp_path / "out"), "progress": False},
     }
+
+
+@pytest.fixture
+def cli():
+    """``lepton-ray``'s entry point: ``cli([...])`` returns the exit code."""
+    from lepton_ray.cli import main
+
+    return main

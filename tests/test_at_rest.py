@@ -29,25 +29,6 @@ OTHER = bytes(range(1, 33))
 WRONG = "wrong key or corrupted file"
 
 
-@pytest.fixture
-def cli(monkeypatch):
-    """``lepton-ray`` with the cluster commands registered (whether or not cli.py does it)."""
-    from lepton_ray import cli as cli_module
-    from lepton_ray.cli_cluster import register
-
-    original = cli_module.build_parser
-
-    def build():
-        parser = original()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "decrypt" not in sub.choices:
-            register(sub)
-        return parser
-
-    monkeypatch.setattr(cli_module, "build_parser", build)
-    return cli_module.main
-
-
 # --------------------------------------------------------------------------- bytes
 
 

@@ -34,39 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["rounds=1", "parties.count=2", "parties.per_host=2", "secure_aggregation.mode=none",
         "output.progress=false"]
 
-# `lepton-ray` with the cluster commands registered, whether or not cli.py does it yet.
-CLI = """
-import argparse, sys
-from lepton_ray import cli
-from lepton_ray.cli_cluster import register
-original = cli.build_parser
-def build():
-    parser = original()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "submit" not in sub.choices:
-        register(sub)
-    return parser
-cli.build_parser = build
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
-@pytest.fixture
-def cli(monkeypatch):
-    from lepton_ray import cli as cli_module
-    from lepton_ray.cli_cluster import register
-
-    original = cli_module.build_parser
-
-    def build():
-        parser = original()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "submit" not in sub.choices:
-            register(sub)
-        return parser
-
-    monkeypatch.setattr(cli_module, "build_parser", build)
-    return cli_module.main
+# the real command line, as a user runs it
+CLI = ["-m", "lepton_ray.cli"]
 
 
 # --------------------------------------------------------------------------- no Ray
@@ -251,7 +220,7 @@ def test_submit_wait_status_logs_and_a_failing_job(head, tmp_path):
     # An explicit --address wins over a (here: wrong) RAY_API_SERVER_ADDRESS.
     bogus = dict(env, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{_free_port()}")
     t0 = time.monotonic()
-    done = _run([sys.executable, "-c", CLI, "submit", "jobs/digits.yaml", "--address", url,
+    done = _run([sys.executable, *CLI, "submit", "jobs/digits.yaml", "--address", url,
                  "--wait", *sets], bogus)
     submit_s = time.monotonic() - t0
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
@@ -263,16 +232,16 @@ def test_submit_wait_status_logs_and_a_failing_job(head, tmp_path):
 
     # status and logs, with the address from the environment this time
     by_env = dict(env, RAY_API_SERVER_ADDRESS=url)
-    status = _run([sys.executable, "-c", CLI, "status", job_id], by_env)
+    status = _run([sys.executable, *CLI, "status", job_id], by_env)
     assert status.returncode == 0 and status.stdout.startswith(f"{job_id}: SUCCEEDED")
-    logs = _run([sys.executable, "-c", CLI, "logs", job_id], by_env)
+    logs = _run([sys.executable, *CLI, "logs", job_id], by_env)
     assert logs.returncode == 0 and "digits: completed" in logs.stdout
-    missing = _run([sys.executable, "-c", CLI, "status", "raysubmit_nope"], by_env)
+    missing = _run([sys.executable, *CLI, "status", "raysubmit_nope"], by_env)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
     # The same output dir again without --overwrite: the job fails cleanly, exit 1.
     t1 = time.monotonic()
-    failed = _run([sys.executable, "-c", CLI, "submit", "jobs/digits.yaml", "--wait", *sets],
+    failed = _run([sys.executable, *CLI, "submit", "jobs/digits.yaml", "--wait", *sets],
                   by_env)
     assert failed.returncode == 1, failed.stderr[-3000:]
     assert "already holds a job's outputs" in failed.stdout
