@@ -136,6 +136,7 @@ class Federation:
         self.coordinator = None
         self.secure = False
         self.dead: set[int] = set()
+        self._lost: set[int] = set()
         self.round_seconds: list[float] = []
         self.ray_calls: list[int] = []
         self.devices: set[str] = set()
@@ -298,6 +299,7 @@ class Federation:
         from lepton_ray.learning.party_update import Aggregate, UpdateRule
 
         t0 = time.perf_counter()
+        self._lost = set()  # parties lost at any stage of this round (why: on stderr)
         self.restart_dead_hosts()
         sampled = sample_parties(self.spec.sampling, self.spec.parties.count, round_rng(self.spec.seed, r))
         by_host = {h: [int(p) for p in sampled if block[0] <= p <= block[-1]]
@@ -379,8 +381,8 @@ class Federation:
         live, dropped = self._gather(r, "train", outs, timeout=None)
         calls = len(outs) + sum(rep.ray_calls for rep, _ in live.values())
         reports = [rep for rep, _ in live.values()]
-        if not live:
-            return RoundOutcome(status="aborted: every host failed", calls=calls, dropped=set(dropped))
+        if not live or not any(rep.parties for rep in reports):
+            return RoundOutcome(status="aborted: no party's update arrived", calls=calls, dropped=set(dropped))
         released = ray.get(self.coordinator.aggregate.remote(r, noise, *[ref for _, ref in live.values()]))
         participants = {p for rep in reports for p in rep.parties}
         return RoundOutcome(
@@ -415,7 +417,7 @@ class Federation:
         calls += 2 * len(outs) + 1
         status, broadcast = c.collect_adverts.options(num_returns=2).remote(*_payloads(live))
         if (why := self._aborted(r, status)):
-            return RoundOutcome(status=why, calls=calls)
+            return RoundOutcome(status=why, calls=calls, dropped=set(self._lost))
 
         outs = {h: hosts[h].share_keys.options(num_returns=2).remote(r, broadcast) for h in live}
         live, _ = self._gather(r, "share_keys", outs, timeout)
@@ -424,7 +426,7 @@ class Federation:
         routed = c.route_shares.options(num_returns=1 + len(order)).remote(
             [list(live[h][0].parties) for h in order], *_payloads(live))
         if (why := self._aborted(r, routed[0])):
-            return RoundOutcome(status=why, calls=calls)
+            return RoundOutcome(status=why, calls=calls, dropped=set(self._lost))
 
         outs = {h: hosts[h].masked_input.options(num_returns=2).remote(r, routed[1 + i])
                 for i, h in enumerate(order)}
@@ -433,19 +435,21 @@ class Federation:
         trained = [rep for rep, _ in live.values()]
         status, request = c.collect_masked.options(num_returns=2).remote(*_payloads(live))
         if (why := self._aborted(r, status)):
-            return RoundOutcome(status=why, calls=calls, devices={t.device for t in trained})
+            return RoundOutcome(status=why, calls=calls, devices={t.device for t in trained},
+                                dropped=set(self._lost))
 
         outs = {h: hosts[h].unmask.options(num_returns=2).remote(r, request) for h in live}
         live, _ = self._gather(r, "unmask", outs, timeout)
         calls += len(outs) + 1
         status, result = c.finish.options(num_returns=2).remote(*_payloads(live))
         if (why := self._aborted(r, status)):
-            return RoundOutcome(status=why, calls=calls, devices={t.device for t in trained})
+            return RoundOutcome(status=why, calls=calls, devices={t.device for t in trained},
+                                dropped=set(self._lost))
         released: Released = ray.get(result)
         survivors = set(released.survivors)
         return RoundOutcome(
             status="ok", released=released, calls=calls, completed=len(survivors),
-            participants=survivors, dropped=set(released.dropped),
+            participants=survivors, dropped=set(released.dropped) | self._lost,
             clipped=sum(t.clipped for t in trained), train_loss=_weighted_loss(trained),
             devices={t.device for t in trained}, rejections=self._rejections,
             train_nodes={t.host: t.device.split("@")[-1] for t in trained},
@@ -522,10 +526,13 @@ class Federation:
                 continue
             for party, reason in report.failed:
                 print(f"round {r} {stage}: party {party} dropped: {reason}", file=sys.stderr, flush=True)
+            dropped += [party for party, _ in report.failed]
             live[h] = (report, outs[h][1])
         for ref in late:
             print(f"round {r} {stage}: host {metas[ref]} did not answer within {timeout} s; "
                   "its parties count as dropped", file=sys.stderr, flush=True)
+            dropped += self.blocks[metas[ref]]
+        self._lost.update(dropped)
         return live, dropped
 
     def _aborted(self, r: int, status_ref) -> str | None:

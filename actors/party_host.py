@@ -21,7 +21,7 @@ import numpy as np
 import ray
 
 from lepton_ray.config import JobSpec
-from lepton_ray.errors import ProtocolError
+from lepton_ray.errors import DataError, PrivacyError, ProtocolError
 from lepton_ray.learning.aggregation import PartialSum
 from lepton_ray.learning.local import party_seed
 
@@ -117,11 +117,14 @@ class PartyHost:
         """Plaintext path: train ``sampled`` from the global parameters in ``params_box[0]``
         (an ObjectRef, boxed so Ray hands it on without fetching it); return the sum of their
         update vectors under ``rule`` (an ``UpdateRule``)."""
-        (partial, clipped, losses, examples), device = ray.get(
+        (partial, clipped, losses, examples, bad), device = ray.get(
             self._launch_training(round_, params_box, sampled, fold=rule))
+        dropped = {sampled[i] for i in bad}
         report = StageReport(
-            host=self.host, parties=tuple(sampled), examples=int(examples.sum()),
-            train_loss=_mean_loss(losses, examples), clipped=clipped, device=device, ray_calls=1,
+            host=self.host, parties=tuple(p for p in sampled if p not in dropped),
+            failed=tuple((p, "its update has non-finite values (training diverged)") for p in sorted(dropped)),
+            examples=int(examples.sum()), train_loss=_mean_loss(losses, examples), clipped=clipped,
+            device=device, ray_calls=1,
         )
         return report, partial
 
@@ -187,7 +190,7 @@ class PartyHost:
                 messages.append(party.masked_input(inbox, ring))
                 clipped += was_clipped
                 done.append(i)
-            except ProtocolError as exc:
+            except (ProtocolError, DataError, PrivacyError) as exc:  # e.g. a diverged, non-finite update
                 failed.append((p, str(exc)))
                 del state.parties[p]
         idx = np.array(done, dtype=int)

@@ -85,9 +85,12 @@ def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarra
         **({"dp_sgd": spec.privacy.dp_sgd} if spec.privacy.dp_sgd.enabled else {}),
     )
     if fold is not None:
-        total, clipped = fold_updates(result.deltas, result.examples, fold)
-        partial = PartialSum(total=total, parties=len(result.examples))
-        return (partial, clipped, result.losses, result.examples), _where(device)
+        # a party whose training diverged (NaN/inf delta) drops out; the others are folded
+        finite = np.isfinite(result.deltas).all(axis=1)
+        total, clipped = fold_updates(result.deltas[finite], result.examples[finite], fold)
+        partial = PartialSum(total=total, parties=int(finite.sum()))
+        bad = [picks_i for picks_i, ok in enumerate(finite) if not ok]
+        return (partial, clipped, result.losses[finite], result.examples[finite], bad), _where(device)
     return result, _where(device)
 
 

@@ -101,3 +101,17 @@ def test_cli_simulate_then_plot(ray_session, small_job, tmp_path, capsys):
     assert "t: completed, 2 rounds, 6 parties" in out
     assert main(["plot", small_job["output"]["dir"]]) == 0
     assert (tmp_path / "out" / "history.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("mode", ["none", "secagg+"])
+def test_diverged_parties_drop_out_and_the_job_goes_on(ray_session, small_job, tmp_path, mode):
+    """lr 1e30 makes every party's update non-finite: each is dropped with its reason, the
+    round releases nothing, the model is untouched and the job completes."""
+    r = lepton_ray.run(small_job, rounds=2, training={"lr": 1e30, "momentum": 0.0},
+                       secure_aggregation__mode=mode, output__dir=str(tmp_path / mode))
+    assert r.summary["status"] == "completed"
+    assert (r.history["parties_completed"] == 0).all()
+    assert r.history["status"].str.startswith("aborted").all()
+    audit = [json.loads(x) for x in (r.output_dir / "audit.jsonl").read_text().splitlines()]
+    assert [len(e["dropped"]) for e in audit if e["event"] == "round"] == [6, 6]
+    assert r.history["test_loss"].nunique() == 1  # the global model never moved

@@ -9,6 +9,7 @@ import lepton_ray
 from actors.driver import Federation
 from lepton_ray.config import load_spec
 from lepton_ray.learning.data import load_federated
+from lepton_ray.learning.party_update import Aggregate, UpdateRule
 
 pytestmark = pytest.mark.ray
 
@@ -61,8 +62,10 @@ def test_host_killed_mid_round_sum_is_exact_over_survivors(ray_session, small_jo
         assert row["status"] == "ok"
         assert row["parties_completed"] == 6  # host 0's parties 0-2 dropped after sharing keys
         # oracle: the plaintext path over the survivors only, same seeds, same start
-        outcome = plain._plain_round(1, {1: [3, 4, 5], 2: [6, 7, 8]}, ray.put(start))
-        np.testing.assert_allclose(secure.params - start, outcome.mean, atol=2e-6)
+        rule = UpdateRule(clip_norm=None, weight_cap=plain.weight_cap)
+        outcome = plain._plain_round(1, {1: [3, 4, 5], 2: [6, 7, 8]}, ray.put(start), rule)
+        agg = Aggregate.split(outcome.released.total, len(start), rule)
+        np.testing.assert_allclose(secure.params - start, agg.weighted / agg.weight, atol=2e-6)
         monkeypatch.undo()
         row2 = secure.run_round(2)  # the dead host was restarted with fresh keys
         assert row2["status"] == "ok" and row2["parties_completed"] == 9
