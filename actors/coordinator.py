@@ -49,7 +49,6 @@ class Released:
     """What leaves the coordinator: the (noised) sum, and who is in it."""
 
     total: np.ndarray
-    parties: int
     survivors: tuple[int, ...] = ()
     dropped: tuple[int, ...] = ()
 
@@ -86,7 +85,7 @@ class SmpcCoordinator:
         """Reduce the hosts' partial sums (Ray resolves them from the object store) and
         release the sum, noised when central DP is on."""
         total = reduce(list(partials))
-        return Released(total=self._release(total.total, noise), parties=total.parties)
+        return Released(total=self._release(total.total, noise))
 
     # ------------------------------------------------------------------ SecAgg+
     def begin(self, plan, noise: CentralNoise | None) -> None:
@@ -126,8 +125,8 @@ class SmpcCoordinator:
         else:
             total = self._release(ring_to_float(result.total, self.plan.quantization), self.noise)
         self.server = None  # the round's protocol state (and the un-noised sum) goes
-        return status, Released(total=total, parties=len(result.survivors),
-                                survivors=tuple(result.survivors), dropped=tuple(result.dropped))
+        return status, Released(total=total, survivors=tuple(result.survivors),
+                                dropped=tuple(result.dropped))
 
     def _stage(self, work, host_messages):
         messages = [m for batch in host_messages for m in batch]

@@ -24,7 +24,7 @@ import ray
 from actors.coordinator import Released, SmpcCoordinator
 from actors.party_host import PartyHost, StageReport
 from lepton_ray.config import JobSpec, NoisePlacement, SamplingKind, SecureAggregation
-from lepton_ray.errors import BudgetExhaustedError, ConfigError, LeptonError, ResumeError
+from lepton_ray.errors import BudgetExhaustedError, ConfigError, LeptonError, ResumeError, user_message
 from lepton_ray.learning.data import FederatedData, as_float32, load_federated
 from lepton_ray.learning.sampling import round_rng, sample_parties
 from lepton_ray.outputs import (
@@ -36,9 +36,11 @@ from lepton_ray.outputs import (
     SUMMARY,
     AuditLog,
     HistoryWriter,
-    atomic_write_bytes,
     atomic_write_json,
+    output_path,
     read_history,
+    read_output,
+    write_output,
 )
 from lepton_ray.result import RunResult
 
@@ -137,6 +139,7 @@ class Federation:
         self.secure = False
         self.dead: set[int] = set()
         self._lost: set[int] = set()
+        self._round_parties: dict[int, list[int]] = {}
         self.round_seconds: list[float] = []
         self.ray_calls: list[int] = []
         self.devices: set[str] = set()
@@ -305,6 +308,7 @@ class Federation:
         by_host = {h: [int(p) for p in sampled if block[0] <= p <= block[-1]]
                    for h, block in enumerate(self.blocks)}
         by_host = {h: ps for h, ps in by_host.items() if ps}
+        self._round_parties = by_host
         plan, noise = None, None
         if self.dp is not None:
             rule = UpdateRule(clip_norm=self.dp.clip_norm, weight_cap=None,
@@ -378,16 +382,17 @@ class Federation:
                      noise=None) -> "RoundOutcome":
         outs = {h: self.hosts[h].train.options(num_returns=2).remote(r, [params_ref], ps, rule)
                 for h, ps in by_host.items()}
-        live, dropped = self._gather(r, "train", outs, timeout=None)
+        live = self._gather(r, "train", outs, timeout=None)
         calls = len(outs) + sum(rep.ray_calls for rep, _ in live.values())
         reports = [rep for rep, _ in live.values()]
         if not live or not any(rep.parties for rep in reports):
-            return RoundOutcome(status="aborted: no party's update arrived", calls=calls, dropped=set(dropped))
+            return RoundOutcome(status="aborted: no party's update arrived", calls=calls,
+                                dropped=set(self._lost))
         released = ray.get(self.coordinator.aggregate.remote(r, noise, *[ref for _, ref in live.values()]))
         participants = {p for rep in reports for p in rep.parties}
         return RoundOutcome(
             status="ok", released=released, calls=calls + 1, completed=len(participants),
-            participants=participants, dropped=set(dropped), clipped=sum(rep.clipped for rep in reports),
+            participants=participants, dropped=set(self._lost), clipped=sum(rep.clipped for rep in reports),
             train_loss=_weighted_loss(reports), devices={rep.device for rep in reports},
             train_nodes={h: rep.device.split("@")[-1] for h, (rep, _) in live.items()},
         )
@@ -413,14 +418,14 @@ class Federation:
 
         outs = {h: hosts[h].advertise.options(num_returns=2).remote(r, plan_ref, [params_ref], ps)
                 for h, ps in by_host.items()}
-        live, _ = self._gather(r, "advertise_keys", outs, timeout)
+        live = self._gather(r, "advertise_keys", outs, timeout)
         calls += 2 * len(outs) + 1
         status, broadcast = c.collect_adverts.options(num_returns=2).remote(*_payloads(live))
         if (why := self._aborted(r, status)):
             return RoundOutcome(status=why, calls=calls, dropped=set(self._lost))
 
         outs = {h: hosts[h].share_keys.options(num_returns=2).remote(r, broadcast) for h in live}
-        live, _ = self._gather(r, "share_keys", outs, timeout)
+        live = self._gather(r, "share_keys", outs, timeout)
         calls += len(outs) + 1
         order = list(live)
         routed = c.route_shares.options(num_returns=1 + len(order)).remote(
@@ -430,7 +435,7 @@ class Federation:
 
         outs = {h: hosts[h].masked_input.options(num_returns=2).remote(r, routed[1 + i])
                 for i, h in enumerate(order)}
-        live, _ = self._gather(r, "masked_input", outs, timeout)
+        live = self._gather(r, "masked_input", outs, timeout)
         calls += len(outs) + 1
         trained = [rep for rep, _ in live.values()]
         status, request = c.collect_masked.options(num_returns=2).remote(*_payloads(live))
@@ -439,7 +444,7 @@ class Federation:
                                 dropped=set(self._lost))
 
         outs = {h: hosts[h].unmask.options(num_returns=2).remote(r, request) for h in live}
-        live, _ = self._gather(r, "unmask", outs, timeout)
+        live = self._gather(r, "unmask", outs, timeout)
         calls += len(outs) + 1
         status, result = c.finish.options(num_returns=2).remote(*_payloads(live))
         if (why := self._aborted(r, status)):
@@ -506,7 +511,8 @@ class Federation:
 
     def _gather(self, r: int, stage: str, outs: dict, timeout: float | None):
         """Wait (at most ``timeout`` s) for each host's stage report; returns the hosts that
-        answered, ``{host: (report, payload_ref)}``, and the parties lost at this stage."""
+        answered, ``{host: (report, payload_ref)}``. Parties lost at this stage (a dead or late
+        host's parties of this round, parties a host reports as failed) join ``self._lost``."""
         metas = {meta: h for h, (meta, _) in outs.items()}
         ready, late = ray.wait(list(metas), num_returns=len(metas), timeout=timeout)
         live: dict[int, tuple[StageReport, Any]] = {}
@@ -522,7 +528,7 @@ class Federation:
                     self.dead.add(h)
                 print(f"round {r} {stage}: host {h} died; its parties count as dropped "
                       f"({type(exc).__name__})", file=sys.stderr, flush=True)
-                dropped += self.blocks[h]
+                dropped += self._round_parties.get(h, [])
                 continue
             for party, reason in report.failed:
                 print(f"round {r} {stage}: party {party} dropped: {reason}", file=sys.stderr, flush=True)
@@ -531,9 +537,9 @@ class Federation:
         for ref in late:
             print(f"round {r} {stage}: host {metas[ref]} did not answer within {timeout} s; "
                   "its parties count as dropped", file=sys.stderr, flush=True)
-            dropped += self.blocks[metas[ref]]
+            dropped += self._round_parties.get(metas[ref], [])
         self._lost.update(dropped)
-        return live, dropped
+        return live
 
     def _aborted(self, r: int, status_ref) -> str | None:
         status = ray.get(status_ref)
@@ -560,24 +566,7 @@ class Federation:
         }
         buf = io.BytesIO()
         torch.save(state, buf)
-        self._write(CHECKPOINT, buf.getvalue())
-
-    def _write(self, name: str, data: bytes) -> None:
-        """Atomic write of a checkpoint or model file, sealed with AES-256-GCM (``name.enc``)
-        when ``output.encryption`` is set; the file name is bound as associated data."""
-        if self.key is None:
-            atomic_write_bytes(self.out / name, data)
-            return
-        from lepton_ray.crypto.at_rest import write_encrypted
-
-        write_encrypted(self.out / (name + ".enc"), data, self.key, associated=name.encode())
-
-    def _read(self, name: str) -> bytes:
-        if self.key is None:
-            return (self.out / name).read_bytes()
-        from lepton_ray.crypto.at_rest import read_encrypted
-
-        return read_encrypted(self.out / (name + ".enc"), self.key, associated=name.encode())
+        write_output(self.out, CHECKPOINT, buf.getvalue(), self.key)
 
     def restore(self) -> int:
         """Resume from ``checkpoint.pt``: parameters, server-optimiser and DP state. History
@@ -588,10 +577,10 @@ class Federation:
         from lepton_ray.config import load_spec
         from lepton_ray.outputs import truncate_history
 
-        name = CHECKPOINT + (".enc" if self.key is not None else "")
-        if not (self.out / name).exists():
-            raise ResumeError(f"--resume {self.out}: no {name} there; nothing to resume")
-        raw = self._read(CHECKPOINT)  # a wrong key is a clear LeptonError
+        path = output_path(self.out, CHECKPOINT, encrypted=self.key is not None)
+        if not path.exists():
+            raise ResumeError(f"--resume {self.out}: no {path.name} there; nothing to resume")
+        raw = read_output(self.out, CHECKPOINT, self.key)  # a wrong key is a clear LeptonError
         try:
             state = torch.load(io.BytesIO(raw), weights_only=False)
         except Exception as exc:  # a checkpoint is written atomically, so this is not ours
@@ -629,7 +618,7 @@ class Federation:
             },
             buf,
         )
-        self._write(MODEL, buf.getvalue())
+        write_output(self.out, MODEL, buf.getvalue(), self.key)
 
     def summary(self, last: dict[str, Any], status: str, seconds: float) -> dict[str, Any]:
         after_first = self.round_seconds[1:] or self.round_seconds
@@ -732,7 +721,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
                 if on_round is not None:
                     on_round(last)
             except BudgetExhaustedError as exc:
-                status, reason = "budget_exhausted", _cause(exc)
+                status, reason = "budget_exhausted", user_message(exc)
                 print(f"round {r} not run: {reason}", file=sys.stderr, flush=True)
                 break
             if bar is not None:
@@ -772,11 +761,6 @@ def _encryption_key(spec: JobSpec) -> bytes | None:
         return load_key(key_file=enc.key_file, key_env=enc.key_env)
     except LeptonError as exc:
         raise ConfigError([f"output.encryption: {exc}"]) from None
-
-
-def _cause(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None)
-    return str(cause if cause is not None else exc)
 
 
 def _progress(spec: JobSpec, first_round: int = 1):

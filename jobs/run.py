@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lepton_ray.errors import LeptonError
+from lepton_ray.errors import LeptonError, user_message
 
 EXIT_USAGE = 2
 
@@ -41,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except LeptonError as exc:
-        from lepton_ray.cli import _message
-
-        print(f"jobs.run: error: {_message(exc)}", file=sys.stderr)
+        print(f"jobs.run: error: {user_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
 

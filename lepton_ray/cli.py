@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton_ray import cli_cluster
-from lepton_ray.errors import LeptonError
+from lepton_ray.errors import LeptonError, user_message
 
 EXIT_USAGE = 2
 
@@ -264,19 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LeptonError as exc:
-        print(f"lepton-ray {args.command}: error: {_message(exc)}", file=sys.stderr)
+        print(f"lepton-ray {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def _message(exc: BaseException) -> str:
-    """The user-facing text of an error, unwrapping Ray's task-error wrapper if present."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, LeptonError):
-        return str(cause)
-    return str(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

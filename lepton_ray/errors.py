@@ -49,3 +49,10 @@ class BudgetExhaustedError(PrivacyError):
 
 class ResumeError(LeptonError):
     """A job cannot be resumed from the given output directory."""
+
+
+def user_message(exc: BaseException) -> str:
+    """The text to show a user. An error raised inside a Ray task or actor reaches the driver
+    wrapped (``RayTaskError``, also an instance of the original class); show the original."""
+    cause = getattr(exc, "cause", None)
+    return str(cause if cause is not None else exc)

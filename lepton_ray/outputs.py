@@ -85,6 +85,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def output_path(out_dir: Path, name: str, *, encrypted: bool) -> Path:
+    """Where ``name`` (a checkpoint or model) lives: ``name.enc`` when it is encrypted."""
+    return Path(out_dir) / (name + ".enc" if encrypted else name)
+
+
+def write_output(out_dir: Path, name: str, data: bytes, key: bytes | None) -> None:
+    """Atomic write of a checkpoint or model; with ``key`` sealed with AES-256-GCM as
+    ``name.enc``, the file name bound as associated data (so sealed files cannot be swapped)."""
+    if key is None:
+        atomic_write_bytes(output_path(out_dir, name, encrypted=False), data)
+        return
+    from lepton_ray.crypto.at_rest import write_encrypted
+
+    write_encrypted(output_path(out_dir, name, encrypted=True), data, key, associated=name.encode())
+
+
+def read_output(out_dir: Path, name: str, key: bytes | None) -> bytes:
+    """What :func:`write_output` wrote; a wrong key is a clear ``LeptonError``."""
+    if key is None:
+        return output_path(out_dir, name, encrypted=False).read_bytes()
+    from lepton_ray.crypto.at_rest import read_encrypted
+
+    return read_encrypted(output_path(out_dir, name, encrypted=True), key, associated=name.encode())
+
+
 class HistoryWriter:
     """Appends one fsynced CSV row per round to ``history.csv`` (header written once)."""
 

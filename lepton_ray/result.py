@@ -46,18 +46,13 @@ def load_result(out_dir, *, key: bytes | None = None) -> RunResult:
     from lepton_ray.config import load_spec
     from lepton_ray.errors import LeptonError
     from lepton_ray.learning.models import build_model
-    from lepton_ray.outputs import MODEL, SUMMARY, read_history
+    from lepton_ray.outputs import MODEL, SUMMARY, output_path, read_history, read_output
 
     out = Path(out_dir)
-    if (out / (MODEL + ".enc")).exists():
-        if key is None:
-            raise LeptonError(f"{out / (MODEL + '.enc')} is encrypted: pass key=load_key(...)")
-        from lepton_ray.crypto.at_rest import read_encrypted
-
-        raw = read_encrypted(out / (MODEL + ".enc"), key, associated=MODEL.encode())
-    else:
-        raw = (out / MODEL).read_bytes()
-    saved = torch.load(io.BytesIO(raw), weights_only=False)
+    sealed = output_path(out, MODEL, encrypted=True)
+    if key is None and sealed.exists():
+        raise LeptonError(f"{sealed} is encrypted: pass key=load_key(...)")
+    saved = torch.load(io.BytesIO(read_output(out, MODEL, key)), weights_only=False)
     spec = load_spec(saved["spec"])
     model = build_model(spec.model, saved["n_features"], len(saved["classes"]))
     model.load_state_dict(saved["state_dict"])

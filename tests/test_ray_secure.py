@@ -41,10 +41,10 @@ def _with_fault(monkeypatch, after_stage, fault):
     real = Federation._gather
 
     def gather(self, r, stage, outs, timeout):
-        live, dropped = real(self, r, stage, outs, timeout)
+        live = real(self, r, stage, outs, timeout)
         if stage == after_stage and r == 1:
             fault(self)
-        return live, dropped
+        return live
 
     monkeypatch.setattr(Federation, "_gather", gather)
 
@@ -97,5 +97,26 @@ def test_late_host_is_dropped_at_the_stage_timeout(ray_session, small_job, monke
         _with_fault(monkeypatch, "share_keys", lambda f: f.hosts[2].stall.remote(6))
         row = fed.run_round(1)
         assert row["status"] == "ok" and row["parties_completed"] == 6
+    finally:
+        fed.stop()
+
+
+def test_a_lost_host_drops_only_its_parties_of_the_round(ray_session, small_job, monkeypatch):
+    """With a sampled subset, the audit names exactly the lost host's sampled parties."""
+    import json
+
+    from lepton_ray.learning.sampling import round_rng, sample_parties
+
+    fed = _federation(dict(small_job, parties={"count": 12, "per_host": 4},
+                           sampling={"kind": "fixed", "fraction": 0.75}))
+    try:
+        sampled = set(sample_parties(fed.spec.sampling, 12, round_rng(fed.spec.seed, 1)).tolist())
+        expected = sorted(sampled & {8, 9, 10, 11})
+        assert 0 < len(expected) < 4  # the host's block is not all in the round
+        _with_fault(monkeypatch, "share_keys", lambda f: ray.kill(f.hosts[2], no_restart=True))
+        row = fed.run_round(1)
+        assert row["status"] == "ok" and row["parties_completed"] == 9 - len(expected)
+        audit = [json.loads(x) for x in (fed.out / "audit.jsonl").read_text().splitlines()]
+        assert [e["dropped"] for e in audit if e["event"] == "round"] == [expected]
     finally:
         fed.stop()
