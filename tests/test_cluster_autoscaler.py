@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from ray_heads import free_port, stop_session
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -107,78 +106,6 @@ def _bound(port: int) -> bool:
     return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def _session_processes(temp_dir: str, root: psutil.Process | None) -> list[psutil.Process]:
-    """Processes of the Ray session under ``temp_dir``: descendants of the head's ``ray start``
-    and anything whose command line or working directory names the temp dir (fake nodes,
-    workers, job drivers), with their descendants."""
-    found: dict[int, psutil.Process] = {}
-    if root is not None:
-        try:
-            found[root.pid] = root
-            found.update({p.pid: p for p in root.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            pass
-    for p in psutil.process_iter(["cmdline", "cwd"]):
-        if p.pid == os.getpid():
-            continue
-        cmd = " ".join(p.info.get("cmdline") or [])
-        cwd = p.info.get("cwd") or ""
-        if temp_dir in cmd or cwd.startswith(temp_dir):
-            found[p.pid] = p
-            try:
-                found.update({c.pid: c for c in p.children(recursive=True)})
-            except psutil.NoSuchProcess:
-                pass
-    return list(found.values())
-
-
-def _stop_session(head: subprocess.Popen, temp_dir: str) -> list[str]:
-    """End the head's process group, then every leftover process of its session; return a
-    description of whatever is still alive afterwards (should be nothing)."""
-    try:
-        root = psutil.Process(head.pid)
-    except psutil.NoSuchProcess:
-        root = None
-    procs = _session_processes(temp_dir, root)  # snapshot before orphans lose their parent
-    try:
-        os.killpg(head.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        head.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    head.wait(timeout=10)
-    procs += _session_processes(temp_dir, None)
-    swept = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                swept.append(f"{p.name()} (pgid {os.getpgid(p.pid)})")
-        except (psutil.NoSuchProcess, ProcessLookupError):
-            pass
-    print(f"\nteardown: {len(swept)} process(es) of the session outlived its process group: "
-          f"{', '.join(swept)}")
-    for p in procs:
-        try:
-            p.kill()  # psutil checks the start time: a reused pid is never hit
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-    return [f"{p.pid} {' '.join(p.cmdline())[:80]}"
-            for p in _session_processes(temp_dir, None) if p.is_running()]
-
-
 def test_gpu_worker_scales_up_on_demand_and_down_when_idle():
     if _port_in_use(GCS_PORT):
         pytest.skip(f"port {GCS_PORT} is in use here; the fake_multinode provider needs it "
@@ -198,8 +125,8 @@ def test_gpu_worker_scales_up_on_demand_and_down_when_idle():
         head = subprocess.Popen(
             ["ray", "start", "--head", f"--port={GCS_PORT}", "--num-cpus=1", "--num-gpus=0",
              f"--autoscaling-config={CONFIG}", f"--temp-dir={temp_dir}",
-             "--include-dashboard=false", f"--dashboard-agent-listen-port={_free_port()}",
-             f"--ray-client-server-port={_free_port()}", "--object-store-memory=100000000",
+             "--include-dashboard=false", f"--dashboard-agent-listen-port={free_port()}",
+             f"--ray-client-server-port={free_port()}", "--object-store-memory=100000000",
              "--disable-usage-stats", "--block"],
             stdout=log, stderr=subprocess.STDOUT, env=head_env, start_new_session=True)
         try:
@@ -214,7 +141,7 @@ def test_gpu_worker_scales_up_on_demand_and_down_when_idle():
                 f"head log:\n{(Path(temp_dir) / 'head.log').read_text()[-2000:]}")
             report = json.loads(lines[-1])
         finally:
-            leftovers = _stop_session(head, temp_dir)
+            leftovers = stop_session(head, temp_dir)
             shutil.rmtree(temp_dir, ignore_errors=True)
     print(f"\nautoscaler (idle_timeout_minutes={idle_minutes}, head up + test "
           f"{head_alive_s:.0f} s):")

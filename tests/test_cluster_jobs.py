@@ -10,13 +10,10 @@ The CLI runs in subprocesses: the test process may hold its own Ray connection a
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,8 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
+from ray_heads import free_port, stop_session
 
 from lepton_ray.cli_cluster import job_entrypoint, resolve_address
 
@@ -63,7 +60,7 @@ def test_address_precedence(monkeypatch):
 
 
 def test_submit_checks_the_spec_before_contacting_the_cluster(cli, tmp_path, capsys):
-    unreachable = f"http://127.0.0.1:{_free_port()}"
+    unreachable = f"http://127.0.0.1:{free_port()}"
     assert cli(["submit", str(ROOT / "jobs/digits.yaml"), "--address", unreachable,
                 "--set", "parties.count=-3", "training.lr=abc"]) == 2
     err = capsys.readouterr().err
@@ -81,7 +78,7 @@ def test_cluster_commands_fail_cleanly_without_a_cluster(cli, monkeypatch, capsy
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cli(["status", "raysubmit_x"]) == 2
     assert "no cluster address" in capsys.readouterr().err
-    assert cli(["logs", "raysubmit_x", "--address", f"http://127.0.0.1:{_free_port()}"]) == 2
+    assert cli(["logs", "raysubmit_x", "--address", f"http://127.0.0.1:{free_port()}"]) == 2
     err = capsys.readouterr().err
     assert "lepton-ray logs: error: cannot reach the Ray job server" in err
     assert "Traceback" not in err
@@ -98,64 +95,6 @@ def test_jobs_run_reports_a_bad_spec_with_exit_2(capsys):
 # --------------------------------------------------------------------------- a real head
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def _session_processes(temp_dir: str, root: psutil.Process | None) -> list[psutil.Process]:
-    found: dict[int, psutil.Process] = {}
-    if root is not None:
-        try:
-            found[root.pid] = root
-            found.update({p.pid: p for p in root.children(recursive=True)})
-        except psutil.NoSuchProcess:
-            pass
-    for p in psutil.process_iter(["cmdline", "cwd"]):
-        if p.pid == os.getpid():
-            continue
-        cmd = " ".join(p.info.get("cmdline") or [])
-        if temp_dir in cmd or (p.info.get("cwd") or "").startswith(temp_dir):
-            found[p.pid] = p
-            try:
-                found.update({c.pid: c for c in p.children(recursive=True)})
-            except psutil.NoSuchProcess:
-                pass
-    return list(found.values())
-
-
-def _stop_session(head: subprocess.Popen, temp_dir: str) -> list[str]:
-    try:
-        root = psutil.Process(head.pid)
-    except psutil.NoSuchProcess:
-        root = None
-    procs = _session_processes(temp_dir, root)  # before orphans lose their parent
-    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(head.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            head.wait(timeout=wait_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(head.pid, signal.SIGKILL)  # the rest of the group, if the leader went first
-    except ProcessLookupError:
-        pass
-    procs += _session_processes(temp_dir, None)
-    for p in procs:
-        try:
-            p.kill()  # psutil checks the start time: a reused pid is never hit
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-    return [f"{p.pid} {' '.join(p.cmdline())[:80]}"
-            for p in _session_processes(temp_dir, None) if p.is_running()]
-
-
 @pytest.fixture(scope="module")
 def head():
     """A real Ray head with the job server on http://127.0.0.1:PORT; yields (url, env)."""
@@ -163,13 +102,13 @@ def head():
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(32).hex())
-    dashboard = _free_port()
+    dashboard = free_port()
     with open(Path(temp_dir) / "head.log", "w") as log:
         proc = subprocess.Popen(
-            ["ray", "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+            ["ray", "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
              "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-             f"--ray-client-server-port={_free_port()}",
-             f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={temp_dir}",
+             f"--ray-client-server-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir}",
              "--disable-usage-stats", "--block"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
@@ -177,7 +116,7 @@ def head():
             _wait_for_job_server(url, env["RAY_AUTH_TOKEN"], proc, temp_dir)
             yield url, env
         finally:
-            leftovers = _stop_session(proc, temp_dir)
+            leftovers = stop_session(proc, temp_dir)
             shutil.rmtree(temp_dir, ignore_errors=True)
     assert not leftovers, f"processes of the test's Ray session survived: {leftovers}"
 
@@ -218,7 +157,7 @@ def test_submit_wait_status_logs_and_a_failing_job(head, tmp_path):
     out = tmp_path / "digits"  # absolute: the job runs in Ray's copy of the project
     sets = ["--set", *TINY, f"output.dir={out}"]
     # An explicit --address wins over a (here: wrong) RAY_API_SERVER_ADDRESS.
-    bogus = dict(env, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{_free_port()}")
+    bogus = dict(env, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{free_port()}")
     t0 = time.monotonic()
     done = _run([sys.executable, *CLI, "submit", "jobs/digits.yaml", "--address", url,
                  "--wait", *sets], bogus)
