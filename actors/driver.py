@@ -142,6 +142,8 @@ class Federation:
         self._round_parties: dict[int, list[int]] = {}
         self.round_seconds: list[float] = []
         self.ray_calls: list[int] = []
+        self.stage_seconds: list[dict[str, float]] = []  # wall seconds by stage, per round
+        self._clock = StageClock()
         self.devices: set[str] = set()
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
@@ -303,6 +305,7 @@ class Federation:
 
         t0 = time.perf_counter()
         self._lost = set()  # parties lost at any stage of this round (why: on stderr)
+        self._clock = StageClock()
         self.restart_dead_hosts()
         sampled = sample_parties(self.spec.sampling, self.spec.parties.count, round_rng(self.spec.seed, r))
         by_host = {h: [int(p) for p in sampled if block[0] <= p <= block[-1]]
@@ -366,7 +369,9 @@ class Federation:
                 self.placement[self.spec.parties.deploy[self.blocks[h][0]].id]["train_node"] = node
         load_flat(self.model, self.params)
         row.update(evaluate(self.model, self.data.X_test, self.data.y_test, self.data.n_classes))
+        self._clock.lap("evaluate")
         row["round_seconds"] = time.perf_counter() - t0
+        self.stage_seconds.append(self._clock.laps)
         self.audit.write("round", round=r, status=outcome.status, sampled=len(sampled),
                          completed=outcome.completed, dropped=sorted(outcome.dropped),
                          rejections=outcome.rejections, clipped=outcome.clipped,
@@ -383,12 +388,14 @@ class Federation:
         outs = {h: self.hosts[h].train.options(num_returns=2).remote(r, [params_ref], ps, rule)
                 for h, ps in by_host.items()}
         live = self._gather(r, "train", outs, timeout=None)
+        self._clock.lap("hosts.train")
         calls = len(outs) + sum(rep.ray_calls for rep, _ in live.values())
         reports = [rep for rep, _ in live.values()]
         if not live or not any(rep.parties for rep in reports):
             return RoundOutcome(status="aborted: no party's update arrived", calls=calls,
                                 dropped=set(self._lost))
         released = ray.get(self.coordinator.aggregate.remote(r, noise, *[ref for _, ref in live.values()]))
+        self._clock.lap("server.aggregate")
         participants = {p for rep in reports for p in rep.parties}
         return RoundOutcome(
             status="ok", released=released, calls=calls + 1, completed=len(participants),
@@ -415,39 +422,52 @@ class Federation:
         calls = 1
         ray.get(self.coordinator.begin.remote(plan_ref, noise))
         c = self.coordinator
+        self._clock.lap("plan")
 
         outs = {h: hosts[h].advertise.options(num_returns=2).remote(r, plan_ref, [params_ref], ps)
                 for h, ps in by_host.items()}
         live = self._gather(r, "advertise_keys", outs, timeout)
+        self._clock.lap("hosts.advertise_keys")
         calls += 2 * len(outs) + 1
         status, broadcast = c.collect_adverts.options(num_returns=2).remote(*_payloads(live))
-        if (why := self._aborted(r, status)):
+        why = self._aborted(r, status)
+        self._clock.lap("server.advertise_keys")
+        if why:
             return RoundOutcome(status=why, calls=calls, dropped=set(self._lost))
 
         outs = {h: hosts[h].share_keys.options(num_returns=2).remote(r, broadcast) for h in live}
         live = self._gather(r, "share_keys", outs, timeout)
+        self._clock.lap("hosts.share_keys")
         calls += len(outs) + 1
         order = list(live)
         routed = c.route_shares.options(num_returns=1 + len(order)).remote(
             [list(live[h][0].parties) for h in order], *_payloads(live))
-        if (why := self._aborted(r, routed[0])):
+        why = self._aborted(r, routed[0])
+        self._clock.lap("server.share_keys")
+        if why:
             return RoundOutcome(status=why, calls=calls, dropped=set(self._lost))
 
         outs = {h: hosts[h].masked_input.options(num_returns=2).remote(r, routed[1 + i])
                 for i, h in enumerate(order)}
         live = self._gather(r, "masked_input", outs, timeout)
+        self._clock.lap("hosts.masked_input")
         calls += len(outs) + 1
         trained = [rep for rep, _ in live.values()]
         status, request = c.collect_masked.options(num_returns=2).remote(*_payloads(live))
-        if (why := self._aborted(r, status)):
+        why = self._aborted(r, status)
+        self._clock.lap("server.masked_input")
+        if why:
             return RoundOutcome(status=why, calls=calls, devices={t.device for t in trained},
                                 dropped=set(self._lost))
 
         outs = {h: hosts[h].unmask.options(num_returns=2).remote(r, request) for h in live}
         live = self._gather(r, "unmask", outs, timeout)
+        self._clock.lap("hosts.unmask")
         calls += len(outs) + 1
         status, result = c.finish.options(num_returns=2).remote(*_payloads(live))
-        if (why := self._aborted(r, status)):
+        why = self._aborted(r, status)
+        self._clock.lap("server.unmask")
+        if why:
             return RoundOutcome(status=why, calls=calls, devices={t.device for t in trained},
                                 dropped=set(self._lost))
         released: Released = ray.get(result)
@@ -641,6 +661,7 @@ class Federation:
             "seconds_per_round": float(np.mean(after_first)) if after_first else None,
             "first_round_seconds": self.round_seconds[0] if self.round_seconds else None,
             "ray_calls_per_round": float(np.mean(self.ray_calls)) if self.ray_calls else None,
+            "stage_seconds_per_round": _mean_laps(self.stage_seconds[1:] or self.stage_seconds),
             "devices": sorted(self.devices),
             "secure_aggregation": self.spec.secure_aggregation.mode.value,
             "privacy": self.privacy_summary(),
@@ -785,6 +806,25 @@ class RoundOutcome:
     devices: set = field(default_factory=set)
     rejections: list = field(default_factory=list)
     train_nodes: dict = field(default_factory=dict)  # host -> node its training task ran on
+
+
+class StageClock:
+    """Wall-clock laps of one round, by stage (where the time of a round goes)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = self.laps.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
+def _mean_laps(rounds: list[dict[str, float]]) -> dict[str, float]:
+    stages = {s for laps in rounds for s in laps}
+    return {s: round(float(np.mean([laps.get(s, 0.0) for laps in rounds])), 4)
+            for s in sorted(stages)} if rounds else {}
 
 
 def _payloads(live: dict) -> list:

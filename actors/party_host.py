@@ -161,22 +161,29 @@ class PartyHost:
 
     def masked_input(self, round_: int, inboxes: dict):
         """Stage 3: clip, weight and quantise each party's delta, then mask it."""
-        from lepton_ray.learning.party_update import encode_ring
+        from lepton_ray.learning.party_update import encode_ring_batch
 
         state = self._state(round_)
         result, device = ray.get(state.training)
         rule, quant = state.plan.rule, state.plan.quantization
-        encode = lambda delta, n: encode_ring(delta, n, rule, quant)  # noqa: E731
-        if state.plan.skellam is not None:  # distributed DP: each party adds its noise share
+        row = {p: i for i, p in enumerate(state.order)}
+        if state.plan.skellam is None:  # every party's vector in one vectorised pass
+            batch = encode_ring_batch(result.deltas, result.examples, rule, quant)
+            diverged = set(batch.bad)
+
+            def encode(i):
+                if i in diverged:
+                    raise DataError("its update has non-finite values (training diverged)")
+                return batch.rings[i], bool(batch.clipped[i])
+        else:  # distributed DP: each party adds its own noise share
             from lepton_ray.privacy.skellam import encode_update as skellam_encode
             from lepton_ray.privacy.skellam import os_seeded_generator
 
             params, signs = state.plan.skellam, state.plan.rotation_signs()
 
-            def encode(delta, n):
-                enc = skellam_encode(delta, params, signs=signs, rng=os_seeded_generator())
+            def encode(i):
+                enc = skellam_encode(result.deltas[i], params, signs=signs, rng=os_seeded_generator())
                 return enc.values, enc.clipped
-        row = {p: i for i, p in enumerate(state.order)}
         messages, failed, clipped, done = [], [], 0, []
         for p, party in list(state.parties.items()):
             inbox = inboxes.get(p)
@@ -186,7 +193,7 @@ class PartyHost:
                 continue
             i = row[p]
             try:
-                ring, was_clipped = encode(result.deltas[i], int(result.examples[i]))
+                ring, was_clipped = encode(i)
                 messages.append(party.masked_input(inbox, ring))
                 clipped += was_clipped
                 done.append(i)

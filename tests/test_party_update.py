@@ -11,6 +11,7 @@ from lepton_ray.learning.party_update import (
     UpdateRule,
     encode_float,
     encode_ring,
+    encode_ring_batch,
     fold,
     quantization_for,
     ring_to_float,
@@ -54,6 +55,57 @@ def test_ring_sum_decodes_to_the_float_sum():
     np.testing.assert_allclose(got, expected, atol=20 / quant.scale)  # one rounding step per party
     agg = Aggregate.split(got, 50, rule)
     assert agg.clip_bits == pytest.approx(expected[-1], abs=1e-3)
+
+
+def _reference_rounding(values: np.ndarray, key: bytes, modulus_bits: int) -> np.ndarray:
+    """Brute-force oracle for encode_ring_batch's rounding: floor(x + r/2^32 + 1/2) element by
+    element with Python integers, r the signed 32-bit keystream word of the same key."""
+    from lepton_ray.crypto.kdf import KeyPurpose, derive_key
+    from lepton_ray.crypto.prg import keystream
+
+    flat = values.reshape(-1)
+    words = np.frombuffer(keystream(derive_key(key, KeyPurpose.STOCHASTIC_ROUNDING), 4 * flat.size),
+                          dtype="<i4")
+    out = [math.floor(float(x) + int(r) / 2**32 + 0.5) % 2**modulus_bits for x, r in zip(flat, words)]
+    return np.array(out, dtype=np.uint64).reshape(values.shape)
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_batch_encoding_matches_the_float_vectors_and_a_brute_force_rounding(bits):
+    rule = UpdateRule(clip_norm=2.0, weight_cap=100.0, clip_bit=True)
+    deltas = (rng.normal(size=(7, 40)) * np.array([[0.1], [1.0], [3.0], [0.0], [0.5], [2.5], [0.01]]))
+    deltas = deltas.astype(np.float32)
+    examples = rng.integers(1, 150, 7)
+    quant = quantization_for(n_parties=7, rule=rule, modulus_bits=bits, dim=40)
+    key = bytes(range(32))
+    batch = encode_ring_batch(deltas, examples, rule, quant, key=key)
+    floats = np.array([encode_float(d, int(n), rule)[0] for d, n in zip(deltas, examples)])
+    flags = [encode_float(d, int(n), rule)[1] for d, n in zip(deltas, examples)]
+    assert batch.rings.dtype == np.dtype(f"<u{bits // 8}") and batch.rings.shape == (7, 42)
+    assert batch.clipped.tolist() == flags and batch.bad == ()
+    # the oracle rounds the very same scaled floats the per-party encoder would produce
+    scaled = floats * quant.scale
+    want = _reference_rounding(scaled, key, bits)
+    if bits == 32:
+        assert np.array_equal(batch.rings.astype(np.uint64), want)
+    else:  # |x| ~ 1e17: past 2^53 the scaled floats themselves differ by an ulp or so
+        gap = (batch.rings - want).view(np.int64).astype(float)
+        assert np.all(np.abs(gap) <= np.maximum(1.0, np.abs(scaled) * 2.0**-50))
+    # and every coordinate is within one rounding step of the float vector
+    lifted = ring_to_float(batch.rings, quant)
+    assert np.abs(lifted - floats).max() <= 1.0 / quant.scale + 1e-15
+
+
+def test_batch_encoding_is_unbiased_and_flags_diverged_rows():
+    rule = UpdateRule(clip_norm=None, weight_cap=None)
+    quant = quantization_for(n_parties=2, rule=UpdateRule(clip_norm=1.0), modulus_bits=32, dim=3, scale=1.0)
+    deltas = np.array([[0.25, -0.75, 0.5], [np.nan, 1.0, 2.0]], dtype=np.float32)
+    draws = np.array([encode_ring_batch(deltas, [1, 1], rule, quant).rings[0] for _ in range(4000)])
+    signed = draws.view(np.int32).astype(float)
+    np.testing.assert_allclose(signed.mean(axis=0)[:3], [0.25, -0.75, 0.5], atol=0.03)
+    assert set(np.unique(signed[:, 0])) == {0.0, 1.0} and set(np.unique(signed[:, 1])) == {-1.0, 0.0}
+    batch = encode_ring_batch(deltas, [1, 1], rule, quant)
+    assert batch.bad == (1,) and not batch.rings[1].any() and not batch.clipped[1]
 
 
 def test_fixed_scale_that_can_overflow_is_rejected():

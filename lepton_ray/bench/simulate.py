@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             "ray_calls_per_round": s["ray_calls_per_round"],
             "test_accuracy": s["final"]["test_accuracy"],
             "model_dim": int(sum(p.numel() for p in result.model.parameters())),
+            "stage_seconds_per_round": s["stage_seconds_per_round"],
         }
         if plain is not None:
             report["plaintext_seconds_per_round"] = plain["seconds_per_round"]

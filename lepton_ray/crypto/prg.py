@@ -41,6 +41,25 @@ def keystream(key: bytes, nbytes: int) -> bytes:
     return _encryptor(key).update(bytes(nbytes))
 
 
+def keystream_into(key: bytes, out: np.ndarray) -> np.ndarray:
+    """Fill the contiguous array ``out`` with the AES-256-CTR keystream of ``key`` (no copy
+    of the stream, no allocation beyond one chunk of zeros); returns ``out``."""
+    data = out.reshape(-1).view(np.uint8)
+    nbytes = data.size
+    enc = _encryptor(key)
+    step = min(DEFAULT_CHUNK_BYTES, nbytes)
+    zeros = np.zeros(step, dtype=np.uint8)
+    scratch = np.empty(step + BLOCK_BYTES, dtype=np.uint8)
+    for start in range(0, nbytes, step):
+        stop = min(nbytes, start + step)
+        if stop - start == step and stop + BLOCK_BYTES <= nbytes:
+            enc.update_into(zeros, data[start:])  # room for update_into's extra block
+        else:
+            enc.update_into(zeros[: stop - start], scratch)
+            data[start:stop] = scratch[: stop - start]
+    return out
+
+
 def ring_dtype(modulus_bits: int) -> np.dtype:
     """Little-endian unsigned dtype of Z_{2^b}, b in {32, 64}."""
     if modulus_bits == 32:
