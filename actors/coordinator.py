@@ -61,6 +61,7 @@ class SmpcCoordinator:
         self.noise: CentralNoise | None = None
         self._seen_rejections = 0
         self._normals = None
+        self._verifier = None  # advert signatures, memoised across rounds (adverts are per job)
         if mode is SecureAggregation.NONE:
             print(PLAINTEXT_WARNING, file=sys.stderr, flush=True)
 
@@ -89,9 +90,12 @@ class SmpcCoordinator:
 
     # ------------------------------------------------------------------ SecAgg+
     def begin(self, plan, noise: CentralNoise | None) -> None:
+        from lepton_ray.crypto.identity import SignatureVerifier
         from lepton_ray.secagg import SecAggServer
 
-        self.server = SecAggServer(plan.config)
+        if self._verifier is None:
+            self._verifier = SignatureVerifier()
+        self.server = SecAggServer(plan.config, verifier=self._verifier)
         self.plan = plan
         self.noise = noise
         self._seen_rejections = 0

@@ -507,8 +507,10 @@ class Federation:
 
         sa = self.spec.secure_aggregation
         neighbours = COMPLETE_GRAPH if sa.mode is SecureAggregation.SECAGG else sa.neighbours
-        # public per-round randomness for the neighbour graph, bound to this job and round
-        graph_seed = hashlib.sha256(f"lepton-ray/graph/{self.job_id}/{r}".encode()).digest()
+        # public randomness for the neighbour graph, bound to this job: the same participants
+        # get the same graph every round, so parties reuse their pair secrets (the round's
+        # fresh nonce, drawn by plan_round, keeps every round's masks independent)
+        graph_seed = hashlib.sha256(f"lepton-ray/graph/{self.job_id}".encode()).digest()
         dp = self.dp.distributed if self.dp is not None else None
         if dp is not None:  # distributed DP: the Skellam pipeline sets the ring and the width
             from lepton_ray.privacy.rotation import padded_dim

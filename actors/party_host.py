@@ -58,6 +58,7 @@ class PartyHost:
     def __init__(self, host: int, spec: JobSpec, party_ids: list[int], datasets: list | None,
                  n_features: int, n_classes: int, server=None):
         from lepton_ray.crypto.identity import IdentityKey
+        from lepton_ray.secagg.keys import PartyKeyring
 
         self.host = host
         self.spec = spec
@@ -85,8 +86,10 @@ class PartyHost:
                              **({"memory": t.memory_mb * 2**20} if t.memory_mb else {})}
         self.sizes = [int(len(y)) for _, y in datasets]
         self.data_ref = ray.put(datasets)  # once, in this node's object store
-        # Each party's long-term Ed25519 identity; the private keys never leave this process.
+        # Each party's long-term Ed25519 identity and SecAgg+ key material (X25519 key, pair
+        # secrets, signature memo); the private keys never leave this process.
         self.identities = {p: IdentityKey.generate() for p in self.party_ids}
+        self.keyring = PartyKeyring()
         self.round: _Round | None = None
 
     def ready(self) -> int:
@@ -132,12 +135,10 @@ class PartyHost:
     def advertise(self, round_: int, plan, params_box: list, sampled: list[int]):
         """Stage 1: start training (it overlaps the key stages), make each sampled party's
         round keys and return their signed adverts."""
-        from lepton_ray.crypto.identity import SignatureVerifier
         from lepton_ray.crypto.prg import MaskExpander
         from lepton_ray.secagg import SecAggParty
 
         config = plan.config
-        verifier = SignatureVerifier()
         expander = MaskExpander(config.dim, config.dtype)
         state = _Round(round=round_, plan=plan)
         state.training = self._launch_training(round_, params_box, sampled)
@@ -146,7 +147,7 @@ class PartyHost:
         for p in sampled:
             try:
                 party = SecAggParty(party=p, identity=self.identities[p], config=config,
-                                    verifier=verifier, expander=expander)
+                                    keyring=self.keyring, expander=expander)
                 adverts.append(party.advertise())
                 state.parties[p] = party
             except ProtocolError as exc:
@@ -155,8 +156,8 @@ class PartyHost:
         return self._report(adverts, failed, ray_calls=1), adverts
 
     def share_keys(self, round_: int, broadcast):
-        """Stage 2: each party Shamir-shares its self-mask seed and mask key to its
-        neighbours, encrypted pairwise."""
+        """Stage 2: each party Shamir-shares its self-mask seed and recovery key to its
+        neighbours, encrypted pairwise, and seals its pair seeds under the recovery key."""
         return self._each(round_, lambda party: party.share_keys(broadcast))
 
     def masked_input(self, round_: int, inboxes: dict):

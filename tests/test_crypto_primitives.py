@@ -17,8 +17,8 @@ from lepton_ray.crypto import (
     MaskExpander,
     PublicRandom,
     Roster,
-    RoundKeyPair,
     SignatureVerifier,
+    X25519KeyPair,
     channel_cipher,
     derive_key,
     encode_fields,
@@ -30,6 +30,7 @@ from lepton_ray.crypto import (
     seal,
     uniform_floats,
 )
+from lepton_ray.crypto.kdf import expand_key
 from lepton_ray.errors import ConfigError, ProtocolError
 from lepton_ray.secagg.stages import Stage
 
@@ -108,19 +109,36 @@ def test_identity_roster_and_verifier():
 
 
 def test_key_agreement_is_symmetric_and_separated():
-    a, b = RoundKeyPair.generate(), RoundKeyPair.generate()
-    k_ab = pair_key(a, KeyPurpose.CHANNEL, job_id="j", round_=0, own=1, peer=2,
-                    peer_public=b.public_bytes)
-    k_ba = pair_key(b, KeyPurpose.CHANNEL, job_id="j", round_=0, own=2, peer=1,
-                    peer_public=a.public_bytes)
+    a, b = X25519KeyPair.generate(), X25519KeyPair.generate()
+    ctx = encode_fields("j")
+    k_ab = pair_key(a.exchange(b.public_bytes), KeyPurpose.CHANNEL, own=1, own_public=a.public_bytes,
+                    peer=2, peer_public=b.public_bytes, encoded_context=ctx)
+    k_ba = pair_key(b.exchange(a.public_bytes), KeyPurpose.CHANNEL, own=2, own_public=b.public_bytes,
+                    peer=1, peer_public=a.public_bytes, encoded_context=ctx)
     assert k_ab == k_ba
-    assert k_ab != pair_key(a, KeyPurpose.PAIRWISE_MASK, job_id="j", round_=0, own=1, peer=2,
-                            peer_public=b.public_bytes)
+    assert k_ab != pair_key(a.exchange(b.public_bytes), KeyPurpose.PAIRWISE_MASK, own=1,
+                            own_public=a.public_bytes, peer=2, peer_public=b.public_bytes,
+                            encoded_context=ctx)
     assert public_key_of(a.private_bytes()) == a.public_bytes
     with pytest.raises(ProtocolError, match="small-order"):
         a.exchange(bytes(32))  # the identity point: all-zero shared secret
     with pytest.raises(ProtocolError):
         a.exchange(b"short")
+
+
+def test_expand_key_is_rfc5869_hkdf_expand():
+    """Oracle: the cryptography package's HKDFExpand (RFC 5869 §2.3)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+    prk = bytes(range(32))
+    info = encode_fields("job", 3, b"n" * 16)
+    want = HKDFExpand(algorithm=hashes.SHA256(), length=32,
+                      info=KeyPurpose.PAIRWISE_MASK.value + info).derive(prk)
+    assert expand_key(prk, KeyPurpose.PAIRWISE_MASK, info) == want
+    assert expand_key(prk, KeyPurpose.CHANNEL, info) != want
+    with pytest.raises(ProtocolError):
+        expand_key(b"short", KeyPurpose.CHANNEL)
 
 
 def test_prg_is_aes_ctr_against_ecb_oracle():

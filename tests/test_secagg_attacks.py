@@ -25,6 +25,7 @@ from lepton_ray.secagg import (
     run_local_round,
 )
 from lepton_ray.secagg.keys import advert_transcript
+from lepton_ray.secagg.local import make_local_round
 
 
 def make_round(n=6, d=16, *, round_=0, identities=None, neighbours=COMPLETE_GRAPH):
@@ -90,11 +91,17 @@ def test_replayed_messages_from_an_earlier_round():
     assert (4, Stage.MASKED_INPUT, RejectionReason.REPLAYED) in reasons(result)
     assert_exact(result, inputs1, {0, 1, 2, 5})
 
-    # relabelling the old advert's round breaks its signature
+    # Adverts are per job, not per round (the key is long-term), so an old advert relabelled
+    # for this round still verifies. Here it carries a stale key (this run's host made new
+    # ones): party 3 sees its own advert replaced and refuses to go on; nobody can open the
+    # shares sealed to the stale key, and the sum is exact over the others.
     relabelled = dataclasses.replace(old_advert, round=1)
-    result = run(*make_round(6, round_=1, identities=ids)[:1], ids, inputs1,
-                 filters={Stage.ADVERTISE_KEYS: swap(relabelled)})
-    assert (3, Stage.ADVERTISE_KEYS, RejectionReason.BAD_SIGNATURE) in reasons(result)
+    config1b = make_round(6, round_=1, identities=ids)[0]
+    local = make_local_round(config1b, dict(enumerate(ids)))
+    result = run_local_round(config1b, dict(enumerate(ids)), inputs1, local=local,
+                             filters={Stage.ADVERTISE_KEYS: swap(relabelled)})
+    assert [(f.party, f.stage) for f in local.failures] == [(3, Stage.SHARE_KEYS)]
+    assert "own advert" in local.failures[0].error
     assert_exact(result, inputs1, {0, 1, 2, 4, 5})
 
 
@@ -103,10 +110,9 @@ def test_advert_signed_by_a_key_outside_the_roster():
     outsider = IdentityKey.generate()
 
     def forge(party):
-        channel, mask = b"\x09" * 32, b"\x0a" * 32
-        sig = outsider.sign(advert_transcript(job_id="job", round_=0, party=party,
-                                              channel_key=channel, mask_key=mask))
-        return AdvertiseKeys("job", 0, party, channel, mask, sig)
+        key = b"\x09" * 32
+        sig = outsider.sign(advert_transcript(job_id="job", party=party, public_key=key))
+        return AdvertiseKeys("job", 0, party, key, sig)
 
     unsigned = dataclasses.replace(forge(5), party=5, signature=b"")
     result = run(config, ids, inputs, filters={
@@ -188,7 +194,7 @@ def test_party_rejects_bad_server_messages():
         SecAggParty(party=0, identity=ids[0], config=config).share_keys(None)
     adverts = tuple(p.advertise() for p in parties.values())
     # a substituted key in a neighbour's advert breaks its signature
-    forged = dataclasses.replace(adverts[1], mask_key=b"\x01" * 32)
+    forged = dataclasses.replace(adverts[1], public_key=b"\x01" * 32)
     with pytest.raises(ProtocolError, match="BAD_SIGNATURE"):
         parties[0].share_keys(KeyBroadcast("job", 1, (adverts[0], forged) + adverts[2:]))
     assert parties[0].stage is None  # aborted: it now behaves as a dropout
@@ -210,3 +216,32 @@ def test_party_rejects_bad_server_messages():
         parties[1].unmask(UnmaskRequest("job", 1, (1, 4), ()))  # one answer, even after an error
     with pytest.raises(ProtocolError, match="cannot run"):
         server.finish([])  # the server is still waiting for masked inputs
+
+
+def test_corrupt_recovery_share_or_blob_is_caught():
+    """A dropped party's pairwise seeds come from its sealed recovery blob: a corrupt share
+    rebuilds a wrong key, whose GCM tag check fails (nothing is released); a blob of the
+    wrong size is rejected at share_keys and its sender dropped."""
+    config, ids, inputs = make_round(6)
+
+    def corrupt(responses):
+        out = []
+        for m in responses:
+            if m.party == 1 and m.recovery_shares:
+                owner, value = m.recovery_shares[0]
+                m = dataclasses.replace(m, recovery_shares=((owner, (value + 1) % 2**200),)
+                                        + m.recovery_shares[1:])
+            out.append(m)
+        return out
+
+    with pytest.raises(ProtocolError, match="does not open its sealed pair seeds"):
+        run(config, ids, inputs, silent={Stage.MASKED_INPUT: [4]},
+            filters={Stage.UNMASK: corrupt})
+
+    def short_blob(messages):
+        return [dataclasses.replace(m, recovery=m.recovery[:-1]) if m.party == 2 else m
+                for m in messages]
+
+    result = run(config, ids, inputs, filters={Stage.SHARE_KEYS: short_blob})
+    assert (2, Stage.SHARE_KEYS, RejectionReason.MALFORMED) in reasons(result)
+    assert_exact(result, inputs, {0, 1, 3, 4, 5})

@@ -10,10 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from lepton_ray.crypto.agreement import RoundKeyPair
-from lepton_ray.crypto.identity import IdentityKey, Roster
+from lepton_ray.crypto.identity import IdentityKey, Roster, SignatureVerifier
 from lepton_ray.crypto.prg import MaskExpander
-from lepton_ray.errors import ConfigError, DataError, ThresholdError
+from lepton_ray.errors import ConfigError, DataError, ProtocolError, ThresholdError
 from lepton_ray.secagg import (
     COMPLETE_GRAPH,
     MaskedInput,
@@ -25,8 +24,8 @@ from lepton_ray.secagg import (
     run_local_round,
     secure_sum,
 )
-from lepton_ray.secagg.keys import pairwise_mask_seed
-from lepton_ray.secagg.local import graph_seed_from
+from lepton_ray.secagg.keys import PartyKeyring, pairwise_mask_seed
+from lepton_ray.secagg.local import graph_seed_from, make_local_round
 
 STAGES = ("share_keys", "masked_input", "unmask")
 
@@ -44,17 +43,49 @@ def make_round(n=6, d=16, *, neighbours=None, round_=0, modulus_bits=32, thresho
 
 def test_pairwise_masks_cancel():
     graph = build_graph(range(12), 4, b"m" * 32)
-    keys = {p: RoundKeyPair.generate() for p in graph.participants}
+    # every party on its own host: each end derives the pair secrets from its own private key
+    rings = {p: PartyKeyring() for p in graph.participants}
+    public = {p: rings[p].public_key(p) for p in graph.participants}
+    nonce = b"n" * 16
     expander = MaskExpander(257, np.uint32)
     total = np.zeros(257, dtype=np.uint32)
     for i in graph.participants:
         for j in graph.neighbours_of(i):
-            seed = pairwise_mask_seed(keys[i], job_id="j", round_=0, own=i, peer=j,
-                                      peer_public=keys[j].public_bytes)
-            assert seed == pairwise_mask_seed(keys[j], job_id="j", round_=0, own=j, peer=i,
-                                              peer_public=keys[i].public_bytes)
+            mine, theirs = rings[i].pair("j", i, j, public[j]), rings[j].pair("j", j, i, public[i])
+            seed = pairwise_mask_seed(mine.mask_key, job_id="j", round_=0, nonce=nonce)
+            assert seed == pairwise_mask_seed(theirs.mask_key, job_id="j", round_=0, nonce=nonce)
+            # other rounds and other nonces give independent seeds
+            assert seed != pairwise_mask_seed(mine.mask_key, job_id="j", round_=1, nonce=nonce)
+            assert seed != pairwise_mask_seed(mine.mask_key, job_id="j", round_=0, nonce=b"m" * 16)
             (expander.add if i < j else expander.subtract)(total, seed)
     assert not total.any()
+    # one key agreement per pair end, not one per use
+    edges = sum(len(graph.neighbours_of(p)) for p in graph.participants) // 2
+    assert sum(r.agreements for r in rings.values()) == 2 * edges
+
+
+def test_shared_keyring_agrees_once_per_pair_and_rounds_reuse_it():
+    """A host's parties share one keyring: a co-hosted pair agrees once, and later rounds of
+    the same participants (same graph) do no key agreement at all."""
+    n, d = 12, 40
+    identities = [IdentityKey.generate() for _ in range(n)]
+    roster = Roster.of(identities)
+    keyring, verifier = PartyKeyring(), SignatureVerifier()
+    rng = np.random.default_rng(7)
+    inputs = {p: rng.integers(0, 2**32, d, dtype=np.uint64).astype(np.uint32) for p in range(n)}
+    for r in range(3):
+        config = plan_round(job_id="j", round_=r, roster=roster, dim=d, graph_seed=b"g" * 32,
+                            neighbours=4)
+        local = make_local_round(config, dict(enumerate(identities)), keyring=keyring,
+                                 server_verifier=verifier)
+        result = run_local_round(config, dict(enumerate(identities)), inputs, local=local,
+                                 silent={Stage.MASKED_INPUT: [r]})
+        expected = np.sum([inputs[p] for p in result.survivors], axis=0, dtype=np.uint32)
+        assert np.array_equal(result.total, expected) and r not in result.survivors
+        edges = sum(len(config.graph.neighbours_of(p)) for p in range(n)) // 2
+        assert keyring.agreements == edges  # all in round 0, none since
+    with pytest.raises(ProtocolError, match="already ran a round with this nonce"):
+        make_local_round(config, dict(enumerate(identities)), keyring=keyring)
 
 
 def test_secure_sum_no_dropouts_both_rings():

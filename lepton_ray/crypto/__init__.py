@@ -13,7 +13,7 @@ No home-made ciphers; secrets come from ``os.urandom`` or from an AES-CTR stream
 derived from OS randomness. Pure: no Ray, and no I/O outside at_rest.
 """
 
-from lepton_ray.crypto.agreement import RoundKeyPair, pair_key, public_key_of
+from lepton_ray.crypto.agreement import X25519KeyPair, pair_key, public_key_of
 from lepton_ray.crypto.encoding import encode_fields
 from lepton_ray.crypto.envelope import EnvelopeHeader, channel_cipher, open_envelope, seal
 from lepton_ray.crypto.identity import IdentityKey, Roster, SignatureVerifier
@@ -35,8 +35,8 @@ __all__ = [
     "MaskExpander",
     "PublicRandom",
     "Roster",
-    "RoundKeyPair",
     "SignatureVerifier",
+    "X25519KeyPair",
     "channel_cipher",
     "combine_shares",
     "derive_key",

@@ -10,12 +10,14 @@ HKDF Scheme", §3 on the role of ``info``).
 
 from __future__ import annotations
 
+import hmac
 from enum import Enum
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from lepton_ray.crypto.encoding import Field, encode_fields
+from lepton_ray.errors import ProtocolError
 
 KEY_BYTES = 32
 
@@ -39,6 +41,15 @@ def derive_key(secret: bytes, purpose: KeyPurpose, *context: Field,
     """
     info = purpose.value + encoded_prefix + encode_fields(*context)
     return HKDF(algorithm=_SHA256, length=length, salt=None, info=info).derive(secret)
+
+
+def expand_key(prk: bytes, purpose: KeyPurpose, encoded_info: bytes = b"") -> bytes:
+    """HKDF-Expand (RFC 5869 §2.3) of a uniformly random 32-byte key ``prk`` to one 32-byte
+    block: HMAC-SHA256(prk, purpose || info || 0x01). For keys that are already HKDF outputs
+    (no second extract needed); one HMAC, about a fifth of a full HKDF's cost."""
+    if not isinstance(prk, bytes) or len(prk) != KEY_BYTES:
+        raise ProtocolError(f"HKDF-Expand needs a {KEY_BYTES}-byte key")
+    return hmac.digest(prk, purpose.value + encoded_info + b"\x01", "sha256")
 
 
 _SHA256 = hashes.SHA256()

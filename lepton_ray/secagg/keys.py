@@ -1,33 +1,75 @@
-"""The keys of one round, derived identically by a party and (for dropped parties) the server.
+"""SecAgg+ key material: long-term pair secrets set up once, fresh seeds every round.
 
-* channel key  (i, j): HKDF(X25519(c_i, c_j), CHANNEL, job, round, ids, keys) -> AES-256-GCM
-* pairwise mask seed (i, j): HKDF(X25519(s_i, s_j), PAIRWISE_MASK, job, round, ids, keys);
-  party i adds PRG(seed) when i < j and subtracts it when i > j, so the pair cancels in the
-  sum (Bonawitz et al. 2017, §3: p_{u,v} = Delta_{u,v} PRG(s_{u,v}))
-* self mask seed b_i: 32 bytes from the OS; the mask is PRG(HKDF(b_i, SELF_MASK, job, round,
-  i)) and keeps x_i hidden even if i's pairwise masks are removed because the server wrongly
-  believed i dropped (Bonawitz et al. 2017, §3 "double masking").
+Multi-round key schedule (set up once, mask every round; cf. Ma et al. 2023, "Flamingo:
+Multi-Round Single-Server Secure Aggregation with Applications to Private Federated
+Learning", IEEE S&P, §4, which also derives each round's pairwise masks from pairwise secrets
+agreed once):
+
+* each party holds one long-term X25519 key pair, advertised with an Ed25519 signature by its
+  roster identity over (job, party, key). The advert does not change between rounds, so
+  hosts and the server verify it once (memoised), not every round;
+* for each neighbour pair {i, j} both ends derive, once for as long as both keys live,
+  ``HKDF(X25519(a_i, A_j), purpose, job, lower id, its key, higher id, its key)`` for two
+  purposes: the *channel* key (AES-256-GCM envelopes; the associated data binds job, round,
+  stage, sender and receiver) and the pair's *mask* key ``m_ij``;
+* every round, the pairwise mask seed is ``s_ij = HKDF-Expand(m_ij, job, round, nonce)`` and
+  party i adds PRG(s_ij) when i < j and subtracts it when i > j, so the pair cancels in the
+  sum (Bonawitz et al. 2017, §3: p_{u,v} = Delta_{u,v} PRG(s_{u,v}));
+* self mask seed b_i: 32 fresh OS bytes per round; the mask is PRG(HKDF(b_i, SELF_MASK, job,
+  round, i)) and keeps x_i hidden even if i's pairwise masks are removed because the server
+  wrongly believed i dropped (Bonawitz et al. 2017, §3, "double masking").
+
+**Dropout recovery.** Bonawitz et al. share a party's per-round mask *private key*, so that
+the server can recompute a dropped party's pairwise masks; with long-term keys that would
+reveal the masks of every round. Here each round party i draws a fresh 32-byte *recovery key*
+r_i, sends the server ``AES-GCM_{r_i}(s_ij for its live neighbours j)`` with its shares, and
+Shamir-shares r_i (with b_i) to its neighbours. If i drops, t holders' shares give r_i, which
+opens exactly this round's pair seeds of i: the seeds of other rounds are independent PRF
+outputs and the long-term keys are never revealed, so nothing needs replacing afterwards. The
+server obtains, per party and round, the shares of b_i *or* of r_i, never both (the
+Bonawitz rule, checked by every holder), and a corrupt share is caught by the GCM tag.
+
+**Round nonce.** Every per-round derivation also takes the round's public nonce (fresh for
+each execution of a round); a party refuses a nonce it has used, so a round that is run again
+(e.g. after a crash) can never reuse pairwise masks on a different input.
+
+A round then costs a party no key agreement, key generation or signature except for pairs it
+has not met before (a new neighbour set, a restarted host's new keys).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from functools import lru_cache
 
-from lepton_ray.crypto.agreement import RoundKeyPair, pair_key
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from lepton_ray.crypto.agreement import X25519KeyPair, pair_key
 from lepton_ray.crypto.encoding import encode_fields
-from lepton_ray.crypto.kdf import KeyPurpose, derive_key
+from lepton_ray.crypto.identity import IdentityKey, SignatureVerifier
+from lepton_ray.crypto.kdf import KeyPurpose, derive_key, expand_key
+from lepton_ray.errors import ProtocolError
+
+NONCE_BYTES = 16
 
 
-def channel_key(keys: RoundKeyPair, *, job_id: str, round_: int, own: int, peer: int,
-                peer_public: bytes) -> bytes:
-    return pair_key(keys, KeyPurpose.CHANNEL, job_id=job_id, round_=round_, own=own, peer=peer,
-                    peer_public=peer_public, encoded_context=_context(job_id, round_))
+class PairSecrets:
+    """What one neighbour pair shares for as long as both long-term keys live."""
+
+    __slots__ = ("channel", "mask_key")
+
+    def __init__(self, channel: AESGCM, mask_key: bytes):
+        self.channel = channel
+        self.mask_key = mask_key
+
+    def __reduce__(self):
+        raise TypeError("PairSecrets holds secret keys and is not picklable")
 
 
-def pairwise_mask_seed(keys: RoundKeyPair, *, job_id: str, round_: int, own: int, peer: int,
-                       peer_public: bytes) -> bytes:
-    return pair_key(keys, KeyPurpose.PAIRWISE_MASK, job_id=job_id, round_=round_, own=own,
-                    peer=peer, peer_public=peer_public, encoded_context=_context(job_id, round_))
+def pairwise_mask_seed(mask_key: bytes, *, job_id: str, round_: int, nonce: bytes) -> bytes:
+    """This round's seed s_ij of the pair whose mask key is ``mask_key`` (both ends agree)."""
+    return expand_key(mask_key, KeyPurpose.PAIRWISE_MASK, _context(job_id, round_, nonce))
 
 
 def self_mask_key(seed: bytes, *, job_id: str, round_: int, party: int) -> bytes:
@@ -35,15 +77,91 @@ def self_mask_key(seed: bytes, *, job_id: str, round_: int, party: int) -> bytes
 
 
 @lru_cache(maxsize=64)
-def _context(job_id: str, round_: int) -> bytes:
-    return encode_fields(job_id, round_)
+def _context(job_id: str, round_: int, nonce: bytes | None = None) -> bytes:
+    return encode_fields(job_id, round_) if nonce is None else encode_fields(job_id, round_, nonce)
 
 
-_ADVERT_LABEL = b"lepton-ray/v1/secagg/advertise-keys"
+_ADVERT_LABEL = b"lepton-ray/v2/secagg/advertise-key"
 
 
-def advert_transcript(*, job_id: str, round_: int, party: int, channel_key: bytes,
-                      mask_key: bytes) -> bytes:
-    """The bytes a party signs in its key advert: both keys bound to job, round and id, so an
-    advert cannot be replayed into another round or claimed by another party."""
-    return encode_fields(_ADVERT_LABEL, job_id, round_, party, channel_key, mask_key)
+def advert_transcript(*, job_id: str, party: int, public_key: bytes) -> bytes:
+    """The bytes a party signs in its key advert: its long-term key bound to job and party id,
+    so the advert cannot be claimed by another party or carried into another job."""
+    return encode_fields(_ADVERT_LABEL, job_id, party, public_key)
+
+
+class PartyKeyring:
+    """One host's long-term SecAgg+ key material, shared by every party it hosts (one host is
+    one trust domain, like :class:`SignatureVerifier`'s memo): each party's X25519 key pair and
+    signed advert, the pair secrets derived so far (one key agreement per pair, not one per
+    end: a pair of co-hosted parties agrees once), and the round nonces already used.
+
+    Not picklable: it never leaves the host process. A restarted host starts a new keyring,
+    hence new keys, and its neighbours derive new pair secrets on first contact.
+    """
+
+    def __init__(self, entropy: Callable[[int], bytes] = os.urandom, *,
+                 max_pairs: int = 1 << 19):
+        self._entropy = entropy
+        self._keys: dict[int, X25519KeyPair] = {}
+        self._signed: dict[tuple[str, int], bytes] = {}
+        self._pairs: dict[tuple, PairSecrets] = {}
+        self._nonces: set[tuple[str, int, bytes]] = set()
+        self._max_pairs = max_pairs
+        self.verifier = SignatureVerifier()
+        self.agreements = 0  # X25519 exchanges done (a test and benchmark figure)
+
+    def public_key(self, party: int) -> bytes:
+        return self._key_pair(party).public_bytes
+
+    def _key_pair(self, party: int) -> X25519KeyPair:
+        keys = self._keys.get(party)
+        if keys is None:
+            keys = self._keys[party] = X25519KeyPair.generate(self._entropy)
+        return keys
+
+    def signature(self, job_id: str, party: int, identity: IdentityKey) -> bytes:
+        """The party's signature on its advert for ``job_id`` (signed once, then reused)."""
+        sig = self._signed.get((job_id, party))
+        if sig is None:
+            sig = identity.sign(advert_transcript(job_id=job_id, party=party,
+                                                  public_key=self.public_key(party)))
+            self._signed[(job_id, party)] = sig
+        return sig
+
+    def claim_nonce(self, job_id: str, party: int, nonce: bytes) -> None:
+        """Record that ``party`` runs the round with ``nonce``; :class:`ProtocolError` if it
+        already did (a replayed or re-run round must not reuse pairwise masks)."""
+        if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+            raise ProtocolError(f"round nonce must be {NONCE_BYTES} bytes")
+        key = (job_id, party, nonce)
+        if key in self._nonces:
+            raise ProtocolError(f"party {party} already ran a round with this nonce: refusing "
+                                "to reuse its pairwise masks")
+        self._nonces.add(key)
+
+    def pair(self, job_id: str, own: int, peer: int, peer_public: bytes) -> PairSecrets:
+        """The secrets of the pair {own, peer}, derived on first use and cached."""
+        own_public = self.public_key(own)
+        lo, hi = (own, own_public), (peer, peer_public)
+        if peer < own:
+            lo, hi = hi, lo
+        cache_key = (job_id, *lo, *hi)
+        found = self._pairs.get(cache_key)
+        if found is not None:
+            return found
+        keys = self._key_pair(own)
+        shared = keys.exchange(peer_public)
+        self.agreements += 1
+        context = encode_fields(job_id)
+        channel = pair_key(shared, KeyPurpose.CHANNEL, own=own, own_public=own_public,
+                           peer=peer, peer_public=peer_public, encoded_context=context)
+        mask = pair_key(shared, KeyPurpose.PAIRWISE_MASK, own=own, own_public=own_public,
+                        peer=peer, peer_public=peer_public, encoded_context=context)
+        if len(self._pairs) >= self._max_pairs:  # bounded: evict all, re-derive on demand
+            self._pairs.clear()
+        secrets = self._pairs[cache_key] = PairSecrets(AESGCM(channel), mask)
+        return secrets
+
+    def __reduce__(self):
+        raise TypeError("PartyKeyring holds private keys and is not picklable")

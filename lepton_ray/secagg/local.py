@@ -20,6 +20,7 @@ from lepton_ray.crypto.identity import IdentityKey, Roster, SignatureVerifier
 from lepton_ray.crypto.prg import MaskExpander, ring_dtype
 from lepton_ray.errors import ConfigError, DataError, ProtocolError, ThresholdError
 from lepton_ray.secagg.graph import GraphTopology, NeighbourPolicy
+from lepton_ray.secagg.keys import PartyKeyring
 from lepton_ray.secagg.messages import AggregateResult
 from lepton_ray.secagg.party import SecAggParty
 from lepton_ray.secagg.plan import RoundConfig, plan_round
@@ -62,15 +63,19 @@ class LocalRound:
 
 
 def make_local_round(config: RoundConfig, identities: Mapping[int, IdentityKey], *,
-                     entropy: Callable[[int], bytes] = os.urandom) -> LocalRound:
+                     entropy: Callable[[int], bytes] = os.urandom,
+                     keyring: PartyKeyring | None = None,
+                     server_verifier: SignatureVerifier | None = None) -> LocalRound:
     """One host holding every participant with an identity, and a server, as separate
-    trust domains (separate signature caches and mask buffers)."""
-    verifier = SignatureVerifier()
+    trust domains (separate key material, signature caches and mask buffers). Pass the
+    ``keyring`` and ``server_verifier`` of an earlier round to run the next round of the same
+    parties (their long-term keys and pair secrets carry over)."""
+    keyring = keyring if keyring is not None else PartyKeyring(entropy)
     expander = MaskExpander(config.dim, config.dtype)
     parties = {p: SecAggParty(party=p, identity=identities[p], config=config,
-                              verifier=verifier, expander=expander, entropy=entropy)
+                              keyring=keyring, expander=expander, entropy=entropy)
                for p in config.participants if p in identities}
-    server = SecAggServer(config, verifier=SignatureVerifier(),
+    server = SecAggServer(config, verifier=server_verifier or SignatureVerifier(),
                           expander=MaskExpander(config.dim, config.dtype))
     return LocalRound(config, parties, server)
 

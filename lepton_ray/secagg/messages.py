@@ -23,15 +23,14 @@ ShareEntry = tuple[int, int]  # (owner party id, Shamir share as a GF(p) element
 
 @dataclass(frozen=True)
 class AdvertiseKeys:
-    """Stage 1, party -> server: the party's two fresh X25519 public keys, signed (Ed25519)
-    over (job, round, party, channel key, mask key) with its roster identity key."""
+    """Stage 1, party -> server: the party's long-term X25519 public key, signed (Ed25519)
+    over (job, party, key) with its roster identity key (see :mod:`lepton_ray.secagg.keys`)."""
 
     STAGE: ClassVar[Stage] = Stage.ADVERTISE_KEYS
     job_id: str
     round: int
     party: int
-    channel_key: bytes
-    mask_key: bytes
+    public_key: bytes
     signature: bytes
 
 
@@ -62,7 +61,7 @@ class KeyBroadcast:
 @dataclass(frozen=True)
 class EncryptedShare:
     """A sealed envelope from ``sender`` to ``receiver`` holding the sender's Shamir shares
-    (self-mask seed, mask private key) for the receiver; opaque to the server."""
+    (self-mask seed, recovery key) for the receiver; opaque to the server."""
 
     sender: int
     receiver: int
@@ -71,13 +70,16 @@ class EncryptedShare:
 
 @dataclass(frozen=True)
 class ShareKeys:
-    """Stage 2, party -> server: one envelope for each live neighbour."""
+    """Stage 2, party -> server: one envelope for each live neighbour, and ``recovery``: this
+    round's pairwise mask seeds with those neighbours (in id order), sealed under the party's
+    fresh recovery key, which the server can rebuild from t shares only if the party drops."""
 
     STAGE: ClassVar[Stage] = Stage.SHARE_KEYS
     job_id: str
     round: int
     party: int
     shares: tuple[EncryptedShare, ...]
+    recovery: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class MaskedInput:
 class UnmaskRequest:
     """Stage 4, server -> survivors: whose masked input is in the sum (``survivors``) and who
     shared keys but is not (``dropped``). Disjoint: a holder reveals, per party, the share of
-    its self-mask seed (survivor) or of its mask key (dropped), never both."""
+    its self-mask seed (survivor) or of its recovery key (dropped), never both."""
 
     STAGE: ClassVar[Stage] = Stage.UNMASK
     job_id: str
@@ -130,14 +132,14 @@ class UnmaskRequest:
 @dataclass(frozen=True)
 class UnmaskResponse:
     """Stage 4, party -> server: shares of survivors' self-mask seeds and of dropped
-    parties' mask private keys, as (owner, share) pairs."""
+    parties' recovery keys, as (owner, share) pairs."""
 
     STAGE: ClassVar[Stage] = Stage.UNMASK
     job_id: str
     round: int
     party: int
     self_mask_shares: tuple[ShareEntry, ...]
-    mask_key_shares: tuple[ShareEntry, ...]
+    recovery_shares: tuple[ShareEntry, ...]
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,8 +2,9 @@
 
 A party object lives for one round. Its methods must be called in order, once each:
 
-    advertise()                      -> AdvertiseKeys   (fresh X25519 keys, Ed25519-signed)
-    share_keys(KeyBroadcast)         -> ShareKeys       (Shamir shares, sealed per neighbour)
+    advertise()                      -> AdvertiseKeys   (long-term X25519 key, Ed25519-signed)
+    share_keys(KeyBroadcast)         -> ShareKeys       (Shamir shares, sealed per neighbour,
+                                                         and the sealed recovery blob)
     masked_input(ShareInbox, vector) -> MaskedInput     (x + self mask + pairwise masks)
     unmask(UnmaskRequest)            -> UnmaskResponse  (shares the server may have)
 
@@ -12,7 +13,8 @@ dropout, which the protocol survives); too few live neighbours raises :class:`Th
 for the same effect. A neighbour envelope that fails its GCM tag is not fatal: it is recorded
 in :attr:`SecAggParty.rejections` and reported to the server, which then drops its sender.
 
-Security reasoning (Bonawitz et al. 2017, §4; Bell et al. 2020, §3):
+Security reasoning (Bonawitz et al. 2017, §4; Bell et al. 2020, §3; the key schedule and its
+recovery key are described in :mod:`lepton_ray.secagg.keys`):
 * adverts are signed with the roster identity key and checked here, so the server cannot
   substitute keys and read the shares;
 * shares travel sealed under a key only the two parties can derive (AES-GCM, associated data
@@ -31,16 +33,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lepton_ray.crypto.agreement import RoundKeyPair
 from lepton_ray.crypto.envelope import EnvelopeHeader, channel_cipher, open_envelope, seal
-from lepton_ray.crypto.identity import IdentityKey, SignatureVerifier
+from lepton_ray.crypto.identity import IdentityKey
 from lepton_ray.crypto.prg import MaskExpander
 from lepton_ray.crypto.shamir import SHARE_BYTES, share_from_bytes, share_to_bytes, split_secret
 from lepton_ray.errors import ConfigError, DataError, ProtocolError, ThresholdError
 from lepton_ray.secagg.checks import check_header, is_int
 from lepton_ray.secagg.keys import (
+    PartyKeyring,
     advert_transcript,
-    channel_key,
     pairwise_mask_seed,
     self_mask_key,
 )
@@ -63,14 +64,15 @@ SEED_BYTES = 32
 class SecAggParty:
     """One party's side of one round; see the module docstring.
 
-    ``verifier`` and ``expander`` may be shared by all parties of a host (memoised signature
-    checks, reused mask buffers). ``entropy`` supplies every secret (round keys, self-mask
-    seed, Shamir coefficients, nonces); it defaults to ``os.urandom`` and should only ever be
-    replaced by a deterministic source in tests.
+    ``keyring`` holds the party's long-term key and pair secrets and is shared by all parties
+    of a host across rounds (with the memoised signature checks); ``expander`` (reused mask
+    buffers) may be shared too. ``entropy`` supplies every per-round secret (self-mask seed,
+    recovery key, Shamir coefficients, envelope nonces); it defaults to ``os.urandom`` and
+    should only ever be replaced by a deterministic source in tests.
     """
 
     def __init__(self, *, party: int, identity: IdentityKey, config: RoundConfig,
-                 verifier: SignatureVerifier | None = None,
+                 keyring: PartyKeyring | None = None,
                  expander: MaskExpander | None = None,
                  entropy: Callable[[int], bytes] = os.urandom):
         if party not in config.graph:
@@ -82,17 +84,17 @@ class SecAggParty:
         self.party = party
         self.config = config
         self._identity = identity
-        self._verifier = verifier if verifier is not None else SignatureVerifier()
+        self._keyring = keyring if keyring is not None else PartyKeyring(entropy)
+        self._keyring.claim_nonce(config.job_id, party, config.nonce)
         self._expander = expander
         self._entropy = entropy
-        self._channel = RoundKeyPair.generate(entropy)
-        self._mask = RoundKeyPair.generate(entropy)
         self._self_seed = entropy(SEED_BYTES)
+        self._recovery_key = entropy(SEED_BYTES)
         self._next: Stage | None = Stage.ADVERTISE_KEYS
         self._rejections: list[Rejection] = []
         self._advert: AdvertiseKeys | None = None
         self._live: dict[int, AdvertiseKeys] = {}
-        self._ciphers: dict = {}
+        self._seeds: dict[int, bytes] = {}
         self._partners: tuple[int, ...] = ()
         self._held: dict[int, tuple[int, int]] = {}
 
@@ -109,12 +111,9 @@ class SecAggParty:
     # -- stage 1 ------------------------------------------------------------------------
     def advertise(self) -> AdvertiseKeys:
         self._begin(Stage.ADVERTISE_KEYS)
-        c = self.config
-        channel, mask = self._channel.public_bytes, self._mask.public_bytes
-        signature = self._identity.sign(advert_transcript(
-            job_id=c.job_id, round_=c.round, party=self.party, channel_key=channel,
-            mask_key=mask))
-        self._advert = AdvertiseKeys(c.job_id, c.round, self.party, channel, mask, signature)
+        c, ring = self.config, self._keyring
+        self._advert = AdvertiseKeys(c.job_id, c.round, self.party, ring.public_key(self.party),
+                                     ring.signature(c.job_id, self.party, self._identity))
         self._next = Stage.SHARE_KEYS
         return self._advert
 
@@ -135,15 +134,14 @@ class SecAggParty:
             advert = seen.get(j)
             if advert is None:
                 continue  # j dropped before advertising
-            if not (isinstance(advert.channel_key, bytes) and isinstance(advert.mask_key, bytes)
-                    and len(advert.channel_key) == 32 and len(advert.mask_key) == 32):
-                self._fail(stage, RejectionReason.MALFORMED, f"party {j}'s advert keys")
-            # The transcript is rebuilt from *our* job id and round, so a verified signature
-            # also proves the advert is for this job and round.
-            transcript = advert_transcript(job_id=c.job_id, round_=c.round, party=j,
-                                           channel_key=advert.channel_key,
-                                           mask_key=advert.mask_key)
-            if not self._verifier.verify(c.roster.public_key(j), transcript, advert.signature):
+            if not (isinstance(advert.public_key, bytes) and len(advert.public_key) == 32):
+                self._fail(stage, RejectionReason.MALFORMED, f"party {j}'s advert key")
+            # The transcript is rebuilt from *our* job id, so a verified signature also
+            # proves the key is j's key for this job.
+            transcript = advert_transcript(job_id=c.job_id, party=j,
+                                           public_key=advert.public_key)
+            if not self._keyring.verifier.verify(c.roster.public_key(j), transcript,
+                                                 advert.signature):
                 self._raise(check_header(advert, AdvertiseKeys, c, Stage.ADVERTISE_KEYS))
                 self._fail(stage, RejectionReason.BAD_SIGNATURE,
                            f"party {j}'s advert is not signed by its roster key")
@@ -155,24 +153,25 @@ class SecAggParty:
         xs = [c.graph.x_coordinate(h) for h in holders]
         seed_shares = split_secret(self._self_seed, threshold=c.threshold, xs=xs,
                                    entropy=self._entropy)
-        key_shares = split_secret(self._mask.private_bytes(), threshold=c.threshold, xs=xs,
+        key_shares = split_secret(self._recovery_key, threshold=c.threshold, xs=xs,
                                   entropy=self._entropy)
         envelopes = []
         for holder, seed_share, key_share in zip(holders, seed_shares, key_shares):
             if holder == self.party:
                 self._held[holder] = (seed_share, key_share)
                 continue
-            cipher = channel_cipher(channel_key(
-                self._channel, job_id=c.job_id, round_=c.round, own=self.party, peer=holder,
-                peer_public=live[holder].channel_key))
-            self._ciphers[holder] = cipher
+            pair = self._keyring.pair(c.job_id, self.party, holder, live[holder].public_key)
+            self._seeds[holder] = pairwise_mask_seed(pair.mask_key, job_id=c.job_id,
+                                                     round_=c.round, nonce=c.nonce)
             header = EnvelopeHeader(c.job_id, c.round, Stage.SHARE_KEYS, self.party, holder)
             plaintext = share_to_bytes(seed_share) + share_to_bytes(key_share)
             envelopes.append(EncryptedShare(self.party, holder,
-                                            seal(cipher, header, plaintext, self._entropy)))
+                                            seal(pair.channel, header, plaintext, self._entropy)))
+        recovery = seal(channel_cipher(self._recovery_key), recovery_header(c, self.party),
+                        b"".join(self._seeds[j] for j in sorted(live)), self._entropy)
         self._live = live
         self._next = Stage.MASKED_INPUT
-        return ShareKeys(c.job_id, c.round, self.party, tuple(envelopes))
+        return ShareKeys(c.job_id, c.round, self.party, tuple(envelopes), recovery)
 
     # -- stage 3 ------------------------------------------------------------------------
     def masked_input(self, inbox: ShareInbox, vector: np.ndarray) -> MaskedInput:
@@ -200,7 +199,9 @@ class SecAggParty:
             header = EnvelopeHeader(c.job_id, c.round, Stage.SHARE_KEYS, share.sender,
                                     self.party)
             try:
-                plain = open_envelope(self._ciphers[share.sender], header, share.ciphertext)
+                pair = self._keyring.pair(c.job_id, self.party, share.sender,
+                                          self._live[share.sender].public_key)
+                plain = open_envelope(pair.channel, header, share.ciphertext)
                 if len(plain) != 2 * SHARE_BYTES:
                     raise ProtocolError(f"envelope from party {share.sender} has "
                                         f"{len(plain)} plaintext bytes")
@@ -223,12 +224,9 @@ class SecAggParty:
         masked = expander.masked_copy(vector, self_mask_key(
             self._self_seed, job_id=c.job_id, round_=c.round, party=self.party))
         for j in partners:
-            seed = pairwise_mask_seed(self._mask, job_id=c.job_id, round_=c.round,
-                                      own=self.party, peer=j,
-                                      peer_public=self._live[j].mask_key)
-            (expander.add if self.party < j else expander.subtract)(masked, seed)
+            (expander.add if self.party < j else expander.subtract)(masked, self._seeds[j])
         self._partners = partners
-        self._ciphers.clear()
+        self._seeds.clear()
         self._next = Stage.UNMASK
         return MaskedInput(c.job_id, c.round, self.party, masked, tuple(sorted(rejected)))
 
@@ -282,3 +280,9 @@ class SecAggParty:
     def _fail(self, stage: Stage, reason: RejectionReason, detail: str) -> None:
         raise Rejection(self.party, stage, reason,
                         f"rejected the server's message: {detail}").error()
+
+
+def recovery_header(config: RoundConfig, party: int) -> EnvelopeHeader:
+    """What a party's recovery blob is bound to (sender = receiver = the party itself; no
+    channel envelope is ever addressed to its own sender)."""
+    return EnvelopeHeader(config.job_id, config.round, Stage.SHARE_KEYS, party, party)

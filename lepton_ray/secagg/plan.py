@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from lepton_ray.secagg.graph import (
     choose_neighbours,
     default_threshold,
 )
+from lepton_ray.secagg.keys import NONCE_BYTES
 
 MODULUS_BITS = (32, 64)
 
@@ -37,6 +39,7 @@ class RoundConfig:
     threshold: int
     dim: int
     modulus_bits: int = 32
+    nonce: bytes = b"\x00" * NONCE_BYTES  # public, fresh per execution (plan_round draws it)
 
     def __post_init__(self) -> None:
         problems = []
@@ -46,6 +49,8 @@ class RoundConfig:
             problems.append(f"secagg.round: must be an int >= 0, got {self.round!r}")
         if self.modulus_bits not in MODULUS_BITS:
             problems.append(f"secagg.modulus_bits: must be 32 or 64, got {self.modulus_bits!r}")
+        if not isinstance(self.nonce, bytes) or len(self.nonce) != NONCE_BYTES:
+            problems.append(f"secagg.nonce: must be {NONCE_BYTES} bytes")
         if not isinstance(self.dim, int) or self.dim < 1:
             problems.append(f"secagg.dim: must be a positive int, got {self.dim!r}")
         outside = [p for p in self.graph.participants if p not in self.roster]
@@ -74,13 +79,17 @@ class RoundConfig:
 def plan_round(*, job_id: str, round_: int, roster: Roster, dim: int, graph_seed: bytes,
                participants: Sequence[int] | None = None, modulus_bits: int = 32,
                neighbours: int | GraphTopology | None = None, threshold: int | None = None,
-               policy: NeighbourPolicy = DEFAULT_POLICY) -> RoundConfig:
+               policy: NeighbourPolicy = DEFAULT_POLICY, nonce: bytes | None = None) -> RoundConfig:
     """Plan a round: pick k (``neighbours=None``: :func:`choose_neighbours` for ``policy``),
-    build the graph from the public ``graph_seed`` and set t (default k//2 + 1)."""
+    build the graph from the public ``graph_seed`` and set t (default k//2 + 1). The graph
+    depends only on the seed and the participants, so a job that keeps its seed keeps its
+    graph (and its parties' pair secrets) while the participants stay the same. ``nonce``:
+    the round's public nonce, fresh OS bytes by default (one plan = one execution)."""
     ids = tuple(range(len(roster))) if participants is None else tuple(participants)
     if neighbours is None:
         neighbours = choose_neighbours(len(ids), policy)
     graph = build_graph(ids, neighbours, graph_seed)
     t = default_threshold(graph.degree) if threshold is None else threshold
     return RoundConfig(job_id=job_id, round=round_, roster=roster, graph=graph, threshold=t,
-                       dim=dim, modulus_bits=modulus_bits)
+                       dim=dim, modulus_bits=modulus_bits,
+                       nonce=os.urandom(NONCE_BYTES) if nonce is None else nonce)

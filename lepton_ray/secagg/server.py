@@ -18,7 +18,8 @@ share is released for a round that cannot finish.
 Security (Bonawitz et al. 2017, Thm 6.3; Bell et al. 2020, Thm 3.6): the server sees masked
 inputs, each hidden by its self mask and by pairwise masks with its neighbours; it asks, for
 each party, for shares of *either* its self-mask seed (its masked input is in the sum) *or*
-its mask private key (it dropped), never both, so it can strip the masks of the sum and of
+its recovery key (it dropped; the key opens that party's sealed pairwise seeds of this round,
+see :mod:`lepton_ray.secagg.keys`), never both, so it can strip the masks of the sum and of
 nothing smaller (for a connected graph of survivors).
 """
 
@@ -28,14 +29,13 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from lepton_ray.crypto.agreement import RoundKeyPair, public_key_of
-from lepton_ray.crypto.envelope import OVERHEAD_BYTES
+from lepton_ray.crypto.envelope import OVERHEAD_BYTES, channel_cipher, open_envelope
 from lepton_ray.crypto.identity import SignatureVerifier
 from lepton_ray.crypto.prg import MaskExpander
 from lepton_ray.crypto.shamir import PRIME, SHARE_BYTES, combine_shares
 from lepton_ray.errors import ProtocolError, ThresholdError
 from lepton_ray.secagg.checks import check_header, check_sender, is_int
-from lepton_ray.secagg.keys import advert_transcript, pairwise_mask_seed, self_mask_key
+from lepton_ray.secagg.keys import advert_transcript, self_mask_key
 from lepton_ray.secagg.messages import (
     AdvertiseKeys,
     AggregateResult,
@@ -47,6 +47,7 @@ from lepton_ray.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from lepton_ray.secagg.party import SEED_BYTES, recovery_header
 from lepton_ray.secagg.plan import RoundConfig
 from lepton_ray.secagg.stages import Rejection, RejectionReason, Stage
 
@@ -72,6 +73,7 @@ class SecAggServer:
         self._dropped_set: frozenset[int] = frozenset()
         self._partners: dict[int, tuple[int, ...]] = {}
         self._not_holding: dict[int, set[int]] = {}
+        self._recovery: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # blob, seeds' owners
         self._sum: np.ndarray | None = None
 
     @property
@@ -96,15 +98,13 @@ class SecAggServer:
 
     def _check_advert(self, msg: AdvertiseKeys) -> Rejection | None:
         stage = Stage.ADVERTISE_KEYS
-        for name in ("channel_key", "mask_key"):
-            value = getattr(msg, name)
-            if not isinstance(value, bytes) or len(value) != KEY_BYTES:
-                return Rejection(msg.party, stage, RejectionReason.MALFORMED,
-                                 f"{name} must be {KEY_BYTES} bytes")
+        if not isinstance(msg.public_key, bytes) or len(msg.public_key) != KEY_BYTES:
+            return Rejection(msg.party, stage, RejectionReason.MALFORMED,
+                             f"public_key must be {KEY_BYTES} bytes")
         if not isinstance(msg.signature, bytes):
             return Rejection(msg.party, stage, RejectionReason.BAD_SIGNATURE, "unsigned advert")
-        transcript = advert_transcript(job_id=msg.job_id, round_=msg.round, party=msg.party,
-                                       channel_key=msg.channel_key, mask_key=msg.mask_key)
+        transcript = advert_transcript(job_id=msg.job_id, party=msg.party,
+                                       public_key=msg.public_key)
         if not self._verifier.verify(self.config.roster.public_key(msg.party), transcript,
                                      msg.signature):
             return Rejection(msg.party, stage, RejectionReason.BAD_SIGNATURE,
@@ -118,6 +118,10 @@ class SecAggServer:
         accepted = self._accept(messages, ShareKeys, stage, self._adverts, self._check_shares)
         self._require(len(accepted), stage, "parties shared keys")
         self._shared = frozenset(accepted)
+        graph = self.config.graph
+        self._recovery = {p: (msg.recovery, tuple(j for j in graph.neighbours_of(p)
+                                                  if j in self._adverts))
+                          for p, msg in accepted.items()}
         boxes: dict[int, list] = {p: [] for p in accepted}
         for sender in sorted(accepted):
             for share in accepted[sender].shares:
@@ -145,6 +149,11 @@ class SecAggServer:
             return Rejection(msg.party, stage, RejectionReason.MALFORMED,
                              f"envelopes addressed to {sorted(set(receivers))[:8]}..., expected "
                              f"exactly the {len(expected)} live neighbours")
+        want = OVERHEAD_BYTES + SEED_BYTES * len(expected)
+        if not isinstance(msg.recovery, bytes) or len(msg.recovery) != want:
+            return Rejection(msg.party, stage, RejectionReason.MALFORMED,
+                             f"recovery must be a {want}-byte sealed blob of "
+                             f"{len(expected)} pair seeds")
         return None
 
     # -- stage 3 ------------------------------------------------------------------------
@@ -217,7 +226,7 @@ class SecAggServer:
             x = graph.x_coordinate(holder)
             for owner, value in accepted[holder].self_mask_shares:
                 seed_points[owner].append((x, value))
-            for owner, value in accepted[holder].mask_key_shares:
+            for owner, value in accepted[holder].recovery_shares:
                 if owner in key_points:
                     key_points[owner].append((x, value))
         for owner, points in seed_points.items():
@@ -226,16 +235,12 @@ class SecAggServer:
                             f"arrived, threshold is {t}")
         for owner, points in key_points.items():
             if len(points) < t:
-                self._abort(f"only {len(points)} shares of dropped party {owner}'s mask key "
-                            f"arrived, threshold is {t}")
+                self._abort(f"only {len(points)} shares of dropped party {owner}'s recovery "
+                            f"key arrived, threshold is {t}")
         try:
             seeds = {p: combine_shares(pts, threshold=t) for p, pts in seed_points.items()}
-            mask_keys = {p: combine_shares(pts, threshold=t) for p, pts in key_points.items()}
-            for owner, secret in mask_keys.items():
-                if public_key_of(secret) != self._adverts[owner].mask_key:
-                    raise ProtocolError(
-                        f"reconstructed mask key of party {owner} does not match its advert: "
-                        "a holder sent a corrupt share")
+            pair_seeds = {p: self._open_recovery(p, combine_shares(pts, threshold=t))
+                          for p, pts in key_points.items()}
         except ProtocolError:
             self._next = None
             raise
@@ -246,14 +251,10 @@ class SecAggServer:
         job, rnd = config.job_id, config.round
         for party, seed in seeds.items():
             expander.subtract(total, self_mask_key(seed, job_id=job, round_=rnd, party=party))
-        for party, secret in mask_keys.items():
-            keys = RoundKeyPair.from_private_bytes(secret)
+        for party, seeds in pair_seeds.items():
             for peer in self._partners[party]:
-                pair_seed = pairwise_mask_seed(keys, job_id=job, round_=rnd, own=party,
-                                               peer=peer,
-                                               peer_public=self._adverts[peer].mask_key)
                 # the survivor `peer` added the pair mask if peer < party, else subtracted it
-                (expander.subtract if peer < party else expander.add)(total, pair_seed)
+                (expander.subtract if peer < party else expander.add)(total, seeds[peer])
         self._next = None
         self._sum = None
         everyone = set(config.participants)
@@ -261,6 +262,17 @@ class SecAggServer:
             job_id=job, round=rnd, total=total, survivors=self._survivors,
             dropped=tuple(sorted(everyone - survivors)), neighbours=config.neighbours,
             threshold=t, modulus_bits=config.modulus_bits, rejections=self.rejections)
+
+    def _open_recovery(self, party: int, key: bytes) -> dict[int, bytes]:
+        """The pair seeds a dropped party sealed under its recovery key ``key`` (rebuilt from
+        t shares); :class:`ProtocolError` if the blob does not open (a corrupt share)."""
+        blob, owners = self._recovery[party]
+        try:
+            plain = open_envelope(channel_cipher(key), recovery_header(self.config, party), blob)
+        except ProtocolError as err:
+            raise ProtocolError(f"the rebuilt recovery key of party {party} does not open its "
+                                "sealed pair seeds: a holder sent a corrupt share") from err
+        return {j: plain[i * SEED_BYTES:(i + 1) * SEED_BYTES] for i, j in enumerate(owners)}
 
     def _check_unmask(self, msg: UnmaskResponse) -> Rejection | None:
         stage, graph = Stage.UNMASK, self.config.graph
@@ -270,7 +282,7 @@ class SecAggServer:
         may_seed.add(msg.party)
         may_key = {j for j in neighbours if j in dropped
                    and msg.party not in self._not_holding.get(j, ())}
-        for name, allowed in (("self_mask_shares", may_seed), ("mask_key_shares", may_key)):
+        for name, allowed in (("self_mask_shares", may_seed), ("recovery_shares", may_key)):
             entries = getattr(msg, name)
             if not isinstance(entries, tuple):
                 return Rejection(msg.party, stage, RejectionReason.MALFORMED, f"{name} not a tuple")
