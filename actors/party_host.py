@@ -107,6 +107,14 @@ class PartyHost:
         return {p: k.public_bytes for p, k in self.identities.items()}
 
     # ------------------------------------------------------------------ training
+    def _goes_silent(self, round_: int, party: int) -> bool:
+        """``parties.simulated_dropout``: does ``party`` go silent this round? Public
+        randomness from (seed, round, party), so runs are reproducible."""
+        rate = self.spec.parties.simulated_dropout
+        if not rate:
+            return False
+        return float(np.random.default_rng([self.spec.seed, round_, party, 0x5D]).random()) < rate
+
     def _launch_training(self, round_: int, params_box: list, sampled: list[int], *, fold=None):
         from actors.training import train_task
 
@@ -120,12 +128,15 @@ class PartyHost:
         """Plaintext path: train ``sampled`` from the global parameters in ``params_box[0]``
         (an ObjectRef, boxed so Ray hands it on without fetching it); return the sum of their
         update vectors under ``rule`` (an ``UpdateRule``)."""
+        silent = [p for p in sampled if self._goes_silent(round_, p)]
+        sampled = [p for p in sampled if p not in silent]
         (partial, clipped, losses, examples, bad), device = ray.get(
             self._launch_training(round_, params_box, sampled, fold=rule))
         dropped = {sampled[i] for i in bad}
         report = StageReport(
             host=self.host, parties=tuple(p for p in sampled if p not in dropped),
-            failed=tuple((p, "its update has non-finite values (training diverged)") for p in sorted(dropped)),
+            failed=tuple((p, "its update has non-finite values (training diverged)") for p in sorted(dropped))
+            + tuple((p, "simulated dropout") for p in silent),
             examples=int(examples.sum()), train_loss=_mean_loss(losses, examples), clipped=clipped,
             device=device, ray_calls=1,
         )
@@ -188,8 +199,9 @@ class PartyHost:
         messages, failed, clipped, done = [], [], 0, []
         for p, party in list(state.parties.items()):
             inbox = inboxes.get(p)
-            if inbox is None:
-                failed.append((p, "no share inbox from the coordinator"))
+            if inbox is None or self._goes_silent(round_, p):
+                failed.append((p, "no share inbox from the coordinator" if inbox is None
+                               else "simulated dropout"))
                 del state.parties[p]
                 continue
             i = row[p]

@@ -211,9 +211,16 @@ class PartiesSpec:
     count: int = 10
     per_host: int | None = None
     deploy: tuple[DeployedParty, ...] = ()
+    # simulation only: each round every sampled party goes silent with this probability just
+    # before it would send its update (SecAgg+: its masked input, after sharing its keys)
+    simulated_dropout: float = 0.0
 
     def problems(self, path: str) -> list[str]:
         out = _positive(self, path, "count")
+        if not 0.0 <= self.simulated_dropout < 1.0:
+            out.append(f"{path}.simulated_dropout: must be in [0, 1), got {self.simulated_dropout}")
+        elif self.simulated_dropout and self.deploy:
+            out.append(f"{path}.simulated_dropout: is for simulation; a deployment's parties drop out for real")
         if self.per_host is not None and self.per_host < 1:
             out.append(f"{path}.per_host: must be >= 1, got {self.per_host}")
         if self.deploy:

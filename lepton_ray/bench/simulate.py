@@ -19,7 +19,7 @@ import numpy as np
 
 def workload(parties: int, rounds: int, out: str, *, synthetic: int | None = None,
              secure_aggregation: str = "none", per_host: int | None = None,
-             vectorised: bool = True, hidden: int = 128) -> dict:
+             vectorised: bool = True, hidden: int = 128, dropout: float = 0.0) -> dict:
     data: dict = {"source": "digits", "standardize": True, "test_fraction": 0.2,
                   "partition": {"kind": "iid"}}
     if synthetic:
@@ -31,7 +31,7 @@ def workload(parties: int, rounds: int, out: str, *, synthetic: int | None = Non
         "seed": 0,
         "rounds": rounds,
         "data": data,
-        "parties": {"count": parties, "per_host": per_host},
+        "parties": {"count": parties, "per_host": per_host, "simulated_dropout": dropout},
         "model": {"kind": "mlp", "hidden": [hidden]},
         "training": {"optimizer": "sgd", "lr": 0.1, "epochs": 1, "batch_size": 32,
                      "vectorised": vectorised},
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--no-baseline", action="store_true", help="skip the plain-loop baseline")
     ap.add_argument("--hidden", type=int, default=128, help="MLP hidden width (sets the model size d)")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="fraction of parties that go silent each round before sending their update "
+                         "(SecAgg+: after sharing keys, so the server must rebuild their pairwise masks)")
     ap.add_argument("--compare-plaintext", action="store_true",
                     help="also run the same workload with secure_aggregation none in this process "
                          "and print the ratio of seconds per round")
@@ -108,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as out:
             spec = load_spec(workload(args.parties, args.rounds, out, synthetic=args.synthetic,
                                       secure_aggregation="none", per_host=args.per_host,
-                                      vectorised=args.vectorised == "on", hidden=args.hidden))
+                                      vectorised=args.vectorised == "on", hidden=args.hidden,
+                                      dropout=args.dropout))
             plain = run_job(spec, overwrite=True, num_cpus=args.num_cpus).summary
     with tempfile.TemporaryDirectory() as out:
         spec = load_spec(workload(args.parties, args.rounds, out, synthetic=args.synthetic,
                                   secure_aggregation=args.secure_aggregation,
                                   per_host=args.per_host, vectorised=args.vectorised == "on",
-                                  hidden=args.hidden))
+                                  hidden=args.hidden, dropout=args.dropout))
         rss_by_round: dict[int, float] = {}
         with PeakMemory() as mem:
             result = run_job(spec, overwrite=True, num_cpus=args.num_cpus,
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             "first_round_seconds": s["first_round_seconds"],
             "peak_rss_mb": round(mem.peak_mb, 1),
             "ray_calls_per_round": s["ray_calls_per_round"],
+            "dropout": args.dropout,
             "test_accuracy": s["final"]["test_accuracy"],
             "model_dim": int(sum(p.numel() for p in result.model.parameters())),
             "stage_seconds_per_round": s["stage_seconds_per_round"],
