@@ -130,6 +130,11 @@ class PartyHost:
         update vectors under ``rule`` (an ``UpdateRule``)."""
         silent = [p for p in sampled if self._goes_silent(round_, p)]
         sampled = [p for p in sampled if p not in silent]
+        if not sampled:  # every party of this host went silent: an empty partial sum
+            width = rule.width(len(ray.get(params_box[0])))
+            empty = PartialSum(total=np.zeros(width), parties=0)
+            return StageReport(host=self.host, parties=(),
+                               failed=tuple((p, "simulated dropout") for p in silent)), empty
         (partial, clipped, losses, examples, bad), device = ray.get(
             self._launch_training(round_, params_box, sampled, fold=rule))
         dropped = {sampled[i] for i in bad}

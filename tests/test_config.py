@@ -132,3 +132,9 @@ def test_party_paths_count_must_match(tmp_path):
         load_spec({"parties": {"count": 3},
                    "data": {"source": "party_files", "party_paths": ["a", "b"], "test_path": "t",
                             "label": "y"}})
+
+
+def test_simulated_dropout_is_a_probability_and_only_for_simulation():
+    assert load_spec("jobs/digits.yaml", parties__simulated_dropout=0.1).parties.simulated_dropout == 0.1
+    with pytest.raises(ConfigError, match=r"parties.simulated_dropout: must be in \[0, 1\), got 1.5"):
+        load_spec("jobs/digits.yaml", parties__simulated_dropout=1.5)

@@ -120,3 +120,20 @@ def test_a_lost_host_drops_only_its_parties_of_the_round(ray_session, small_job,
         assert [e["dropped"] for e in audit if e["event"] == "round"] == [expected]
     finally:
         fed.stop()
+
+
+def test_simulated_dropouts_go_silent_after_sharing_keys(ray_session, small_job, tmp_path):
+    """``parties.simulated_dropout``: the chosen parties share keys and then never send their
+    masked input, so the coordinator rebuilds their pairwise masks; the plaintext path drops
+    the same parties (same public draw), and both give the same model."""
+    over = {"rounds": 3, "parties__simulated_dropout": 0.4}
+    secure = lepton_ray.run(small_job, output__dir=str(tmp_path / "s"), **over)
+    plain = lepton_ray.run(small_job, secure_aggregation__mode="none", output__dir=str(tmp_path / "p"), **over)
+    spec = load_spec(small_job)
+    silent = [sum(float(np.random.default_rng([spec.seed, r, p, 0x5D]).random()) < 0.4
+                  for p in range(spec.parties.count)) for r in (1, 2, 3)]
+    assert any(silent)
+    assert (secure.history["status"] == "ok").all()
+    assert secure.history["parties_completed"].tolist() == [spec.parties.count - s for s in silent]
+    assert plain.history["parties_completed"].tolist() == secure.history["parties_completed"].tolist()
+    np.testing.assert_allclose(secure.history["test_loss"], plain.history["test_loss"], rtol=1e-3)
