@@ -254,3 +254,16 @@ def test_secure_sum_input_validation():
         secure_sum(np.zeros((3, 4), dtype=np.uint32), dropouts={"unmask": [7]})
     with pytest.raises(ConfigError, match="modulus_bits"):
         secure_sum(np.zeros((3, 4), dtype=np.uint32), modulus_bits=16)
+
+
+def test_keyring_remembers_recent_nonces_in_bounded_memory():
+    ring = PartyKeyring()
+    for i in range(200):
+        ring.claim_nonce("j", 1, i.to_bytes(16, "big"))
+        ring.claim_nonce("j", 2, i.to_bytes(16, "big"))
+    with pytest.raises(ProtocolError, match="already ran"):
+        ring.claim_nonce("j", 1, (199).to_bytes(16, "big"))
+    ring.claim_nonce("j", 3, (199).to_bytes(16, "big"))  # another party of the same round
+    assert len(ring._nonces) <= 64
+    with pytest.raises(ProtocolError, match="16 bytes"):
+        ring.claim_nonce("j", 1, b"short")

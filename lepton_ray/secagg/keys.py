@@ -52,6 +52,7 @@ from lepton_ray.crypto.kdf import KeyPurpose, derive_key, expand_key
 from lepton_ray.errors import ProtocolError
 
 NONCE_BYTES = 16
+_REMEMBERED_ROUNDS = 64  # nonces are 16 fresh bytes per round: a repeat can only be a replay
 
 
 class PairSecrets:
@@ -106,7 +107,7 @@ class PartyKeyring:
         self._keys: dict[int, X25519KeyPair] = {}
         self._signed: dict[tuple[str, int], bytes] = {}
         self._pairs: dict[tuple, PairSecrets] = {}
-        self._nonces: set[tuple[str, int, bytes]] = set()
+        self._nonces: dict[tuple[str, bytes], set[int]] = {}  # recent rounds only
         self._max_pairs = max_pairs
         self.verifier = SignatureVerifier()
         self.agreements = 0  # X25519 exchanges done (a test and benchmark figure)
@@ -134,11 +135,15 @@ class PartyKeyring:
         already did (a replayed or re-run round must not reuse pairwise masks)."""
         if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
             raise ProtocolError(f"round nonce must be {NONCE_BYTES} bytes")
-        key = (job_id, party, nonce)
-        if key in self._nonces:
+        parties = self._nonces.get((job_id, nonce))
+        if parties is None:
+            if len(self._nonces) >= _REMEMBERED_ROUNDS:  # bounded memory: forget the oldest
+                del self._nonces[next(iter(self._nonces))]
+            parties = self._nonces[(job_id, nonce)] = set()
+        if party in parties:
             raise ProtocolError(f"party {party} already ran a round with this nonce: refusing "
                                 "to reuse its pairwise masks")
-        self._nonces.add(key)
+        parties.add(party)
 
     def pair(self, job_id: str, own: int, peer: int, peer_public: bytes) -> PairSecrets:
         """The secrets of the pair {own, peer}, derived on first use and cached."""
