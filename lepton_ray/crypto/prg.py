@@ -42,22 +42,33 @@ def keystream(key: bytes, nbytes: int) -> bytes:
 
 
 def keystream_into(key: bytes, out: np.ndarray) -> np.ndarray:
-    """Fill the contiguous array ``out`` with the AES-256-CTR keystream of ``key`` (no copy
-    of the stream, no allocation beyond one chunk of zeros); returns ``out``."""
+    """Fill the contiguous array ``out`` with the AES-256-CTR keystream of ``key``, written in
+    place (``update_into`` needs one spare block beyond its input, so only the last 16 bytes
+    go through a scratch block); returns ``out``."""
     data = out.reshape(-1).view(np.uint8)
     nbytes = data.size
     enc = _encryptor(key)
-    step = min(DEFAULT_CHUNK_BYTES, nbytes)
-    zeros = np.zeros(step, dtype=np.uint8)
-    scratch = np.empty(step + BLOCK_BYTES, dtype=np.uint8)
-    for start in range(0, nbytes, step):
-        stop = min(nbytes, start + step)
-        if stop - start == step and stop + BLOCK_BYTES <= nbytes:
-            enc.update_into(zeros, data[start:])  # room for update_into's extra block
-        else:
-            enc.update_into(zeros[: stop - start], scratch)
-            data[start:stop] = scratch[: stop - start]
+    zeros = _zero_chunk()
+    body = max(0, nbytes - BLOCK_BYTES)
+    for start in range(0, body, DEFAULT_CHUNK_BYTES):
+        stop = min(body, start + DEFAULT_CHUNK_BYTES)
+        enc.update_into(zeros[: stop - start], data[start:])
+    tail = np.empty(2 * BLOCK_BYTES, dtype=np.uint8)
+    enc.update_into(zeros[: nbytes - body], tail)
+    data[body:] = tail[: nbytes - body]
     return out
+
+
+_ZEROS: np.ndarray | None = None
+
+
+def _zero_chunk() -> np.ndarray:
+    """One shared, never-written chunk of zero bytes: the plaintext CTR mode encrypts."""
+    global _ZEROS
+    if _ZEROS is None:
+        _ZEROS = np.zeros(DEFAULT_CHUNK_BYTES, dtype=np.uint8)
+        _ZEROS.flags.writeable = False
+    return _ZEROS
 
 
 def ring_dtype(modulus_bits: int) -> np.dtype:
@@ -116,15 +127,7 @@ class MaskExpander:
         if vector.shape != (self.dim,) or vector.dtype != self.dtype:
             raise ProtocolError(f"vector must be {self.dtype} of shape ({self.dim},), got "
                                 f"{vector.dtype} {vector.shape}")
-        item = self.dtype.itemsize
-        nbytes = self.dim * item
-        buffer = np.empty(nbytes + BLOCK_BYTES, dtype=np.uint8)
-        enc = _encryptor(key)
-        step = self._per_chunk * item
-        for start in range(0, nbytes, step):
-            stop = min(nbytes, start + step)
-            enc.update_into(self._zeros[:stop - start], buffer[start:])
-        out = buffer[:nbytes].view(self.dtype)
+        out = keystream_into(key, np.empty(self.dim, dtype=self.dtype))
         np.add(out, vector, out=out)
         return out
 
