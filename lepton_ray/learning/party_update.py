@@ -35,8 +35,6 @@ from lepton_ray.secagg.quantize import (
     clip_l2,
     dequantize,
     require_no_overflow,
-    stochastic_round,
-    to_ring,
 )
 
 
@@ -110,16 +108,6 @@ def fold(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule) -> tuple[np
     return total, int(clipped.sum())
 
 
-def encode_ring(delta: np.ndarray, examples: int, rule: UpdateRule,
-                quant: QuantizationSpec, *, key: bytes | None = None) -> tuple[np.ndarray, bool]:
-    """The party's vector quantised into Z_{2^b} (stochastic rounding from AES-CTR). The
-    vector's norm is already within ``quant.clip_norm`` (= ``rule.norm_bound``) by
-    construction, so it is scaled and rounded without a second clipping pass."""
-    vec, clipped = encode_float(delta, examples, rule)
-    vec *= quant.scale
-    return to_ring(stochastic_round(vec, key), quant.modulus_bits), clipped
-
-
 @dataclass(frozen=True, eq=False)
 class EncodedBatch:
     """A host's parties encoded for secure aggregation in one pass (:func:`encode_ring_batch`)."""
@@ -134,8 +122,9 @@ _CHUNK = 1 << 16  # elements per fused pass: a few cache-resident float64 blocks
 
 def encode_ring_batch(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule,
                       quant: QuantizationSpec, *, key: bytes | None = None) -> EncodedBatch:
-    """:func:`encode_ring` for all the rows of ``deltas`` at once: the same vectors
-    ``[w_i clip_C(delta_i), w_i, b_i]`` scaled and stochastically rounded into Z_{2^b}.
+    """The rows of ``deltas`` as secure-aggregation inputs, all at once: each party's
+    :func:`encode_float` vector ``[w_i clip_C(delta_i), w_i, b_i]`` scaled and stochastically
+    rounded into Z_{2^b}.
 
     Rounding is ``round(x + u)`` with ``u = r / 2^32 in [-1/2, 1/2)``, ``r`` a uniform signed
     32-bit word from AES-256-CTR keyed by HKDF(key) (``key=None``: 32 OS bytes), which is
