@@ -118,9 +118,7 @@ class SecAggServer:
         accepted = self._accept(messages, ShareKeys, stage, self._adverts, self._check_shares)
         self._require(len(accepted), stage, "parties shared keys")
         self._shared = frozenset(accepted)
-        graph = self.config.graph
-        self._recovery = {p: (msg.recovery, tuple(j for j in graph.neighbours_of(p)
-                                                  if j in self._adverts))
+        self._recovery = {p: (msg.recovery, self._live_neighbours(p))
                           for p, msg in accepted.items()}
         boxes: dict[int, list] = {p: [] for p in accepted}
         for sender in sorted(accepted):
@@ -135,7 +133,7 @@ class SecAggServer:
         stage = Stage.SHARE_KEYS
         if not isinstance(msg.shares, tuple):
             return Rejection(msg.party, stage, RejectionReason.MALFORMED, "shares is not a tuple")
-        expected = {j for j in self.config.graph.neighbours_of(msg.party) if j in self._adverts}
+        expected = set(self._live_neighbours(msg.party))
         receivers = []
         for share in msg.shares:
             if (not isinstance(share, EncryptedShare) or share.sender != msg.party
@@ -155,6 +153,12 @@ class SecAggServer:
                              f"recovery must be a {want}-byte sealed blob of "
                              f"{len(expected)} pair seeds")
         return None
+
+    def _live_neighbours(self, party: int) -> tuple[int, ...]:
+        """``party``'s neighbours that advertised keys, in id order: the holders of its shares
+        and, in the same order, the owners of the pair seeds in its recovery blob."""
+        return tuple(sorted(j for j in self.config.graph.neighbours_of(party)
+                            if j in self._adverts))
 
     # -- stage 3 ------------------------------------------------------------------------
     def collect_masked(self, messages: Iterable[object]) -> UnmaskRequest:
