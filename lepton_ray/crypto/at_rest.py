@@ -123,15 +123,20 @@ def write_encrypted(path: str | os.PathLike, plaintext: bytes, key: bytes, *,
 
 def read_encrypted(path: str | os.PathLike, key: bytes, *, associated: bytes = b"") -> bytes:
     path = Path(path)
-    try:
-        sealed = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"encrypted file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, not an encrypted file") from None
-    except OSError as exc:
-        raise DataError(f"cannot read encrypted file {path}: {exc.strerror}") from None
+    sealed = _read(path, "encrypted file")
     return decrypt_bytes(sealed, key, associated=associated, source=str(path))
+
+
+def _read(path: Path, what: str) -> bytes:
+    """The bytes of ``path``; :class:`DataError` naming ``what`` and the path otherwise."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{what} {path}: is a directory") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
 def decrypted_name(path: str | os.PathLike) -> Path:
@@ -165,14 +170,7 @@ def load_key(*, key_file: str | os.PathLike | None = None, key_env: str | None =
                 f"{KEY_BYTES} bytes, got {_describe(value.strip().encode())}")
         return key
     path = Path(key_file)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"key file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"key file {path}: is a directory") from None
-    except OSError as exc:
-        raise DataError(f"cannot read key file {path}: {exc.strerror}") from None
+    raw = _read(path, "key file")
     try:
         key = _parse_text_key(raw.decode("ascii").strip())
     except UnicodeDecodeError:

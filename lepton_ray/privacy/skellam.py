@@ -635,6 +635,12 @@ def skellam_epsilon(
         noise_multiplier=noise_multiplier, beta=beta, max_wraparound=max_wraparound,
         k_stddevs=k_stddevs,
     )
+    return _rdp_epsilon(params, sampling_rate=sampling_rate, steps=steps, delta=delta,
+                        amplification=amplification)
+
+
+def _rdp_epsilon(params: SkellamParams, *, sampling_rate: float, steps: int, delta: float,
+                 amplification: SkellamAmplification) -> float:
     event = skellam_event(params, sampling_rate=sampling_rate, steps=steps,
                           amplification=amplification)
     return RdpAccountant().composed(event).epsilon(delta)
@@ -695,9 +701,8 @@ def calibrate_skellam(
             except PrivacyError:
                 cache[z] = (math.inf, None)  # too much noise for the ring: treat as failing
             else:
-                ev = skellam_event(p, sampling_rate=sampling_rate, steps=steps,
-                                   amplification=amplification)
-                cache[z] = (RdpAccountant().composed(ev).epsilon(delta), p)
+                cache[z] = (_rdp_epsilon(p, sampling_rate=sampling_rate, steps=steps,
+                                         delta=delta, amplification=amplification), p)
         return cache[z][0]
 
     lo = hi = 1.0
