@@ -5,7 +5,8 @@
 * :mod:`.kdf`       - HKDF-SHA256 with domain separation (:class:`KeyPurpose`)
 * :mod:`.envelope`  - AES-256-GCM envelopes bound to job, round, stage, sender, receiver
 * :mod:`.prg`       - AES-256-CTR keystream -> ring elements / floats / public integers
-* :mod:`.shamir`    - Shamir t-of-n sharing of 32-byte secrets over GF(2**256 + 297)
+* :mod:`.shamir`    - Shamir t-of-n sharing of 32-byte secrets, 30-bit limbs over GF(2**31 - 1),
+  vectorised over many secrets
 * :mod:`.at_rest`   - AES-256-GCM files at rest (checkpoints, models) and key loading; the one
   module here that does file I/O
 
@@ -25,7 +26,14 @@ from lepton_ray.crypto.prg import (
     ring_dtype,
     uniform_floats,
 )
-from lepton_ray.crypto.shamir import PRIME, combine_shares, interpolate_at, split_secret
+from lepton_ray.crypto.shamir import (
+    PRIME,
+    combine_secrets,
+    combine_shares,
+    interpolate_at,
+    split_secret,
+    split_secrets,
+)
 
 __all__ = [
     "PRIME",
@@ -38,6 +46,7 @@ __all__ = [
     "SignatureVerifier",
     "X25519KeyPair",
     "channel_cipher",
+    "combine_secrets",
     "combine_shares",
     "derive_key",
     "encode_fields",
@@ -49,5 +58,6 @@ __all__ = [
     "ring_dtype",
     "seal",
     "split_secret",
+    "split_secrets",
     "uniform_floats",
 ]

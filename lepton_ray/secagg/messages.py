@@ -18,7 +18,7 @@ import numpy as np
 
 from lepton_ray.secagg.stages import Rejection, Stage
 
-ShareEntry = tuple[int, int]  # (owner party id, Shamir share as a GF(p) element)
+ShareEntry = tuple[int, bytes]  # (owner party id, Shamir share: SHARE_BYTES bytes)
 
 
 @dataclass(frozen=True)

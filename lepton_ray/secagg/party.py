@@ -36,7 +36,7 @@ import numpy as np
 from lepton_ray.crypto.envelope import EnvelopeHeader, channel_cipher, open_envelope, seal
 from lepton_ray.crypto.identity import IdentityKey
 from lepton_ray.crypto.prg import MaskExpander
-from lepton_ray.crypto.shamir import SHARE_BYTES, share_from_bytes, share_to_bytes, split_secret
+from lepton_ray.crypto.shamir import SHARE_BYTES, split_secret
 from lepton_ray.errors import ConfigError, DataError, ProtocolError, ThresholdError
 from lepton_ray.secagg.checks import check_header, is_int
 from lepton_ray.secagg.keys import (
@@ -96,7 +96,7 @@ class SecAggParty:
         self._live: dict[int, AdvertiseKeys] = {}
         self._seeds: dict[int, bytes] = {}
         self._partners: tuple[int, ...] = ()
-        self._held: dict[int, tuple[int, int]] = {}
+        self._held: dict[int, tuple[bytes, bytes]] = {}
 
     @property
     def rejections(self) -> tuple[Rejection, ...]:
@@ -164,7 +164,7 @@ class SecAggParty:
             self._seeds[holder] = pairwise_mask_seed(pair.mask_key, job_id=c.job_id,
                                                      round_=c.round, nonce=c.nonce)
             header = EnvelopeHeader(c.job_id, c.round, Stage.SHARE_KEYS, self.party, holder)
-            plaintext = share_to_bytes(seed_share) + share_to_bytes(key_share)
+            plaintext = seed_share + key_share
             envelopes.append(EncryptedShare(self.party, holder,
                                             seal(pair.channel, header, plaintext, self._entropy)))
         recovery = seal(channel_cipher(self._recovery_key), recovery_header(c, self.party),
@@ -205,8 +205,7 @@ class SecAggParty:
                 if len(plain) != 2 * SHARE_BYTES:
                     raise ProtocolError(f"envelope from party {share.sender} has "
                                         f"{len(plain)} plaintext bytes")
-                held = (share_from_bytes(plain[:SHARE_BYTES]),
-                        share_from_bytes(plain[SHARE_BYTES:]))
+                held = (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
             except ProtocolError as err:
                 self._rejections.append(Rejection(share.sender, Stage.SHARE_KEYS,
                                                   RejectionReason.TAMPERED, str(err)))

@@ -32,7 +32,7 @@ import numpy as np
 from lepton_ray.crypto.envelope import OVERHEAD_BYTES, channel_cipher, open_envelope
 from lepton_ray.crypto.identity import SignatureVerifier
 from lepton_ray.crypto.prg import MaskExpander
-from lepton_ray.crypto.shamir import PRIME, SHARE_BYTES, combine_shares
+from lepton_ray.crypto.shamir import LIMBS, SHARE_BYTES, combine_secrets
 from lepton_ray.errors import ProtocolError, ThresholdError
 from lepton_ray.secagg.checks import check_header, check_sender, is_int
 from lepton_ray.secagg.keys import advert_transcript, self_mask_key
@@ -224,8 +224,8 @@ class SecAggServer:
         accepted = self._accept(messages, UnmaskResponse, stage, survivors, self._check_unmask)
         self._require(len(accepted), stage, "survivors sent their shares")
         graph, t, config = self.config.graph, self.config.threshold, self.config
-        seed_points: dict[int, list[tuple[int, int]]] = {p: [] for p in self._survivors}
-        key_points: dict[int, list[tuple[int, int]]] = {p: [] for p in self._partners}
+        seed_points: dict[int, list[tuple[int, bytes]]] = {p: [] for p in self._survivors}
+        key_points: dict[int, list[tuple[int, bytes]]] = {p: [] for p in self._partners}
         for holder in sorted(accepted):
             x = graph.x_coordinate(holder)
             for owner, value in accepted[holder].self_mask_shares:
@@ -242,9 +242,9 @@ class SecAggServer:
                 self._abort(f"only {len(points)} shares of dropped party {owner}'s recovery "
                             f"key arrived, threshold is {t}")
         try:
-            seeds = {p: combine_shares(pts, threshold=t) for p, pts in seed_points.items()}
-            pair_seeds = {p: self._open_recovery(p, combine_shares(pts, threshold=t))
-                          for p, pts in key_points.items()}
+            seeds = _rebuild(seed_points, t)
+            pair_seeds = {p: self._open_recovery(p, key)
+                          for p, key in _rebuild(key_points, t).items()}
         except ProtocolError:
             self._next = None
             raise
@@ -292,8 +292,8 @@ class SecAggServer:
                 return Rejection(msg.party, stage, RejectionReason.MALFORMED, f"{name} not a tuple")
             owners = set()
             for entry in entries:
-                if (type(entry) is not tuple or len(entry) != 2 or type(entry[1]) is not int
-                        or entry[0] not in allowed or not 0 <= entry[1] < PRIME
+                if (type(entry) is not tuple or len(entry) != 2 or type(entry[1]) is not bytes
+                        or entry[0] not in allowed or len(entry[1]) != SHARE_BYTES
                         or entry[0] in owners):
                     return Rejection(msg.party, stage, RejectionReason.MALFORMED,
                                      f"{name}: entry {str(entry)[:40]} is not a share this "
@@ -348,3 +348,15 @@ class SecAggServer:
         self._sum = None
         raise ThresholdError(f"round {self.config.round} of job {self.config.job_id!r} aborted, "
                              f"nothing released: {why}")
+
+
+def _rebuild(points: dict[int, list[tuple[int, bytes]]], threshold: int) -> dict[int, bytes]:
+    """Every owner's secret from its first t (x, share) points, in one batch."""
+    if not points:
+        return {}
+    owners = list(points)
+    chosen = [points[p][:threshold] for p in owners]
+    xs = np.array([[x for x, _ in row] for row in chosen], dtype=np.int64)
+    ys = np.frombuffer(b"".join(y for row in chosen for _, y in row), dtype="<u4")
+    secrets = combine_secrets(xs, ys.reshape(len(owners), threshold, LIMBS))
+    return {p: row.tobytes() for p, row in zip(owners, secrets)}
