@@ -44,7 +44,7 @@ class StageReport:
 class _Round:
     round: int
     plan: object  # lepton_ray.learning.party_update.SecureRoundPlan
-    parties: dict = field(default_factory=dict)  # party id -> SecAggParty
+    cohort: object = None  # lepton_ray.secagg.cohort.PartyCohort
     training: object = None  # ObjectRef of the training task
     order: list = field(default_factory=list)
 
@@ -150,37 +150,40 @@ class PartyHost:
     # ------------------------------------------------------------------ SecAgg+ stages
     def advertise(self, round_: int, plan, params_box: list, sampled: list[int]):
         """Stage 1: start training (it overlaps the key stages), make each sampled party's
-        round keys and return their signed adverts."""
-        from lepton_ray.crypto.prg import MaskExpander
+        round state and return their signed adverts."""
         from lepton_ray.secagg import SecAggParty
+        from lepton_ray.secagg.cohort import PartyCohort
 
         config = plan.config
-        expander = MaskExpander(config.dim, config.dtype)
         state = _Round(round=round_, plan=plan)
         state.training = self._launch_training(round_, params_box, sampled)
         state.order = list(sampled)
-        adverts, failed = [], []
+        parties, failed = {}, []
         for p in sampled:
             try:
-                party = SecAggParty(party=p, identity=self.identities[p], config=config,
-                                    keyring=self.keyring, expander=expander)
-                adverts.append(party.advertise())
-                state.parties[p] = party
+                parties[p] = SecAggParty(party=p, identity=self.identities[p], config=config,
+                                         keyring=self.keyring)
             except ProtocolError as exc:
                 failed.append((p, str(exc)))
+        state.cohort = PartyCohort(config, parties)
         self.round = state
-        return self._report(adverts, failed, ray_calls=1), adverts
+        adverts, more = state.cohort.advertise()
+        return self._report(adverts, failed + more, ray_calls=1), adverts
 
     def share_keys(self, round_: int, broadcast):
-        """Stage 2: each party Shamir-shares its self-mask seed and recovery key to its
-        neighbours, encrypted pairwise, and seals its pair seeds under the recovery key."""
-        return self._each(round_, lambda party: party.share_keys(broadcast))
+        """Stage 2: every party Shamir-shares its self-mask seed and recovery key to its
+        neighbours (one batch for the host), encrypted pairwise, and seals its pair seeds
+        under the recovery key."""
+        messages, failed = self._state(round_).cohort.share_keys(broadcast)
+        return self._report(messages, failed), messages
 
     def masked_input(self, round_: int, inboxes: dict):
-        """Stage 3: clip, weight and quantise each party's delta, then mask it."""
+        """Stage 3: clip, weight and quantise each party's delta, then mask them into one
+        sum for the host (:meth:`PartyCohort.masked_sum`)."""
         from lepton_ray.learning.party_update import encode_ring_batch
 
         state = self._state(round_)
+        cohort = state.cohort
         result, device = ray.get(state.training)
         rule, quant = state.plan.rule, state.plan.quantization
         row = {p: i for i, p in enumerate(state.order)}
@@ -201,29 +204,25 @@ class PartyHost:
             def encode(i):
                 enc = skellam_encode(result.deltas[i], params, signs=signs, rng=os_seeded_generator())
                 return enc.values, enc.clipped
-        messages, failed, clipped, done = [], [], 0, []
-        for p, party in list(state.parties.items()):
-            inbox = inboxes.get(p)
-            if inbox is None or self._goes_silent(round_, p):
-                failed.append((p, "no share inbox from the coordinator" if inbox is None
-                               else "simulated dropout"))
-                del state.parties[p]
+        vectors, clipped, failed = {}, {}, []
+        for p in list(cohort.parties):
+            if p in inboxes and self._goes_silent(round_, p):
+                failed.append((p, "simulated dropout"))
+                cohort.drop(p)
                 continue
-            i = row[p]
             try:
-                ring, was_clipped = encode(i)
-                messages.append(party.masked_input(inbox, ring))
-                clipped += was_clipped
-                done.append(i)
-            except (ProtocolError, DataError, PrivacyError) as exc:  # e.g. a diverged, non-finite update
+                vectors[p], clipped[p] = encode(row[p])
+            except (DataError, PrivacyError) as exc:  # e.g. a diverged, non-finite update
                 failed.append((p, str(exc)))
-                del state.parties[p]
-        idx = np.array(done, dtype=int)
+                cohort.drop(p)
+        messages, more = cohort.masked_sum(inboxes, vectors)
+        sent = messages[0].parties if messages else ()
+        idx = np.array([row[p] for p in sent], dtype=int)
         report = StageReport(
-            host=self.host, parties=tuple(m.party for m in messages), failed=tuple(failed),
+            host=self.host, parties=sent, failed=tuple(failed + more),
             examples=int(result.examples[idx].sum()) if len(idx) else 0,
             train_loss=_mean_loss(result.losses[idx], result.examples[idx]) if len(idx) else float("nan"),
-            clipped=clipped, device=device,
+            clipped=sum(clipped[p] for p in sent), device=device,
         )
         return report, messages
 
@@ -232,17 +231,17 @@ class PartyHost:
         pairwise masks; then forget the round. With distributed DP an honest party refuses
         when fewer parties survived than the noise was calibrated for (their noise shares
         would not add up to the promised variance), so such a sum is never revealed."""
-        skellam = self._state(round_).plan.skellam
+        state = self._state(round_)
+        skellam = state.plan.skellam
         if skellam is not None and len(request.survivors) < skellam.min_survivors:
-            state = self._state(round_)
             why = (f"only {len(request.survivors)} survivors, the noise needs "
                    f"{skellam.min_survivors}: refusing to unmask")
-            failed = tuple((p, why) for p in state.parties)
+            failed = tuple((p, why) for p in state.cohort.parties)
             self.round = None
             return StageReport(host=self.host, parties=(), failed=failed), []
-        out = self._each(round_, lambda party: party.unmask(request))
+        messages, failed = state.cohort.unmask(request)
         self.round = None
-        return out
+        return self._report(messages, failed), messages
 
     # ------------------------------------------------------------------ helpers
     def _state(self, round_: int) -> _Round:
@@ -250,17 +249,6 @@ class PartyHost:
             have = None if self.round is None else self.round.round
             raise ProtocolError(f"host {self.host}: asked for round {round_}, holds round {have}")
         return self.round
-
-    def _each(self, round_: int, act):
-        state = self._state(round_)
-        messages, failed = [], []
-        for p, party in list(state.parties.items()):
-            try:
-                messages.append(act(party))
-            except ProtocolError as exc:
-                failed.append((p, str(exc)))
-                del state.parties[p]
-        return self._report(messages, failed), messages
 
     def _report(self, messages, failed, ray_calls: int = 0) -> StageReport:
         return StageReport(host=self.host, parties=tuple(m.party for m in messages),

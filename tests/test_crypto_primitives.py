@@ -51,6 +51,21 @@ def test_encoding_rejects_bad_fields():
             encode_fields(bad)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
+def test_envelope_associated_data_is_the_field_encoding(sender, receiver):
+    header = EnvelopeHeader("job", 4, Stage.SHARE_KEYS, sender, receiver)
+    want = encode_fields(b"lepton-ray/v1/envelope", "job", 4, "Stage.SHARE_KEYS", sender,
+                         receiver)
+    assert header.associated_data() == want
+
+
+def test_envelope_associated_data_rejects_bad_ids():
+    for bad in (-1, 2**64, True, 1.5):
+        with pytest.raises(ProtocolError):
+            EnvelopeHeader("job", 4, Stage.SHARE_KEYS, bad, 1).associated_data()
+
+
 def test_hkdf_domain_separation():
     secret = os.urandom(32)
     keys = {derive_key(secret, purpose, "job", 1) for purpose in KeyPurpose}

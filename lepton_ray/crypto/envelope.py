@@ -13,6 +13,7 @@ Wire format: ``nonce (12 bytes) || ciphertext || tag (16 bytes)``.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -28,6 +29,9 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 OVERHEAD_BYTES = NONCE_BYTES + TAG_BYTES
 _AD_LABEL = b"lepton-ray/v1/envelope"
+_INT_TAG = b"i\x00\x00\x00\x08"  # encode_fields' header of an int field
+_INT_PAIR = struct.Struct(">5sQ5sQ")
+_MAX_ID = 2**64
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,12 @@ class EnvelopeHeader:
 
     def associated_data(self) -> bytes:
         """encode(label, job id, round, stage, sender, receiver)."""
-        return _ad_prefix(self.job_id, self.round, self.stage) + encode_fields(self.sender,
-                                                                               self.receiver)
+        prefix = _ad_prefix(self.job_id, self.round, self.stage)
+        sender, receiver = self.sender, self.receiver
+        if type(sender) is int and type(receiver) is int and 0 <= min(sender, receiver) \
+                and max(sender, receiver) < _MAX_ID:  # the common case, without the loop
+            return prefix + _INT_PAIR.pack(_INT_TAG, sender, _INT_TAG, receiver)
+        return prefix + encode_fields(sender, receiver)
 
 
 @lru_cache(maxsize=256)

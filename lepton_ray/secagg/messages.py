@@ -1,7 +1,7 @@
 """One frozen message type per stage and direction: plain, picklable values.
 
-Party -> server: :class:`AdvertiseKeys`, :class:`ShareKeys`, :class:`MaskedInput`,
-:class:`UnmaskResponse`. Server -> parties: :class:`KeyBroadcast`, :class:`ShareInbox`,
+Party -> server: :class:`AdvertiseKeys`, :class:`ShareKeys`, :class:`MaskedInput` (or, from a
+host, :class:`MaskedSum` of its parties' inputs), :class:`UnmaskResponse`. Server -> parties: :class:`KeyBroadcast`, :class:`ShareInbox`,
 :class:`UnmaskRequest`; server output: :class:`AggregateResult`. Every message names its job
 and round; its stage is its type (``STAGE``), so a message for the wrong stage is rejected by
 its type, not by dictionary checks. A PartyHost sends a list of these per stage for all the
@@ -107,6 +107,22 @@ class MaskedInput:
     rejected_senders: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True, eq=False)
+class MaskedSum:
+    """Stage 3, host -> server: the sum in Z_{2^b} of the masked inputs of ``parties`` (all
+    hosted by one PartyHost), the same value as the sum of their :class:`MaskedInput`
+    vectors, so the server learns less, never more. ``rejected``: (reporter, senders) for
+    each party whose inbox held envelopes that failed authentication. The server takes the
+    sum whole or not at all: if one of its parties is dropped, all of them are."""
+
+    STAGE: ClassVar[Stage] = Stage.MASKED_INPUT
+    job_id: str
+    round: int
+    parties: tuple[int, ...]
+    vector: np.ndarray
+    rejected: tuple[tuple[int, tuple[int, ...]], ...] = ()
+
+
 @dataclass(frozen=True)
 class UnmaskRequest:
     """Stage 4, server -> survivors: whose masked input is in the sum (``survivors``) and who
@@ -159,5 +175,5 @@ class AggregateResult:
     rejections: tuple[Rejection, ...] = field(default=())
 
 
-PARTY_MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, UnmaskResponse)
+PARTY_MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, MaskedSum, UnmaskResponse)
 SERVER_MESSAGES = (KeyBroadcast, ShareInbox, UnmaskRequest)

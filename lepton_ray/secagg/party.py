@@ -29,14 +29,14 @@ recovery key are described in :mod:`lepton_ray.secagg.keys`):
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 
 from lepton_ray.crypto.envelope import EnvelopeHeader, channel_cipher, open_envelope, seal
 from lepton_ray.crypto.identity import IdentityKey
 from lepton_ray.crypto.prg import MaskExpander
-from lepton_ray.crypto.shamir import SHARE_BYTES, split_secret
+from lepton_ray.crypto.shamir import SHARE_BYTES, split_secrets
 from lepton_ray.errors import ConfigError, DataError, ProtocolError, ThresholdError
 from lepton_ray.secagg.checks import check_header, is_int
 from lepton_ray.secagg.keys import (
@@ -96,6 +96,8 @@ class SecAggParty:
         self._live: dict[int, AdvertiseKeys] = {}
         self._seeds: dict[int, bytes] = {}
         self._partners: tuple[int, ...] = ()
+        self._inbox_open = False
+        self._holders: list[int] | None = None
         self._held: dict[int, tuple[bytes, bytes]] = {}
 
     @property
@@ -119,6 +121,17 @@ class SecAggParty:
 
     # -- stage 2 ------------------------------------------------------------------------
     def share_keys(self, broadcast: KeyBroadcast) -> ShareKeys:
+        holders = self.share_holders(broadcast)
+        xs = np.array([[self.config.graph.x_coordinate(h) for h in holders]] * 2)
+        shares = split_secrets(self.secrets(), threshold=self.config.threshold, xs=xs,
+                               entropy=self._entropy)
+        return self.seal_shares(holders, shares)
+
+    def share_holders(self, broadcast: KeyBroadcast) -> list[int]:
+        """First half of :meth:`share_keys`: check the broadcast and return who will hold
+        this party's shares (its live neighbours and itself, in id order). A
+        :class:`~lepton_ray.secagg.cohort.PartyCohort` then shares every party's
+        :meth:`secrets` in one batch and hands each its rows for :meth:`seal_shares`."""
         stage = self._begin(Stage.SHARE_KEYS)
         c = self.config
         self._raise(check_header(broadcast, KeyBroadcast, c, stage))
@@ -150,31 +163,53 @@ class SecAggParty:
         if len(holders) < c.threshold:
             raise ThresholdError(f"party {self.party}: only {len(holders)} live holders in its "
                                  f"neighbourhood, threshold is {c.threshold}")
-        xs = [c.graph.x_coordinate(h) for h in holders]
-        seed_shares = split_secret(self._self_seed, threshold=c.threshold, xs=xs,
-                                   entropy=self._entropy)
-        key_shares = split_secret(self._recovery_key, threshold=c.threshold, xs=xs,
-                                  entropy=self._entropy)
+        self._live = live
+        self._holders = holders
+        return holders
+
+    def secrets(self) -> np.ndarray:
+        """This round's two shared secrets, self-mask seed and recovery key, as (2, 32)."""
+        return np.frombuffer(self._self_seed + self._recovery_key, np.uint8).reshape(2, -1)
+
+    def seal_shares(self, holders: list[int], shares: np.ndarray) -> ShareKeys:
+        """Second half of :meth:`share_keys`: ``shares`` (2, len(holders), LIMBS) are the
+        shares of :meth:`secrets` for ``holders``; seal each holder's pair under the pair's
+        channel key, and this round's pair seeds under the recovery key."""
+        if (self._next is not None or holders != self._holders
+                or shares.shape[:2] != (2, len(holders))):
+            raise ProtocolError(f"party {self.party}: seal_shares needs share_holders first "
+                                "and one share of each secret per holder")
+        self._holders = None
+        c = self.config
+        wire = shares.astype("<u4", copy=False)
         envelopes = []
-        for holder, seed_share, key_share in zip(holders, seed_shares, key_shares):
+        for i, holder in enumerate(holders):
+            seed_share, key_share = wire[0, i].tobytes(), wire[1, i].tobytes()
             if holder == self.party:
                 self._held[holder] = (seed_share, key_share)
                 continue
-            pair = self._keyring.pair(c.job_id, self.party, holder, live[holder].public_key)
+            pair = self._keyring.pair(c.job_id, self.party, holder, self._live[holder].public_key)
             self._seeds[holder] = pairwise_mask_seed(pair.mask_key, job_id=c.job_id,
                                                      round_=c.round, nonce=c.nonce)
             header = EnvelopeHeader(c.job_id, c.round, Stage.SHARE_KEYS, self.party, holder)
-            plaintext = seed_share + key_share
-            envelopes.append(EncryptedShare(self.party, holder,
-                                            seal(pair.channel, header, plaintext, self._entropy)))
+            envelopes.append(EncryptedShare(self.party, holder, seal(
+                pair.channel, header, seed_share + key_share, self._entropy)))
         recovery = seal(channel_cipher(self._recovery_key), recovery_header(c, self.party),
-                        b"".join(self._seeds[j] for j in sorted(live)), self._entropy)
-        self._live = live
+                        b"".join(self._seeds[j] for j in sorted(self._live)), self._entropy)
         self._next = Stage.MASKED_INPUT
         return ShareKeys(c.job_id, c.round, self.party, tuple(envelopes), recovery)
 
     # -- stage 3 ------------------------------------------------------------------------
     def masked_input(self, inbox: ShareInbox, vector: np.ndarray) -> MaskedInput:
+        self.open_inbox(inbox, vector)
+        masked = vector.copy()
+        rejected = self.mask_into(masked, self._expander or MaskExpander(self.config.dim,
+                                                                          self.config.dtype))
+        return MaskedInput(self.config.job_id, self.config.round, self.party, masked, rejected)
+
+    def open_inbox(self, inbox: ShareInbox, vector: np.ndarray) -> tuple[int, ...]:
+        """First half of :meth:`masked_input`: check ``vector`` and the inbox, keep the
+        shares it holds for its neighbours and return the partners it must mask with."""
         c = self.config
         if (not isinstance(vector, np.ndarray) or vector.shape != (c.dim,)
                 or vector.dtype != c.dtype):
@@ -194,7 +229,6 @@ class SecAggParty:
                 self._fail(stage, RejectionReason.MALFORMED,
                            "inbox holds an envelope not from a distinct live neighbour")
             senders.append(share.sender)
-        rejected = []
         for share in inbox.shares:
             header = EnvelopeHeader(c.job_id, c.round, Stage.SHARE_KEYS, share.sender,
                                     self.party)
@@ -205,13 +239,11 @@ class SecAggParty:
                 if len(plain) != 2 * SHARE_BYTES:
                     raise ProtocolError(f"envelope from party {share.sender} has "
                                         f"{len(plain)} plaintext bytes")
-                held = (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
             except ProtocolError as err:
                 self._rejections.append(Rejection(share.sender, Stage.SHARE_KEYS,
                                                   RejectionReason.TAMPERED, str(err)))
-                rejected.append(share.sender)
                 continue
-            self._held[share.sender] = held
+            self._held[share.sender] = (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
         # Mask with every neighbour the server routed, readable or not: the server knows
         # exactly this set and strips the masks of any sender it later drops.
         partners = tuple(sorted(senders))
@@ -219,15 +251,29 @@ class SecAggParty:
             raise ThresholdError(f"party {self.party}: only {len(partners)} neighbours shared "
                                  f"keys, threshold is {c.threshold}; not sending a weakly "
                                  "masked input")
-        expander = self._expander or MaskExpander(c.dim, c.dtype)
-        masked = expander.masked_copy(vector, self_mask_key(
-            self._self_seed, job_id=c.job_id, round_=c.round, party=self.party))
-        for j in partners:
-            (expander.add if self.party < j else expander.subtract)(masked, self._seeds[j])
         self._partners = partners
+        self._inbox_open = True
+        return partners
+
+    def mask_into(self, acc: np.ndarray, expander: MaskExpander,
+                  skip: Collection[int] = ()) -> tuple[int, ...]:
+        """Second half of :meth:`masked_input`: add this party's self mask and its pairwise
+        masks to ``acc`` (which holds its input, or a sum of inputs), except the masks with
+        the partners in ``skip``: a cohort passes the partners whose input goes into the same
+        sum, as their +mask and -mask cancel. Returns the senders whose envelopes failed."""
+        if self._next is not None or not self._inbox_open:
+            raise ProtocolError(f"party {self.party}: mask_into needs open_inbox first")
+        self._inbox_open = False
+        c = self.config
+        expander.add(acc, self_mask_key(self._self_seed, job_id=c.job_id, round_=c.round,
+                                        party=self.party))
+        for j in self._partners:
+            if j not in skip:
+                (expander.add if self.party < j else expander.subtract)(acc, self._seeds[j])
         self._seeds.clear()
         self._next = Stage.UNMASK
-        return MaskedInput(c.job_id, c.round, self.party, masked, tuple(sorted(rejected)))
+        return tuple(sorted(r.party for r in self._rejections
+                            if r.stage is Stage.SHARE_KEYS))
 
     # -- stage 4 ------------------------------------------------------------------------
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:

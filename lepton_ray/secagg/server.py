@@ -5,7 +5,7 @@ from the list never answered: it dropped out) and returning what goes back to th
 
     collect_adverts([AdvertiseKeys])  -> KeyBroadcast
     route_shares([ShareKeys])         -> {party: ShareInbox}
-    collect_masked([MaskedInput])     -> UnmaskRequest
+    collect_masked([MaskedInput | MaskedSum]) -> UnmaskRequest
     finish([UnmaskResponse])          -> AggregateResult   (only the sum)
 
 Every message is checked (type = stage, job, round, roster, signature, sizes, duplicates);
@@ -42,6 +42,7 @@ from lepton_ray.secagg.messages import (
     EncryptedShare,
     KeyBroadcast,
     MaskedInput,
+    MaskedSum,
     ShareInbox,
     ShareKeys,
     UnmaskRequest,
@@ -162,19 +163,38 @@ class SecAggServer:
 
     # -- stage 3 ------------------------------------------------------------------------
     def collect_masked(self, messages: Iterable[object]) -> UnmaskRequest:
+        """Masked inputs, one per party (:class:`MaskedInput`) or summed per host
+        (:class:`MaskedSum`); a sum is taken whole or not at all."""
         stage = self._begin(Stage.MASKED_INPUT)
-        accepted = self._accept(messages, MaskedInput, stage, self._shared, self._check_masked)
+        messages = list(messages)
+        singles = self._accept([m for m in messages if not isinstance(m, MaskedSum)],
+                               MaskedInput, stage, self._shared, self._check_masked)
+        sums = self._accept_sums([m for m in messages if isinstance(m, MaskedSum)], singles)
+        reports = {p: m.rejected_senders for p, m in singles.items()}
+        for msg in sums:
+            reports.update(msg.rejected)
         graph, t = self.config.graph, self.config.threshold
         accused: set[int] = set()
-        for reporter in sorted(accepted):
-            for sender in accepted[reporter].rejected_senders:
+        for reporter in sorted(reports):
+            for sender in reports[reporter]:
                 accused.add(sender)
                 self._not_holding.setdefault(sender, set()).add(reporter)
                 self._rejections.append(Rejection(
                     sender, Stage.SHARE_KEYS, RejectionReason.TAMPERED,
                     f"its envelope to party {reporter} failed authentication (reported by "
                     f"party {reporter})"))
-        survivors = tuple(sorted(set(accepted) - accused))
+        kept = []
+        for msg in sums:
+            bad = accused.intersection(msg.parties)
+            if bad:  # the sum cannot be split: all of its parties are dropped
+                self._rejections.append(Rejection(
+                    min(bad), stage, RejectionReason.TAMPERED,
+                    f"a masked sum of {len(msg.parties)} parties includes accused parties "
+                    f"{sorted(bad)[:8]}; the whole sum is left out"))
+            else:
+                kept.append(msg)
+        survivors = tuple(sorted({p for p in singles if p not in accused}
+                                 | {p for msg in kept for p in msg.parties}))
         dropped = tuple(sorted(self._shared - set(survivors)))
         self._require(len(survivors), stage, "masked inputs were accepted")
         alive = set(survivors)
@@ -193,12 +213,69 @@ class SecAggServer:
                             f"key, threshold is {t}")
             self._partners[party] = partners
         total = np.zeros(self.config.dim, dtype=self.config.dtype)
-        for party in survivors:
-            np.add(total, accepted[party].vector, out=total)
+        for vector in [singles[p].vector for p in survivors if p in singles] + [
+                msg.vector for msg in kept]:
+            np.add(total, vector, out=total)
         self._sum, self._survivors, self._dropped = total, survivors, dropped
         self._survivor_set, self._dropped_set = frozenset(survivors), frozenset(dropped)
         self._next = Stage.UNMASK
         return UnmaskRequest(self.config.job_id, self.config.round, survivors, dropped)
+
+    def _accept_sums(self, messages: list, singles: dict[int, MaskedInput]) -> list[MaskedSum]:
+        """The well-formed sums; a party claimed twice (by two sums, or by a sum and a single
+        input) makes every message claiming it rejected, as in :meth:`_accept`."""
+        stage, valid = Stage.MASKED_INPUT, []
+        for msg in messages:
+            rejection = check_header(msg, MaskedSum, self.config, stage) or self._check_sum(msg)
+            if rejection is not None:
+                self._rejections.append(rejection)
+            else:
+                valid.append(msg)
+        claims: dict[int, int] = dict.fromkeys(singles, 1)
+        for msg in valid:
+            for p in msg.parties:
+                claims[p] = claims.get(p, 0) + 1
+        twice = {p for p, n in claims.items() if n > 1}
+        for p in sorted(twice):
+            singles.pop(p, None)
+            self._rejections.append(Rejection(
+                p, stage, RejectionReason.DUPLICATE_PARTY,
+                f"{claims[p]} masked inputs or sums claim party {p}; all are rejected"))
+        return [msg for msg in valid if not twice.intersection(msg.parties)]
+
+    def _check_sum(self, msg: MaskedSum) -> Rejection | None:
+        stage, config = Stage.MASKED_INPUT, self.config
+        parties = msg.parties
+        if (not isinstance(parties, tuple) or not parties
+                or len(set(parties)) != len(parties) or not all(is_int(p) for p in parties)):
+            return Rejection(-1, stage, RejectionReason.MALFORMED,
+                             "a masked sum must name distinct party ids")
+        for p in parties:
+            rejection = check_sender(p, config, stage, self._shared)
+            if rejection is not None:
+                return rejection
+        vector = msg.vector
+        if (not isinstance(vector, np.ndarray) or vector.dtype != config.dtype
+                or vector.shape != (config.dim,)):
+            return Rejection(parties[0], stage, RejectionReason.MALFORMED,
+                             f"masked sum must be {config.dtype} of shape ({config.dim},)")
+        members = set(parties)
+        if not isinstance(msg.rejected, tuple):
+            return Rejection(parties[0], stage, RejectionReason.MALFORMED, "rejected: not a tuple")
+        reporters = set()
+        for entry in msg.rejected:
+            ok = (type(entry) is tuple and len(entry) == 2 and entry[0] in members
+                  and entry[0] not in reporters and isinstance(entry[1], tuple))
+            if ok:
+                partners = set(config.graph.neighbours_of(entry[0])) & self._shared
+                ok = (len(set(entry[1])) == len(entry[1])
+                      and all(is_int(j) and j in partners for j in entry[1]))
+            if not ok:
+                return Rejection(parties[0], stage, RejectionReason.MALFORMED,
+                                 "rejected must pair a party of the sum with distinct "
+                                 "neighbours that shared keys")
+            reporters.add(entry[0])
+        return None
 
     def _check_masked(self, msg: MaskedInput) -> Rejection | None:
         stage, config = Stage.MASKED_INPUT, self.config

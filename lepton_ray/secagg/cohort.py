@@ -1,0 +1,137 @@
+"""The parties one host runs in a round, driven through SecAgg+ together.
+
+Every party is still its own :class:`~lepton_ray.secagg.party.SecAggParty` state machine with
+its own checks; the cohort only batches the costly steps across them:
+
+* ``share_keys``: all parties' self-mask seeds and recovery keys are Shamir-shared in one
+  :func:`~lepton_ray.crypto.shamir.split_secrets` call per holder count;
+* ``masked_sum``: the parties' masked inputs are added up on the host into one
+  :class:`~lepton_ray.secagg.messages.MaskedSum`. When two parties in that sum are each
+  other's partners, one would add PRG(s_uv) and the other subtract it, so neither expands
+  it: the sum is bit for bit the sum of the :class:`MaskedInput` vectors they would have
+  sent one by one (a test checks this), with one mask expansion per cross-host pair end
+  and per self mask instead of one per pair end. The server sees that sum, which it could
+  compute from the single inputs, so it learns less, never more (with one party per host,
+  as in a deployment, the sum is that party's masked input).
+
+A party that fails a stage (a bad message, too few live neighbours, a bad vector) leaves
+the cohort and is reported; the others go on, exactly as they would on separate hosts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from lepton_ray.crypto.prg import MaskExpander
+from lepton_ray.crypto.shamir import split_secrets
+from lepton_ray.errors import DataError, ProtocolError, ThresholdError
+from lepton_ray.secagg.messages import (
+    AdvertiseKeys,
+    KeyBroadcast,
+    MaskedSum,
+    ShareInbox,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from lepton_ray.secagg.party import SecAggParty
+from lepton_ray.secagg.plan import RoundConfig
+
+Failure = tuple[int, str]  # (party, why it left the round)
+_PARTY_ERRORS = (ProtocolError, ThresholdError, DataError)
+
+
+class PartyCohort:
+    """A host's parties of one round (see the module docstring). Stages in order, once each:
+    :meth:`advertise`, :meth:`share_keys`, :meth:`masked_sum`, :meth:`unmask`; each returns
+    the messages for the server and the parties that failed."""
+
+    def __init__(self, config: RoundConfig, parties: Mapping[int, SecAggParty], *,
+                 expander: MaskExpander | None = None,
+                 entropy: Callable[[int], bytes] = os.urandom):
+        self.config = config
+        self.parties = dict(sorted(parties.items()))
+        self._expander = expander or MaskExpander(config.dim, config.dtype)
+        self._entropy = entropy
+
+    def drop(self, party: int) -> None:
+        """Take ``party`` out of the round (it goes silent, like a dropout)."""
+        self.parties.pop(party, None)
+
+    def advertise(self) -> tuple[list[AdvertiseKeys], list[Failure]]:
+        return self._each(SecAggParty.advertise)
+
+    def share_keys(self, broadcast: KeyBroadcast) -> tuple[list[ShareKeys], list[Failure]]:
+        holders, failed = {}, []
+        for p, party in list(self.parties.items()):
+            try:
+                holders[p] = party.share_holders(broadcast)
+            except _PARTY_ERRORS as exc:
+                failed.append(self._leave(p, exc))
+        by_count: dict[int, list[int]] = {}
+        for p, hs in holders.items():
+            by_count.setdefault(len(hs), []).append(p)
+        graph, shares = self.config.graph, {}
+        for group in by_count.values():  # one batch per number of holders
+            xs = np.array([[graph.x_coordinate(h) for h in holders[p]] for p in group])
+            secrets = np.concatenate([self.parties[p].secrets() for p in group])
+            split = split_secrets(secrets, threshold=self.config.threshold,
+                                  xs=np.repeat(xs, 2, axis=0), entropy=self._entropy)
+            for i, p in enumerate(group):
+                shares[p] = split[2 * i:2 * i + 2]
+        messages = []
+        for p in holders:
+            try:
+                messages.append(self.parties[p].seal_shares(holders[p], shares[p]))
+            except _PARTY_ERRORS as exc:
+                failed.append(self._leave(p, exc))
+        return messages, failed
+
+    def masked_sum(self, inboxes: Mapping[int, ShareInbox],
+                   vectors: Mapping[int, np.ndarray]) -> tuple[list[MaskedSum], list[Failure]]:
+        """One :class:`MaskedSum` of every party that has an inbox and a vector (parties
+        without either leave the round), or no message if none is left."""
+        partners, failed = {}, []
+        for p, party in list(self.parties.items()):
+            if p not in inboxes or p not in vectors:
+                failed.append(self._leave(p, "no share inbox from the coordinator"
+                                          if p not in inboxes else "no input vector"))
+                continue
+            try:
+                partners[p] = party.open_inbox(inboxes[p], vectors[p])
+            except _PARTY_ERRORS as exc:
+                failed.append(self._leave(p, exc))
+        if not partners:
+            return [], failed
+        c = self.config
+        total = np.zeros(c.dim, dtype=c.dtype)
+        for p in partners:
+            np.add(total, vectors[p], out=total)
+        rejected = []
+        for p, mine in partners.items():
+            in_sum = [j for j in mine if j in partners and p in partners[j]]
+            bad = self.parties[p].mask_into(total, self._expander, skip=frozenset(in_sum))
+            if bad:
+                rejected.append((p, bad))
+        return [MaskedSum(c.job_id, c.round, tuple(partners), total, tuple(rejected))], failed
+
+    def unmask(self, request: UnmaskRequest) -> tuple[list[UnmaskResponse], list[Failure]]:
+        out = self._each(lambda party: party.unmask(request))
+        self.parties.clear()
+        return out
+
+    def _each(self, act) -> tuple[list, list[Failure]]:
+        messages, failed = [], []
+        for p, party in list(self.parties.items()):
+            try:
+                messages.append(act(party))
+            except _PARTY_ERRORS as exc:
+                failed.append(self._leave(p, exc))
+        return messages, failed
+
+    def _leave(self, party: int, why: Exception | str) -> Failure:
+        self.parties.pop(party, None)
+        return party, str(why)
