@@ -214,3 +214,32 @@ def test_keystream_into_writes_the_aes_ctr_stream_in_place(nbytes):
     want = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(nbytes))
     out = np.full(nbytes, 0xAB, dtype=np.uint8)
     assert keystream_into(key, out) is out and out.tobytes() == want
+
+
+def test_mask_streams_match_the_public_aes_ctr_api_for_random_keys():
+    """Masks come from the context constructor behind ``Cipher.encryptor()``, called
+    directly; the public API is the oracle."""
+    from lepton_ray.crypto import prg
+
+    expander = MaskExpander(1000, np.uint32)
+    for _ in range(20):
+        key = os.urandom(32)
+        want = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(4000))
+        assert expander.expand(key).tobytes() == want
+    assert prg._make_encryptor is not prg._public_encryptor  # the fast path is in use here
+
+
+def test_a_changed_private_cipher_api_falls_back_to_the_public_one(monkeypatch):
+    from cryptography.hazmat.bindings._rust import openssl as rust_openssl
+
+    from lepton_ray.crypto import prg
+
+    class Wrong:
+        @staticmethod
+        def create_encryption_ctx(algorithm, mode):
+            return Cipher(algorithm, modes.CTR(b"\x01" * 16)).encryptor()  # another stream
+
+    monkeypatch.setattr(rust_openssl, "ciphers", Wrong)
+    assert prg._direct_encryptor() is None
+    monkeypatch.delattr(Wrong, "create_encryption_ctx")
+    assert prg._direct_encryptor() is None

@@ -26,6 +26,7 @@ from lepton_ray.secagg import (
 )
 from lepton_ray.secagg.keys import advert_transcript
 from lepton_ray.secagg.local import make_local_round
+from lepton_ray.secagg.messages import ENVELOPE_BYTES
 
 
 def make_round(n=6, d=16, *, round_=0, identities=None, neighbours=COMPLETE_GRAPH):
@@ -59,11 +60,9 @@ def test_tampered_ciphertext_drops_its_sender():
         out = []
         for m in messages:
             if m.party == 2:
-                first = m.shares[0]
-                bad = bytearray(first.ciphertext)
-                bad[-1] ^= 0x01  # flip one bit of the GCM tag's ciphertext
-                shares = (dataclasses.replace(first, ciphertext=bytes(bad)),) + m.shares[1:]
-                m = dataclasses.replace(m, shares=shares)
+                bad = bytearray(m.envelopes)
+                bad[ENVELOPE_BYTES - 1] ^= 0x01  # flip one bit of the first envelope's tag
+                m = dataclasses.replace(m, envelopes=bytes(bad))
             out.append(m)
         return out
 
@@ -206,7 +205,7 @@ def test_party_rejects_bad_server_messages():
     server = SecAggServer(config)
     server.collect_adverts(adverts)
     inboxes = server.route_shares(shares)
-    with pytest.raises(ProtocolError, match="addressed to another party"):
+    with pytest.raises(ProtocolError, match="addressed to party"):
         parties[3].masked_input(inboxes[1], inputs[3])
     for p in (1, 4):
         parties[p].masked_input(inboxes[p], inputs[p])

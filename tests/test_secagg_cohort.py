@@ -16,7 +16,7 @@ from lepton_ray.errors import ProtocolError, ThresholdError
 from lepton_ray.secagg import RejectionReason, SecAggParty, SecAggServer, Stage, plan_round
 from lepton_ray.secagg.cohort import PartyCohort
 from lepton_ray.secagg.keys import PartyKeyring
-from lepton_ray.secagg.messages import MaskedSum
+from lepton_ray.secagg.messages import ENVELOPE_BYTES, MaskedSum
 
 
 def stream(tag: str):
@@ -125,9 +125,9 @@ def test_a_sum_holding_an_accused_party_is_left_out_whole():
         out = []
         for m in messages:
             if m.party == 0:
-                shares = tuple(dataclasses.replace(s, ciphertext=s.ciphertext[:-1] + bytes(
-                    [s.ciphertext[-1] ^ 1])) if s.receiver == 3 else s for s in m.shares)
-                m = dataclasses.replace(m, shares=shares)
+                bad = bytearray(m.envelopes)
+                bad[(m.receivers.index(3) + 1) * ENVELOPE_BYTES - 1] ^= 1  # its tag to party 3
+                m = dataclasses.replace(m, envelopes=bytes(bad))
             out.append(m)
         return out
 

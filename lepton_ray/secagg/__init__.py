@@ -28,7 +28,6 @@ from lepton_ray.secagg.local import StageTimings, run_local_round, secure_sum
 from lepton_ray.secagg.messages import (
     AdvertiseKeys,
     AggregateResult,
-    EncryptedShare,
     KeyBroadcast,
     MaskedInput,
     ShareInbox,
@@ -45,7 +44,6 @@ __all__ = [
     "COMPLETE_GRAPH",
     "AdvertiseKeys",
     "AggregateResult",
-    "EncryptedShare",
     "GraphTopology",
     "KeyBroadcast",
     "MaskedInput",

@@ -108,6 +108,7 @@ class PartyKeyring:
         self._signed: dict[tuple[str, int], bytes] = {}
         self._pairs: dict[tuple, PairSecrets] = {}
         self._nonces: dict[tuple[str, bytes], set[int]] = {}  # recent rounds only
+        self._adverts: dict[tuple[str, int], tuple] = {}  # adverts checked: one per party
         self._max_pairs = max_pairs
         self.verifier = SignatureVerifier()
         self.agreements = 0  # X25519 exchanges done (a test and benchmark figure)
@@ -129,6 +130,19 @@ class PartyKeyring:
                                                   public_key=self.public_key(party)))
             self._signed[(job_id, party)] = sig
         return sig
+
+    def advert_is_signed(self, job_id: str, party: int, roster_key: bytes, public_key: bytes,
+                         signature: object) -> bool:
+        """Is ``public_key`` signed by ``party``'s ``roster_key`` for ``job_id``? Each advert
+        is checked once per host, not once per neighbour that reads it."""
+        seen = (roster_key, public_key, signature)
+        if self._adverts.get((job_id, party)) == seen:
+            return True
+        transcript = advert_transcript(job_id=job_id, party=party, public_key=public_key)
+        if not self.verifier.verify(roster_key, transcript, signature):
+            return False
+        self._adverts[(job_id, party)] = seen
+        return True
 
     def claim_nonce(self, job_id: str, party: int, nonce: bytes) -> None:
         """Record that ``party`` runs the round with ``nonce``; :class:`ProtocolError` if it

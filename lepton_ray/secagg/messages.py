@@ -16,7 +16,11 @@ from typing import ClassVar
 
 import numpy as np
 
+from lepton_ray.crypto.envelope import OVERHEAD_BYTES
+from lepton_ray.crypto.shamir import SHARE_BYTES
 from lepton_ray.secagg.stages import Rejection, Stage
+
+ENVELOPE_BYTES = OVERHEAD_BYTES + 2 * SHARE_BYTES  # a holder's two shares, sealed
 
 ShareEntry = tuple[int, bytes]  # (owner party id, Shamir share: SHARE_BYTES bytes)
 
@@ -59,39 +63,36 @@ class KeyBroadcast:
 
 
 @dataclass(frozen=True)
-class EncryptedShare:
-    """A sealed envelope from ``sender`` to ``receiver`` holding the sender's Shamir shares
-    (self-mask seed, recovery key) for the receiver; opaque to the server."""
-
-    sender: int
-    receiver: int
-    ciphertext: bytes
-
-
-@dataclass(frozen=True)
 class ShareKeys:
-    """Stage 2, party -> server: one envelope for each live neighbour, and ``recovery``: this
-    round's pairwise mask seeds with those neighbours (in id order), sealed under the party's
-    fresh recovery key, which the server can rebuild from t shares only if the party drops."""
+    """Stage 2, party -> server: one sealed envelope for each live neighbour, holding the
+    party's Shamir shares (self-mask seed, recovery key) for it, opaque to the server:
+    ``envelopes`` is their concatenation (``ENVELOPE_BYTES`` each) in ``receivers`` order,
+    so a host's thousands of envelopes travel as bytes, not as objects. ``recovery``: this
+    round's pairwise mask seeds with those neighbours (in id order), sealed under the
+    party's fresh recovery key, which the server can rebuild from t shares only if the
+    party drops."""
 
     STAGE: ClassVar[Stage] = Stage.SHARE_KEYS
     job_id: str
     round: int
     party: int
-    shares: tuple[EncryptedShare, ...]
+    receivers: tuple[int, ...]
+    envelopes: bytes
     recovery: bytes = b""
 
 
 @dataclass(frozen=True)
 class ShareInbox:
-    """Stage 2, server -> one party: the envelopes addressed to it. The senders listed here
-    are exactly the neighbours the receiver must mask with."""
+    """Stage 2, server -> one party: the envelopes addressed to it, concatenated in
+    ``senders`` order. The senders listed here are exactly the neighbours the receiver must
+    mask with."""
 
     STAGE: ClassVar[Stage] = Stage.SHARE_KEYS
     job_id: str
     round: int
     receiver: int
-    shares: tuple[EncryptedShare, ...]
+    senders: tuple[int, ...]
+    envelopes: bytes
 
 
 @dataclass(frozen=True, eq=False)

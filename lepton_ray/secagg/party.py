@@ -41,13 +41,12 @@ from lepton_ray.errors import ConfigError, DataError, ProtocolError, ThresholdEr
 from lepton_ray.secagg.checks import check_header, is_int
 from lepton_ray.secagg.keys import (
     PartyKeyring,
-    advert_transcript,
     pairwise_mask_seed,
     self_mask_key,
 )
 from lepton_ray.secagg.messages import (
     AdvertiseKeys,
-    EncryptedShare,
+    ENVELOPE_BYTES,
     KeyBroadcast,
     MaskedInput,
     ShareInbox,
@@ -151,10 +150,8 @@ class SecAggParty:
                 self._fail(stage, RejectionReason.MALFORMED, f"party {j}'s advert key")
             # The transcript is rebuilt from *our* job id, so a verified signature also
             # proves the key is j's key for this job.
-            transcript = advert_transcript(job_id=c.job_id, party=j,
-                                           public_key=advert.public_key)
-            if not self._keyring.verifier.verify(c.roster.public_key(j), transcript,
-                                                 advert.signature):
+            if not self._keyring.advert_is_signed(c.job_id, j, c.roster.public_key(j),
+                                                  advert.public_key, advert.signature):
                 self._raise(check_header(advert, AdvertiseKeys, c, Stage.ADVERTISE_KEYS))
                 self._fail(stage, RejectionReason.BAD_SIGNATURE,
                            f"party {j}'s advert is not signed by its roster key")
@@ -181,10 +178,11 @@ class SecAggParty:
                                 "and one share of each secret per holder")
         self._holders = None
         c = self.config
-        wire = shares.astype("<u4", copy=False)
-        envelopes = []
+        seeds, keys = (row.astype("<u4", copy=False).tobytes() for row in shares)
+        receivers, envelopes = [], []
         for i, holder in enumerate(holders):
-            seed_share, key_share = wire[0, i].tobytes(), wire[1, i].tobytes()
+            seed_share = seeds[i * SHARE_BYTES:(i + 1) * SHARE_BYTES]
+            key_share = keys[i * SHARE_BYTES:(i + 1) * SHARE_BYTES]
             if holder == self.party:
                 self._held[holder] = (seed_share, key_share)
                 continue
@@ -192,12 +190,13 @@ class SecAggParty:
             self._seeds[holder] = pairwise_mask_seed(pair.mask_key, job_id=c.job_id,
                                                      round_=c.round, nonce=c.nonce)
             header = EnvelopeHeader(c.job_id, c.round, Stage.SHARE_KEYS, self.party, holder)
-            envelopes.append(EncryptedShare(self.party, holder, seal(
-                pair.channel, header, seed_share + key_share, self._entropy)))
+            receivers.append(holder)
+            envelopes.append(seal(pair.channel, header, seed_share + key_share, self._entropy))
         recovery = seal(channel_cipher(self._recovery_key), recovery_header(c, self.party),
                         b"".join(self._seeds[j] for j in sorted(self._live)), self._entropy)
         self._next = Stage.MASKED_INPUT
-        return ShareKeys(c.job_id, c.round, self.party, tuple(envelopes), recovery)
+        return ShareKeys(c.job_id, c.round, self.party, tuple(receivers), b"".join(envelopes),
+                         recovery)
 
     # -- stage 3 ------------------------------------------------------------------------
     def masked_input(self, inbox: ShareInbox, vector: np.ndarray) -> MaskedInput:
@@ -219,31 +218,29 @@ class SecAggParty:
                             f"({c.dim},) (ring elements of Z_2^{c.modulus_bits}), got {got}")
         stage = self._begin(Stage.MASKED_INPUT)
         self._raise(check_header(inbox, ShareInbox, c, stage))
-        if inbox.receiver != self.party or not isinstance(inbox.shares, tuple):
-            self._fail(stage, RejectionReason.MALFORMED, "inbox addressed to another party")
-        senders = []
-        for share in inbox.shares:
-            if (not isinstance(share, EncryptedShare) or share.receiver != self.party
-                    or not is_int(share.sender) or share.sender not in self._live
-                    or share.sender in senders):
-                self._fail(stage, RejectionReason.MALFORMED,
-                           "inbox holds an envelope not from a distinct live neighbour")
-            senders.append(share.sender)
-        for share in inbox.shares:
-            header = EnvelopeHeader(c.job_id, c.round, Stage.SHARE_KEYS, share.sender,
-                                    self.party)
+        senders, envelopes = inbox.senders, inbox.envelopes
+        if (inbox.receiver != self.party or not isinstance(senders, tuple)
+                or not isinstance(envelopes, bytes)
+                or len(envelopes) != ENVELOPE_BYTES * len(senders)):
+            self._fail(stage, RejectionReason.MALFORMED,
+                       f"inbox must hold {ENVELOPE_BYTES}-byte envelopes addressed to party "
+                       f"{self.party}, one per sender")
+        if (len(set(senders)) != len(senders)
+                or not all(is_int(j) and j in self._live for j in senders)):
+            self._fail(stage, RejectionReason.MALFORMED,
+                       "inbox holds an envelope not from a distinct live neighbour")
+        for i, sender in enumerate(senders):
+            header = EnvelopeHeader(c.job_id, c.round, Stage.SHARE_KEYS, sender, self.party)
             try:
-                pair = self._keyring.pair(c.job_id, self.party, share.sender,
-                                          self._live[share.sender].public_key)
-                plain = open_envelope(pair.channel, header, share.ciphertext)
-                if len(plain) != 2 * SHARE_BYTES:
-                    raise ProtocolError(f"envelope from party {share.sender} has "
-                                        f"{len(plain)} plaintext bytes")
+                pair = self._keyring.pair(c.job_id, self.party, sender,
+                                          self._live[sender].public_key)
+                plain = open_envelope(pair.channel, header,
+                                      envelopes[i * ENVELOPE_BYTES:(i + 1) * ENVELOPE_BYTES])
             except ProtocolError as err:
-                self._rejections.append(Rejection(share.sender, Stage.SHARE_KEYS,
+                self._rejections.append(Rejection(sender, Stage.SHARE_KEYS,
                                                   RejectionReason.TAMPERED, str(err)))
                 continue
-            self._held[share.sender] = (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
+            self._held[sender] = (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
         # Mask with every neighbour the server routed, readable or not: the server knows
         # exactly this set and strips the masks of any sender it later drops.
         partners = tuple(sorted(senders))

@@ -39,7 +39,7 @@ from lepton_ray.secagg.keys import advert_transcript, self_mask_key
 from lepton_ray.secagg.messages import (
     AdvertiseKeys,
     AggregateResult,
-    EncryptedShare,
+    ENVELOPE_BYTES,
     KeyBroadcast,
     MaskedInput,
     MaskedSum,
@@ -52,7 +52,6 @@ from lepton_ray.secagg.party import SEED_BYTES, recovery_header
 from lepton_ray.secagg.plan import RoundConfig
 from lepton_ray.secagg.stages import Rejection, RejectionReason, Stage
 
-ENVELOPE_BYTES = OVERHEAD_BYTES + 2 * SHARE_BYTES
 KEY_BYTES = 32
 
 
@@ -121,29 +120,29 @@ class SecAggServer:
         self._shared = frozenset(accepted)
         self._recovery = {p: (msg.recovery, self._live_neighbours(p))
                           for p, msg in accepted.items()}
-        boxes: dict[int, list] = {p: [] for p in accepted}
+        senders: dict[int, list[int]] = {p: [] for p in accepted}
+        sealed: dict[int, list[bytes]] = {p: [] for p in accepted}
+        size = ENVELOPE_BYTES
         for sender in sorted(accepted):
-            for share in accepted[sender].shares:
-                if share.receiver in boxes:
-                    boxes[share.receiver].append(share)
+            msg = accepted[sender]
+            for i, receiver in enumerate(msg.receivers):
+                if receiver in senders:
+                    senders[receiver].append(sender)
+                    sealed[receiver].append(msg.envelopes[i * size:(i + 1) * size])
         self._next = Stage.MASKED_INPUT
         job, rnd = self.config.job_id, self.config.round
-        return {p: ShareInbox(job, rnd, p, tuple(box)) for p, box in boxes.items()}
+        return {p: ShareInbox(job, rnd, p, tuple(senders[p]), b"".join(sealed[p]))
+                for p in accepted}
 
     def _check_shares(self, msg: ShareKeys) -> Rejection | None:
         stage = Stage.SHARE_KEYS
-        if not isinstance(msg.shares, tuple):
-            return Rejection(msg.party, stage, RejectionReason.MALFORMED, "shares is not a tuple")
+        receivers = msg.receivers
+        if (not isinstance(receivers, tuple) or not all(is_int(r) for r in receivers)
+                or not isinstance(msg.envelopes, bytes)
+                or len(msg.envelopes) != ENVELOPE_BYTES * len(receivers)):
+            return Rejection(msg.party, stage, RejectionReason.MALFORMED,
+                             f"envelopes must be {ENVELOPE_BYTES} bytes each, one per receiver")
         expected = set(self._live_neighbours(msg.party))
-        receivers = []
-        for share in msg.shares:
-            if (not isinstance(share, EncryptedShare) or share.sender != msg.party
-                    or not is_int(share.receiver) or not isinstance(share.ciphertext, bytes)
-                    or len(share.ciphertext) != ENVELOPE_BYTES):
-                return Rejection(msg.party, stage, RejectionReason.MALFORMED,
-                                 f"an envelope is not a {ENVELOPE_BYTES}-byte envelope from "
-                                 f"party {msg.party}")
-            receivers.append(share.receiver)
         if len(receivers) != len(set(receivers)) or set(receivers) != expected:
             return Rejection(msg.party, stage, RejectionReason.MALFORMED,
                              f"envelopes addressed to {sorted(set(receivers))[:8]}..., expected "
