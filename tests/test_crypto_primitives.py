@@ -243,3 +243,15 @@ def test_a_changed_private_cipher_api_falls_back_to_the_public_one(monkeypatch):
     assert prg._direct_encryptor() is None
     monkeypatch.delattr(Wrong, "create_encryption_ctx")
     assert prg._direct_encryptor() is None
+
+
+def test_keystream_reader_pieces_continue_one_stream():
+    from lepton_ray.crypto.prg import KeystreamReader
+
+    key = os.urandom(32)
+    want = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(10_000))
+    reader = KeystreamReader(key, 4096)
+    got = b"".join(reader.read(n).tobytes() for n in (1, 15, 4096, 17, 3000, 2871))
+    assert got == want
+    with pytest.raises(ValueError, match="piece size"):
+        reader.read(4097)

@@ -57,6 +57,11 @@ def test_pairwise_masks_cancel():
             # other rounds and other nonces give independent seeds
             assert seed != pairwise_mask_seed(mine.mask_key, job_id="j", round_=1, nonce=nonce)
             assert seed != pairwise_mask_seed(mine.mask_key, job_id="j", round_=0, nonce=b"m" * 16)
+            for kw in ({"job_id": "j", "round_": 0, "nonce": nonce},
+                       {"job_id": "j", "round_": 1, "nonce": nonce},
+                       {"job_id": "k", "round_": 0, "nonce": nonce}):  # remembered = derived
+                assert mine.round_seed(**kw) == pairwise_mask_seed(mine.mask_key, **kw)
+                assert mine.round_seed(**kw) == theirs.round_seed(**kw)
             (expander.add if i < j else expander.subtract)(total, seed)
     assert not total.any()
     # one key agreement per pair end, not one per use

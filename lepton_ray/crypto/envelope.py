@@ -66,8 +66,13 @@ def channel_cipher(key: bytes) -> AESGCM:
 
 
 def seal(cipher: AESGCM, header: EnvelopeHeader, plaintext: bytes,
-         entropy: Callable[[int], bytes] = os.urandom) -> bytes:
-    nonce = entropy(NONCE_BYTES)
+         entropy: Callable[[int], bytes] = os.urandom, *, nonce: bytes | None = None) -> bytes:
+    """Encrypt and bind to ``header``. The nonce is 12 bytes from ``entropy``, or ``nonce``
+    when the caller drew many at once (they must be fresh random bytes too)."""
+    if nonce is None:
+        nonce = entropy(NONCE_BYTES)
+    elif len(nonce) != NONCE_BYTES:
+        raise ProtocolError(f"an envelope nonce is {NONCE_BYTES} bytes, got {len(nonce)}")
     return nonce + cipher.encrypt(nonce, plaintext, header.associated_data())
 
 

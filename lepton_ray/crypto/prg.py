@@ -84,6 +84,25 @@ def keystream_into(key: bytes, out: np.ndarray) -> np.ndarray:
     return out
 
 
+class KeystreamReader:
+    """One AES-256-CTR keystream read in consecutive pieces into a reused buffer, so a long
+    stream (a host's rounding noise for every party) never sits in memory whole."""
+
+    def __init__(self, key: bytes, max_piece_bytes: int):
+        self._enc = _encryptor(key)
+        self._buf = np.empty(max(1, max_piece_bytes) + BLOCK_BYTES, dtype=np.uint8)
+
+    def read(self, nbytes: int) -> np.ndarray:
+        """The next ``nbytes`` of the stream as uint8, valid until the next read."""
+        if nbytes > self._buf.size - BLOCK_BYTES:
+            raise ValueError(f"read of {nbytes} bytes exceeds the piece size")
+        zeros = _zero_chunk()
+        for start in range(0, nbytes, DEFAULT_CHUNK_BYTES):
+            stop = min(nbytes, start + DEFAULT_CHUNK_BYTES)
+            self._enc.update_into(zeros[: stop - start], self._buf[start:])
+        return self._buf[:nbytes]
+
+
 _ZEROS: np.ndarray | None = None
 
 

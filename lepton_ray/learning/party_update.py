@@ -133,10 +133,10 @@ def encode_ring_batch(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule
     Precision", §3). round() is one float add of 1.5 * 2^52, after which the low word of the
     float's bits is the integer mod 2^32 (|x| < 2^31 in Z_2^32 by the overflow check; the
     64-bit ring, whose values may pass 2^51, takes floor and a cast instead).
-    Work goes in cache-sized chunks: four passes over the vectors instead of a dozen passes
-    over float64 copies per party."""
+    Work goes in cache-sized chunks (the rounding keystream too, read piece by piece): four
+    passes over the vectors instead of a dozen passes over float64 copies per party."""
     from lepton_ray.crypto.kdf import KeyPurpose, derive_key
-    from lepton_ray.crypto.prg import keystream_into, ring_dtype
+    from lepton_ray.crypto.prg import KeystreamReader, ring_dtype
 
     deltas = np.asarray(deltas)
     k, d = deltas.shape
@@ -157,13 +157,11 @@ def encode_ring_batch(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule
     if rule.clip_bit:
         tail[:, 1] = np.where(clipped, -0.5, 0.5) * quant.scale
     tail[~finite] = 0.0
-    words = np.empty(k * width, dtype="<i4")
-    keystream_into(derive_key(os.urandom(32) if key is None else key,
-                              KeyPurpose.STOCHASTIC_ROUNDING), words)
-    words = words.reshape(k, width)
     wide = quant.modulus_bits == 64
     rings = np.empty((k, width), dtype=ring_dtype(quant.modulus_bits))
     rows = max(1, _CHUNK // width)
+    stream = KeystreamReader(derive_key(os.urandom(32) if key is None else key,
+                                        KeyPurpose.STOCHASTIC_ROUNDING), 4 * rows * width)
     x = np.empty((min(rows, k), width), dtype=np.float64)
     for a in range(0, k, rows):
         b = min(k, a + rows)
@@ -173,7 +171,8 @@ def encode_ring_batch(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule
         bad = ~finite[a:b]
         if bad.any():  # 0 * inf is NaN: zero the whole row of a diverged party
             xs[bad] = 0.0
-        xs += words[a:b] * 2.0**-32
+        words = stream.read(4 * (b - a) * width).view("<i4").reshape(b - a, width)
+        xs += words * 2.0**-32
         if wide:  # |x| may exceed 2^51 here: floor and a checked cast instead of the magic add
             xs += 0.5
             np.floor(xs, out=xs)

@@ -51,7 +51,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from lepton_ray.crypto.prg import PublicRandom
 from lepton_ray.errors import ConfigError
@@ -188,20 +188,25 @@ class NeighbourGraph:
 def build_graph(participants: Sequence[int], neighbours: int | GraphTopology,
                 seed: bytes) -> NeighbourGraph:
     """The public neighbour graph for ``participants`` with degree ``neighbours`` (clamped to
-    n - 1, the complete graph), derived from the public ``seed``."""
-    ids = tuple(sorted(participants))
+    n - 1, the complete graph), derived from the public ``seed``. A pure function of its
+    arguments, so the last few graphs are remembered: a job whose participants stay the same
+    plans every round on the same graph (0.5 s to build for 10,000 parties)."""
+    if not (neighbours is GraphTopology.COMPLETE or (
+            isinstance(neighbours, int) and not isinstance(neighbours, bool) and neighbours >= 1)):
+        raise ConfigError([(f"secagg.neighbours: must be a positive int or COMPLETE_GRAPH, got "
+                           f"{neighbours!r}")])
+    return _build_graph(tuple(sorted(participants)), neighbours, seed)
+
+
+@lru_cache(maxsize=4)
+def _build_graph(ids: tuple[int, ...], neighbours: int | GraphTopology,
+                 seed: bytes) -> NeighbourGraph:
     n = len(ids)
     if n < 2:
         raise ConfigError([f"secagg.participants: need at least 2 parties, got {n}"])
     if len(set(ids)) != n:
         raise ConfigError(["secagg.participants: party ids must be distinct"])
-    if neighbours is GraphTopology.COMPLETE:
-        k = n - 1
-    elif isinstance(neighbours, int) and not isinstance(neighbours, bool) and neighbours >= 1:
-        k = min(neighbours, n - 1)
-    else:
-        raise ConfigError([(f"secagg.neighbours: must be a positive int or COMPLETE_GRAPH, got "
-                           f"{neighbours!r}")])
+    k = n - 1 if neighbours is GraphTopology.COMPLETE else min(neighbours, n - 1)
     if k == n - 1:
         adjacency = tuple(ids[:i] + ids[i + 1:] for i in range(n))
         return NeighbourGraph(ids, adjacency, k)

@@ -58,11 +58,22 @@ _REMEMBERED_ROUNDS = 64  # nonces are 16 fresh bytes per round: a repeat can onl
 class PairSecrets:
     """What one neighbour pair shares for as long as both long-term keys live."""
 
-    __slots__ = ("channel", "mask_key")
+    __slots__ = ("channel", "mask_key", "_last")
 
     def __init__(self, channel: AESGCM, mask_key: bytes):
         self.channel = channel
         self.mask_key = mask_key
+        self._last: tuple[str, int, bytes, bytes] | None = None
+
+    def round_seed(self, *, job_id: str, round_: int, nonce: bytes) -> bytes:
+        """:func:`pairwise_mask_seed` of this pair, remembered for the latest round, so the
+        second end of a co-hosted pair does not derive it again."""
+        last = self._last
+        if last is not None and last[0] == job_id and last[1] == round_ and last[2] == nonce:
+            return last[3]
+        seed = pairwise_mask_seed(self.mask_key, job_id=job_id, round_=round_, nonce=nonce)
+        self._last = (job_id, round_, nonce, seed)
+        return seed
 
     def __reduce__(self):
         raise TypeError("PairSecrets holds secret keys and is not picklable")
@@ -108,7 +119,10 @@ class PartyKeyring:
         self._signed: dict[tuple[str, int], bytes] = {}
         self._pairs: dict[tuple, PairSecrets] = {}
         self._nonces: dict[tuple[str, bytes], set[int]] = {}  # recent rounds only
-        self._adverts: dict[tuple[str, int], tuple] = {}  # adverts checked: one per party
+        # The advert objects of the current broadcast that passed a party's checks (key size,
+        # signature for this job): the other parties of the host reading the same object skip
+        # the checks. Keyed by (job, party); another broadcast's advert is another object.
+        self.checked_adverts: dict[tuple[str, int], object] = {}
         self._max_pairs = max_pairs
         self.verifier = SignatureVerifier()
         self.agreements = 0  # X25519 exchanges done (a test and benchmark figure)
@@ -130,19 +144,6 @@ class PartyKeyring:
                                                   public_key=self.public_key(party)))
             self._signed[(job_id, party)] = sig
         return sig
-
-    def advert_is_signed(self, job_id: str, party: int, roster_key: bytes, public_key: bytes,
-                         signature: object) -> bool:
-        """Is ``public_key`` signed by ``party``'s ``roster_key`` for ``job_id``? Each advert
-        is checked once per host, not once per neighbour that reads it."""
-        seen = (roster_key, public_key, signature)
-        if self._adverts.get((job_id, party)) == seen:
-            return True
-        transcript = advert_transcript(job_id=job_id, party=party, public_key=public_key)
-        if not self.verifier.verify(roster_key, transcript, signature):
-            return False
-        self._adverts[(job_id, party)] = seen
-        return True
 
     def claim_nonce(self, job_id: str, party: int, nonce: bytes) -> None:
         """Record that ``party`` runs the round with ``nonce``; :class:`ProtocolError` if it

@@ -33,7 +33,13 @@ from collections.abc import Callable, Collection
 
 import numpy as np
 
-from lepton_ray.crypto.envelope import EnvelopeHeader, channel_cipher, open_envelope, seal
+from lepton_ray.crypto.envelope import (
+    NONCE_BYTES,
+    EnvelopeHeader,
+    channel_cipher,
+    open_envelope,
+    seal,
+)
 from lepton_ray.crypto.identity import IdentityKey
 from lepton_ray.crypto.prg import MaskExpander
 from lepton_ray.crypto.shamir import SHARE_BYTES, split_secrets
@@ -41,7 +47,7 @@ from lepton_ray.errors import ConfigError, DataError, ProtocolError, ThresholdEr
 from lepton_ray.secagg.checks import check_header, is_int
 from lepton_ray.secagg.keys import (
     PartyKeyring,
-    pairwise_mask_seed,
+    advert_transcript,
     self_mask_key,
 )
 from lepton_ray.secagg.messages import (
@@ -142,19 +148,26 @@ class SecAggParty:
             self._fail(stage, RejectionReason.MALFORMED,
                        "the broadcast does not carry this party's own advert unchanged")
         live: dict[int, AdvertiseKeys] = {}
+        checked = self._keyring.checked_adverts
         for j in c.graph.neighbours_of(self.party):
             advert = seen.get(j)
             if advert is None:
                 continue  # j dropped before advertising
+            if checked.get((c.job_id, j)) is advert:  # this very advert passed the checks below
+                live[j] = advert
+                continue
             if not (isinstance(advert.public_key, bytes) and len(advert.public_key) == 32):
                 self._fail(stage, RejectionReason.MALFORMED, f"party {j}'s advert key")
             # The transcript is rebuilt from *our* job id, so a verified signature also
             # proves the key is j's key for this job.
-            if not self._keyring.advert_is_signed(c.job_id, j, c.roster.public_key(j),
-                                                  advert.public_key, advert.signature):
+            transcript = advert_transcript(job_id=c.job_id, party=j,
+                                           public_key=advert.public_key)
+            if not self._keyring.verifier.verify(c.roster.public_key(j), transcript,
+                                                 advert.signature):
                 self._raise(check_header(advert, AdvertiseKeys, c, Stage.ADVERTISE_KEYS))
                 self._fail(stage, RejectionReason.BAD_SIGNATURE,
                            f"party {j}'s advert is not signed by its roster key")
+            checked[(c.job_id, j)] = advert
             live[j] = advert
         holders = sorted([*live, self.party])
         if len(holders) < c.threshold:
@@ -180,6 +193,7 @@ class SecAggParty:
         c = self.config
         seeds, keys = (row.astype("<u4", copy=False).tobytes() for row in shares)
         receivers, envelopes = [], []
+        nonces = self._entropy(NONCE_BYTES * len(holders))  # one OS call, not one per holder
         for i, holder in enumerate(holders):
             seed_share = seeds[i * SHARE_BYTES:(i + 1) * SHARE_BYTES]
             key_share = keys[i * SHARE_BYTES:(i + 1) * SHARE_BYTES]
@@ -187,11 +201,12 @@ class SecAggParty:
                 self._held[holder] = (seed_share, key_share)
                 continue
             pair = self._keyring.pair(c.job_id, self.party, holder, self._live[holder].public_key)
-            self._seeds[holder] = pairwise_mask_seed(pair.mask_key, job_id=c.job_id,
-                                                     round_=c.round, nonce=c.nonce)
+            self._seeds[holder] = pair.round_seed(job_id=c.job_id, round_=c.round,
+                                                  nonce=c.nonce)
             header = EnvelopeHeader(c.job_id, c.round, Stage.SHARE_KEYS, self.party, holder)
             receivers.append(holder)
-            envelopes.append(seal(pair.channel, header, seed_share + key_share, self._entropy))
+            envelopes.append(seal(pair.channel, header, seed_share + key_share,
+                                  nonce=nonces[i * NONCE_BYTES:(i + 1) * NONCE_BYTES]))
         recovery = seal(channel_cipher(self._recovery_key), recovery_header(c, self.party),
                         b"".join(self._seeds[j] for j in sorted(self._live)), self._entropy)
         self._next = Stage.MASKED_INPUT
