@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from lepton_ray.crypto.identity import IdentityKey, Roster
-from lepton_ray.errors import ProtocolError
+from lepton_ray.crypto.shamir import SHARE_BYTES
+from lepton_ray.errors import ProtocolError, ThresholdError
 from lepton_ray.secagg import (
     COMPLETE_GRAPH,
     AdvertiseKeys,
@@ -226,11 +227,10 @@ def test_corrupt_recovery_share_or_blob_is_caught():
     def corrupt(responses):
         out = []
         for m in responses:
-            if m.party == 1 and m.recovery_shares:
-                owner, value = m.recovery_shares[0]
-                flipped = value[:-4] + bytes([value[-4] ^ 1]) + value[-3:]  # lowest limb
-                m = dataclasses.replace(m, recovery_shares=((owner, flipped),)
-                                        + m.recovery_shares[1:])
+            if m.party == 1 and m.recovery_owners:
+                value = bytearray(m.recovery_shares)
+                value[SHARE_BYTES - 4] ^= 1  # the lowest limb of its first share
+                m = dataclasses.replace(m, recovery_shares=bytes(value))
             out.append(m)
         return out
 
@@ -246,3 +246,44 @@ def test_corrupt_recovery_share_or_blob_is_caught():
     result = run(config, ids, inputs, filters={Stage.SHARE_KEYS: short_blob})
     assert (2, Stage.SHARE_KEYS, RejectionReason.MALFORMED) in reasons(result)
     assert_exact(result, inputs, {0, 1, 3, 4, 5})
+
+
+def _without_owner(m, owner):
+    """``m`` with its share of ``owner``'s self-mask seed left out."""
+    i = m.seed_owners.index(owner)
+    shares = m.seed_shares[:i * SHARE_BYTES] + m.seed_shares[(i + 1) * SHARE_BYTES:]
+    return dataclasses.replace(m, seed_owners=m.seed_owners[:i] + m.seed_owners[i + 1:],
+                               seed_shares=shares)
+
+
+def test_too_few_shares_of_one_secret_abort_the_round():
+    config, ids, inputs = make_round(6)
+
+    def withhold(responses):  # only parties 0 and 1 still send their share of party 0's seed
+        return [_without_owner(m, 0) if m.party > 1 else m for m in responses]
+
+    with pytest.raises(ThresholdError, match="only 2 shares of survivor 0's self-mask seed"):
+        run(config, ids, inputs, filters={Stage.UNMASK: withhold})
+
+
+def test_malformed_unmask_responses_are_rejected():
+    config, ids, inputs = make_round(7)
+
+    def mangle(responses):
+        out = []
+        for m in responses:
+            if m.party == 1:  # shares that do not match the owners listed
+                m = dataclasses.replace(m, seed_shares=m.seed_shares[:-1])
+            elif m.party == 2:  # one owner twice
+                m = dataclasses.replace(m, seed_owners=(m.seed_owners[0],) * len(m.seed_owners))
+            elif m.party == 3:  # a share of a party it holds no share of (not a neighbour)
+                m = dataclasses.replace(m, recovery_owners=(99,),
+                                        recovery_shares=bytes(SHARE_BYTES))
+            out.append(m)
+        return out
+
+    result = run(config, ids, inputs, filters={Stage.UNMASK: mangle})
+    why = reasons(result)
+    for party in (1, 2, 3):
+        assert (party, Stage.UNMASK, RejectionReason.MALFORMED) in why
+    assert_exact(result, inputs, range(7))  # the other holders' shares still suffice

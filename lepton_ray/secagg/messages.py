@@ -22,7 +22,6 @@ from lepton_ray.secagg.stages import Rejection, Stage
 
 ENVELOPE_BYTES = OVERHEAD_BYTES + 2 * SHARE_BYTES  # a holder's two shares, sealed
 
-ShareEntry = tuple[int, bytes]  # (owner party id, Shamir share: SHARE_BYTES bytes)
 
 
 @dataclass(frozen=True)
@@ -148,15 +147,18 @@ class UnmaskRequest:
 
 @dataclass(frozen=True)
 class UnmaskResponse:
-    """Stage 4, party -> server: shares of survivors' self-mask seeds and of dropped
-    parties' recovery keys, as (owner, share) pairs."""
+    """Stage 4, party -> server: its shares of survivors' self-mask seeds (owners in
+    ``seed_owners``, shares concatenated in that order, ``SHARE_BYTES`` each) and of dropped
+    parties' recovery keys (``recovery_owners`` / ``recovery_shares``, likewise)."""
 
     STAGE: ClassVar[Stage] = Stage.UNMASK
     job_id: str
     round: int
     party: int
-    self_mask_shares: tuple[ShareEntry, ...]
-    recovery_shares: tuple[ShareEntry, ...]
+    seed_owners: tuple[int, ...]
+    seed_shares: bytes
+    recovery_owners: tuple[int, ...]
+    recovery_shares: bytes
 
 
 @dataclass(frozen=True, eq=False)

@@ -311,15 +311,18 @@ class SecAggParty:
         if live < c.threshold:
             raise ThresholdError(f"party {self.party}: only {live} of its neighbourhood "
                                  f"survived, threshold is {c.threshold}")
-        seed_out, key_out = [], []
+        seed_owners, seed_out, key_owners, key_out = [], [], [], []
         for owner, (seed_share, key_share) in sorted(self._held.items()):
             if owner in alive:
-                seed_out.append((owner, seed_share))
+                seed_owners.append(owner)
+                seed_out.append(seed_share)
             elif owner in gone and owner != self.party:
-                key_out.append((owner, key_share))
+                key_owners.append(owner)
+                key_out.append(key_share)
         self._held.clear()
         self._next = None
-        return UnmaskResponse(c.job_id, c.round, self.party, tuple(seed_out), tuple(key_out))
+        return UnmaskResponse(c.job_id, c.round, self.party, tuple(seed_owners),
+                              b"".join(seed_out), tuple(key_owners), b"".join(key_out))
 
     # -- helpers ------------------------------------------------------------------------
     def _begin(self, stage: Stage) -> Stage:

@@ -25,6 +25,7 @@ nothing smaller (for a connected graph of survivors).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -299,28 +300,14 @@ class SecAggServer:
         survivors = self._survivor_set
         accepted = self._accept(messages, UnmaskResponse, stage, survivors, self._check_unmask)
         self._require(len(accepted), stage, "survivors sent their shares")
-        graph, t, config = self.config.graph, self.config.threshold, self.config
-        seed_points: dict[int, list[tuple[int, bytes]]] = {p: [] for p in self._survivors}
-        key_points: dict[int, list[tuple[int, bytes]]] = {p: [] for p in self._partners}
-        for holder in sorted(accepted):
-            x = graph.x_coordinate(holder)
-            for owner, value in accepted[holder].self_mask_shares:
-                seed_points[owner].append((x, value))
-            for owner, value in accepted[holder].recovery_shares:
-                if owner in key_points:
-                    key_points[owner].append((x, value))
-        for owner, points in seed_points.items():
-            if len(points) < t:
-                self._abort(f"only {len(points)} shares of survivor {owner}'s self-mask seed "
-                            f"arrived, threshold is {t}")
-        for owner, points in key_points.items():
-            if len(points) < t:
-                self._abort(f"only {len(points)} shares of dropped party {owner}'s recovery "
-                            f"key arrived, threshold is {t}")
+        t, config = self.config.threshold, self.config
+        holders = [accepted[h] for h in sorted(accepted)]
         try:
-            seeds = _rebuild(seed_points, t)
-            pair_seeds = {p: self._open_recovery(p, key)
-                          for p, key in _rebuild(key_points, t).items()}
+            seeds = self._rebuild(holders, "seed", self._survivors,
+                                  "survivor {owner}'s self-mask seed")
+            keys = self._rebuild(holders, "recovery", sorted(self._partners),
+                                 "dropped party {owner}'s recovery key")
+            pair_seeds = {p: self._open_recovery(p, key) for p, key in keys.items()}
         except ProtocolError:
             self._next = None
             raise
@@ -362,20 +349,45 @@ class SecAggServer:
         may_seed.add(msg.party)
         may_key = {j for j in neighbours if j in dropped
                    and msg.party not in self._not_holding.get(j, ())}
-        for name, allowed in (("self_mask_shares", may_seed), ("recovery_shares", may_key)):
-            entries = getattr(msg, name)
-            if not isinstance(entries, tuple):
-                return Rejection(msg.party, stage, RejectionReason.MALFORMED, f"{name} not a tuple")
-            owners = set()
-            for entry in entries:
-                if (type(entry) is not tuple or len(entry) != 2 or type(entry[1]) is not bytes
-                        or entry[0] not in allowed or len(entry[1]) != SHARE_BYTES
-                        or entry[0] in owners):
-                    return Rejection(msg.party, stage, RejectionReason.MALFORMED,
-                                     f"{name}: entry {str(entry)[:40]} is not a share this "
-                                     "party may send (or a second share for one owner)")
-                owners.add(entry[0])
+        for name, owners, shares, allowed in (
+                ("seed", msg.seed_owners, msg.seed_shares, may_seed),
+                ("recovery", msg.recovery_owners, msg.recovery_shares, may_key)):
+            if (not isinstance(owners, tuple) or not isinstance(shares, bytes)
+                    or len(shares) != SHARE_BYTES * len(owners)):
+                return Rejection(msg.party, stage, RejectionReason.MALFORMED,
+                                 f"{name}_shares must be {SHARE_BYTES} bytes per owner")
+            if (not all(type(j) is int for j in owners) or len(set(owners)) != len(owners)
+                    or not allowed.issuperset(owners)):
+                return Rejection(msg.party, stage, RejectionReason.MALFORMED,
+                                 f"{name}_owners: {str(owners)[:40]} are not parties this party "
+                                 "may send shares of (or one owner twice)")
         return None
+
+    def _rebuild(self, responses: list[UnmaskResponse], kind: str, owners: list[int],
+                 what: str) -> dict[int, bytes]:
+        """Each of ``owners``' secrets from the first t shares of it, in holder order, among
+        the ``kind`` ("seed" or "recovery") shares of ``responses``: one numpy gather and one
+        batch Lagrange interpolation for the whole round."""
+        if not owners:
+            return {}
+        t, graph = self.config.threshold, self.config.graph
+        listed = [getattr(m, f"{kind}_owners") for m in responses]
+        owner_of = np.fromiter(itertools.chain.from_iterable(listed), dtype=np.int64)
+        x_of = np.repeat([graph.x_coordinate(m.party) for m in responses],
+                         [len(o) for o in listed])
+        shares = np.frombuffer(b"".join(getattr(m, f"{kind}_shares") for m in responses),
+                               dtype="<u4").reshape(-1, LIMBS)
+        order = np.argsort(owner_of, kind="stable")  # by owner, holders in id order
+        wanted = np.asarray(owners, dtype=np.int64)
+        first = np.searchsorted(owner_of[order], wanted, side="left")
+        count = np.searchsorted(owner_of[order], wanted, side="right") - first
+        if (count < t).any():
+            i = int(np.flatnonzero(count < t)[0])
+            self._abort(f"only {int(count[i])} shares of {what.format(owner=owners[i])} "
+                        f"arrived, threshold is {t}")
+        pick = order[first[:, None] + np.arange(t)]
+        secrets = combine_secrets(x_of[pick], shares[pick])
+        return {p: row.tobytes() for p, row in zip(owners, secrets)}
 
     # -- helpers ------------------------------------------------------------------------
     def _begin(self, stage: Stage) -> Stage:
@@ -425,14 +437,3 @@ class SecAggServer:
         raise ThresholdError(f"round {self.config.round} of job {self.config.job_id!r} aborted, "
                              f"nothing released: {why}")
 
-
-def _rebuild(points: dict[int, list[tuple[int, bytes]]], threshold: int) -> dict[int, bytes]:
-    """Every owner's secret from its first t (x, share) points, in one batch."""
-    if not points:
-        return {}
-    owners = list(points)
-    chosen = [points[p][:threshold] for p in owners]
-    xs = np.array([[x for x, _ in row] for row in chosen], dtype=np.int64)
-    ys = np.frombuffer(b"".join(y for row in chosen for _, y in row), dtype="<u4")
-    secrets = combine_secrets(xs, ys.reshape(len(owners), threshold, LIMBS))
-    return {p: row.tobytes() for p, row in zip(owners, secrets)}
