@@ -255,3 +255,31 @@ def test_keystream_reader_pieces_continue_one_stream():
     assert got == want
     with pytest.raises(ValueError, match="piece size"):
         reader.read(4097)
+
+
+def test_batch_envelopes_are_single_envelopes_side_by_side():
+    from lepton_ray.crypto.envelope import OVERHEAD_BYTES, open_batch, seal_batch
+
+    receivers = [3, 9, 2**40]
+    ciphers = [channel_cipher(os.urandom(32)) for _ in receivers]
+    plaintexts = [os.urandom(72) for _ in receivers]
+    blob = seal_batch("job", 5, Stage.SHARE_KEYS, 1, receivers, ciphers, plaintexts)
+    size = OVERHEAD_BYTES + 72
+    assert len(blob) == size * 3
+    for i, (receiver, cipher) in enumerate(zip(receivers, ciphers)):  # oracle: one by one
+        header = EnvelopeHeader("job", 5, Stage.SHARE_KEYS, 1, receiver)
+        assert open_envelope(cipher, header, blob[i * size:(i + 1) * size]) == plaintexts[i]
+    # the receiver's view: one sender per envelope
+    ones = [seal_batch("job", 5, Stage.SHARE_KEYS, s, [7], [c], [p])
+            for s, c, p in zip(receivers, ciphers, plaintexts)]
+    assert open_batch("job", 5, Stage.SHARE_KEYS, receivers, 7, ciphers, b"".join(ones),
+                      size) == plaintexts
+    tampered = bytearray(b"".join(ones))
+    tampered[size + 20] ^= 1
+    got = open_batch("job", 5, Stage.SHARE_KEYS, receivers, 7, [ciphers[0], ciphers[1], None],
+                     bytes(tampered), size)
+    assert got == [plaintexts[0], None, None]
+    assert open_batch("job", 6, Stage.SHARE_KEYS, receivers, 7, ciphers, b"".join(ones),
+                      size) == [None] * 3  # bound to the round
+    with pytest.raises(ProtocolError, match="expected 3 envelopes"):
+        open_batch("job", 5, Stage.SHARE_KEYS, receivers, 7, ciphers, bytes(tampered[:-1]), size)

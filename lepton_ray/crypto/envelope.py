@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
@@ -46,12 +46,16 @@ class EnvelopeHeader:
 
     def associated_data(self) -> bytes:
         """encode(label, job id, round, stage, sender, receiver)."""
-        prefix = _ad_prefix(self.job_id, self.round, self.stage)
-        sender, receiver = self.sender, self.receiver
-        if type(sender) is int and type(receiver) is int and 0 <= min(sender, receiver) \
-                and max(sender, receiver) < _MAX_ID:  # the common case, without the loop
-            return prefix + _INT_PAIR.pack(_INT_TAG, sender, _INT_TAG, receiver)
-        return prefix + encode_fields(sender, receiver)
+        return _ad_prefix(self.job_id, self.round, self.stage) + _ids(self.sender,
+                                                                      self.receiver)
+
+
+def _ids(sender: int, receiver: int) -> bytes:
+    """encode_fields(sender, receiver), without its loop in the common case of two ids."""
+    if type(sender) is int and type(receiver) is int and 0 <= min(sender, receiver) \
+            and max(sender, receiver) < _MAX_ID:
+        return _INT_PAIR.pack(_INT_TAG, sender, _INT_TAG, receiver)
+    return encode_fields(sender, receiver)
 
 
 @lru_cache(maxsize=256)
@@ -66,14 +70,49 @@ def channel_cipher(key: bytes) -> AESGCM:
 
 
 def seal(cipher: AESGCM, header: EnvelopeHeader, plaintext: bytes,
-         entropy: Callable[[int], bytes] = os.urandom, *, nonce: bytes | None = None) -> bytes:
-    """Encrypt and bind to ``header``. The nonce is 12 bytes from ``entropy``, or ``nonce``
-    when the caller drew many at once (they must be fresh random bytes too)."""
-    if nonce is None:
-        nonce = entropy(NONCE_BYTES)
-    elif len(nonce) != NONCE_BYTES:
-        raise ProtocolError(f"an envelope nonce is {NONCE_BYTES} bytes, got {len(nonce)}")
+         entropy: Callable[[int], bytes] = os.urandom) -> bytes:
+    nonce = entropy(NONCE_BYTES)
     return nonce + cipher.encrypt(nonce, plaintext, header.associated_data())
+
+
+def seal_batch(job_id: str, round_: int, stage: Enum, sender: int, receivers: Sequence[int],
+               ciphers: Sequence[AESGCM], plaintexts: Sequence[bytes],
+               entropy: Callable[[int], bytes] = os.urandom) -> bytes:
+    """:func:`seal` from ``sender`` to each of ``receivers`` (under the matching cipher), the
+    envelopes concatenated; one ``entropy`` call draws every nonce."""
+    prefix = _ad_prefix(job_id, round_, stage)
+    nonces = entropy(NONCE_BYTES * len(receivers))
+    out = []
+    for i, (receiver, cipher, plaintext) in enumerate(zip(receivers, ciphers, plaintexts,
+                                                          strict=True)):
+        nonce = nonces[i * NONCE_BYTES:(i + 1) * NONCE_BYTES]
+        out.append(nonce)
+        out.append(cipher.encrypt(nonce, plaintext, prefix + _ids(sender, receiver)))
+    return b"".join(out)
+
+
+def open_batch(job_id: str, round_: int, stage: Enum, senders: Sequence[int], receiver: int,
+               ciphers: Sequence[AESGCM | None], envelopes: bytes,
+               size: int) -> list[bytes | None]:
+    """:func:`open_envelope` of each ``size``-byte envelope of ``envelopes`` (one per sender,
+    in order): its plaintext, or ``None`` where the tag fails (or the cipher is ``None``)."""
+    if size < OVERHEAD_BYTES or len(envelopes) != size * len(senders):
+        raise ProtocolError(f"expected {len(senders)} envelopes of {size} bytes, got "
+                            f"{len(envelopes)} bytes")
+    prefix = _ad_prefix(job_id, round_, stage)
+    out: list[bytes | None] = []
+    for i, (sender, cipher) in enumerate(zip(senders, ciphers, strict=True)):
+        start = i * size
+        if cipher is None:  # the caller has no key for this sender
+            out.append(None)
+            continue
+        try:
+            out.append(cipher.decrypt(envelopes[start:start + NONCE_BYTES],
+                                      envelopes[start + NONCE_BYTES:start + size],
+                                      prefix + _ids(sender, receiver)))
+        except InvalidTag:
+            out.append(None)
+    return out
 
 
 def open_envelope(cipher: AESGCM, header: EnvelopeHeader, envelope: bytes) -> bytes:

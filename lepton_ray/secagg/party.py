@@ -34,11 +34,11 @@ from collections.abc import Callable, Collection
 import numpy as np
 
 from lepton_ray.crypto.envelope import (
-    NONCE_BYTES,
     EnvelopeHeader,
     channel_cipher,
-    open_envelope,
+    open_batch,
     seal,
+    seal_batch,
 )
 from lepton_ray.crypto.identity import IdentityKey
 from lepton_ray.crypto.prg import MaskExpander
@@ -192,8 +192,7 @@ class SecAggParty:
         self._holders = None
         c = self.config
         seeds, keys = (row.astype("<u4", copy=False).tobytes() for row in shares)
-        receivers, envelopes = [], []
-        nonces = self._entropy(NONCE_BYTES * len(holders))  # one OS call, not one per holder
+        receivers, channels, plaintexts = [], [], []
         for i, holder in enumerate(holders):
             seed_share = seeds[i * SHARE_BYTES:(i + 1) * SHARE_BYTES]
             key_share = keys[i * SHARE_BYTES:(i + 1) * SHARE_BYTES]
@@ -203,15 +202,15 @@ class SecAggParty:
             pair = self._keyring.pair(c.job_id, self.party, holder, self._live[holder].public_key)
             self._seeds[holder] = pair.round_seed(job_id=c.job_id, round_=c.round,
                                                   nonce=c.nonce)
-            header = EnvelopeHeader(c.job_id, c.round, Stage.SHARE_KEYS, self.party, holder)
             receivers.append(holder)
-            envelopes.append(seal(pair.channel, header, seed_share + key_share,
-                                  nonce=nonces[i * NONCE_BYTES:(i + 1) * NONCE_BYTES]))
+            channels.append(pair.channel)
+            plaintexts.append(seed_share + key_share)
+        envelopes = seal_batch(c.job_id, c.round, Stage.SHARE_KEYS, self.party, receivers,
+                               channels, plaintexts, self._entropy)
         recovery = seal(channel_cipher(self._recovery_key), recovery_header(c, self.party),
                         b"".join(self._seeds[j] for j in sorted(self._live)), self._entropy)
         self._next = Stage.MASKED_INPUT
-        return ShareKeys(c.job_id, c.round, self.party, tuple(receivers), b"".join(envelopes),
-                         recovery)
+        return ShareKeys(c.job_id, c.round, self.party, tuple(receivers), envelopes, recovery)
 
     # -- stage 3 ------------------------------------------------------------------------
     def masked_input(self, inbox: ShareInbox, vector: np.ndarray) -> MaskedInput:
@@ -244,18 +243,23 @@ class SecAggParty:
                 or not all(is_int(j) and j in self._live for j in senders)):
             self._fail(stage, RejectionReason.MALFORMED,
                        "inbox holds an envelope not from a distinct live neighbour")
-        for i, sender in enumerate(senders):
-            header = EnvelopeHeader(c.job_id, c.round, Stage.SHARE_KEYS, sender, self.party)
+        channels = []
+        for sender in senders:
             try:
-                pair = self._keyring.pair(c.job_id, self.party, sender,
-                                          self._live[sender].public_key)
-                plain = open_envelope(pair.channel, header,
-                                      envelopes[i * ENVELOPE_BYTES:(i + 1) * ENVELOPE_BYTES])
-            except ProtocolError as err:
-                self._rejections.append(Rejection(sender, Stage.SHARE_KEYS,
-                                                  RejectionReason.TAMPERED, str(err)))
-                continue
-            self._held[sender] = (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
+                channels.append(self._keyring.pair(c.job_id, self.party, sender,
+                                                   self._live[sender].public_key).channel)
+            except ProtocolError as err:  # e.g. a small-order key: nothing to open with
+                channels.append(None)
+                self._reject(sender, str(err))
+        plains = open_batch(c.job_id, c.round, Stage.SHARE_KEYS, senders, self.party,
+                            channels, envelopes, ENVELOPE_BYTES)
+        for sender, channel, plain in zip(senders, channels, plains):
+            if plain is not None:
+                self._held[sender] = (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
+            elif channel is not None:
+                self._reject(sender, f"envelope from party {sender} to party {self.party} "
+                             "failed its AES-GCM tag (tampered, replayed from another "
+                             "round/stage, or wrong key)")
         # Mask with every neighbour the server routed, readable or not: the server knows
         # exactly this set and strips the masks of any sender it later drops.
         partners = tuple(sorted(senders))
@@ -325,6 +329,11 @@ class SecAggParty:
                               b"".join(seed_out), tuple(key_owners), b"".join(key_out))
 
     # -- helpers ------------------------------------------------------------------------
+    def _reject(self, sender: int, why: str) -> None:
+        """A neighbour's envelope this party cannot read: reported, not fatal."""
+        self._rejections.append(Rejection(sender, Stage.SHARE_KEYS, RejectionReason.TAMPERED,
+                                          why))
+
     def _begin(self, stage: Stage) -> Stage:
         if self._next is not stage:
             at = self._next.value if self._next else "finished/aborted"
