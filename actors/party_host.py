@@ -188,7 +188,10 @@ class PartyHost:
         rule, quant = state.plan.rule, state.plan.quantization
         row = {p: i for i, p in enumerate(state.order)}
         if state.plan.skellam is None:  # every party's vector in one vectorised pass
-            batch = encode_ring_batch(result.deltas, result.examples, rule, quant)
+            batch = encode_ring_batch(result.deltas, result.examples, rule, quant,
+                                      out=self._ring_buffer(result.deltas.shape[0],
+                                                            rule.width(result.deltas.shape[1]),
+                                                            quant.modulus_bits))
             diverged = set(batch.bad)
 
             def encode(i):
@@ -244,6 +247,17 @@ class PartyHost:
         return self._report(messages, failed), messages
 
     # ------------------------------------------------------------------ helpers
+    def _ring_buffer(self, rows: int, width: int, modulus_bits: int) -> np.ndarray:
+        """The host's quantised-update buffer, reused while the round shape stays the same
+        (its contents only live until the round's masked sum is made)."""
+        from lepton_ray.crypto.prg import ring_dtype
+
+        dtype = ring_dtype(modulus_bits)
+        buf = getattr(self, "_rings", None)
+        if buf is None or buf.shape != (rows, width) or buf.dtype != dtype:
+            buf = self._rings = np.empty((rows, width), dtype=dtype)
+        return buf
+
     def _state(self, round_: int) -> _Round:
         if self.round is None or self.round.round != round_:
             have = None if self.round is None else self.round.round

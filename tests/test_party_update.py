@@ -93,6 +93,12 @@ def test_batch_encoding_matches_the_float_vectors_and_a_brute_force_rounding(bit
     # and every coordinate is within one rounding step of the float vector
     lifted = ring_to_float(batch.rings, quant)
     assert np.abs(lifted - floats).max() <= 1.0 / quant.scale + 1e-15
+    # a reused output buffer (stale contents) receives exactly the same rings
+    out = np.full_like(batch.rings, 7)
+    again = encode_ring_batch(deltas, examples, rule, quant, key=key, out=out)
+    assert again.rings is out and np.array_equal(out, batch.rings)
+    with pytest.raises(DataError, match="out must be"):
+        encode_ring_batch(deltas, examples, rule, quant, key=key, out=out[:, :-1])
 
 
 def test_batch_encoding_is_unbiased_and_flags_diverged_rows():
