@@ -67,6 +67,7 @@ class SecAggServer:
         self._next: Stage | None = Stage.ADVERTISE_KEYS
         self._rejections: list[Rejection] = []
         self._adverts: dict[int, AdvertiseKeys] = {}
+        self._live: dict[int, tuple[int, ...]] = {}  # live neighbours, once adverts are in
         self._shared: frozenset[int] = frozenset()
         self._survivors: tuple[int, ...] = ()
         self._dropped: tuple[int, ...] = ()
@@ -121,19 +122,26 @@ class SecAggServer:
         self._shared = frozenset(accepted)
         self._recovery = {p: (msg.recovery, self._live_neighbours(p))
                           for p, msg in accepted.items()}
-        senders: dict[int, list[int]] = {p: [] for p in accepted}
-        sealed: dict[int, list[bytes]] = {p: [] for p in accepted}
-        size = ENVELOPE_BYTES
-        for sender in sorted(accepted):
-            msg = accepted[sender]
-            for i, receiver in enumerate(msg.receivers):
-                if receiver in senders:
-                    senders[receiver].append(sender)
-                    sealed[receiver].append(msg.envelopes[i * size:(i + 1) * size])
         self._next = Stage.MASKED_INPUT
+        return self._inboxes([accepted[p] for p in sorted(accepted)])
+
+    def _inboxes(self, messages: list[ShareKeys]) -> dict[int, ShareInbox]:
+        """Every accepted party's inbox: the envelopes addressed to it by accepted senders,
+        in sender order. One stable sort of all envelopes by receiver, then one slice each."""
         job, rnd = self.config.job_id, self.config.round
-        return {p: ShareInbox(job, rnd, p, tuple(senders[p]), b"".join(sealed[p]))
-                for p in accepted}
+        receivers = np.fromiter(itertools.chain.from_iterable(m.receivers for m in messages),
+                                dtype=np.int64)
+        senders = np.repeat([m.party for m in messages], [len(m.receivers) for m in messages])
+        sealed = np.frombuffer(b"".join(m.envelopes for m in messages),
+                               dtype=np.uint8).reshape(-1, ENVELOPE_BYTES)
+        owners = np.array([m.party for m in messages], dtype=np.int64)  # sorted
+        keep = np.isin(receivers, owners)  # envelopes for a party that dropped stay here
+        order = np.flatnonzero(keep)[np.argsort(receivers[keep], kind="stable")]
+        by_receiver, senders, sealed = receivers[order], senders[order], sealed[order]
+        first = np.searchsorted(by_receiver, owners, side="left")
+        last = np.searchsorted(by_receiver, owners, side="right")
+        return {p: ShareInbox(job, rnd, p, tuple(senders[a:b].tolist()), sealed[a:b].tobytes())
+                for p, a, b in zip(owners.tolist(), first.tolist(), last.tolist())}
 
     def _check_shares(self, msg: ShareKeys) -> Rejection | None:
         stage = Stage.SHARE_KEYS
@@ -158,8 +166,11 @@ class SecAggServer:
     def _live_neighbours(self, party: int) -> tuple[int, ...]:
         """``party``'s neighbours that advertised keys, in id order: the holders of its shares
         and, in the same order, the owners of the pair seeds in its recovery blob."""
-        return tuple(sorted(j for j in self.config.graph.neighbours_of(party)
-                            if j in self._adverts))
+        live = self._live.get(party)
+        if live is None:  # the adverts are fixed once stage 1 is over: compute once
+            live = self._live[party] = tuple(sorted(
+                j for j in self.config.graph.neighbours_of(party) if j in self._adverts))
+        return live
 
     # -- stage 3 ------------------------------------------------------------------------
     def collect_masked(self, messages: Iterable[object]) -> UnmaskRequest:
