@@ -84,7 +84,7 @@ class PartyHost:
         self.task_options = {"num_gpus": gpus, "num_cpus": cpus,
                              "resources": self.task_resources or None,
                              **({"memory": t.memory_mb * 2**20} if t.memory_mb else {})}
-        self.sizes = [int(len(y)) for _, y in datasets]
+        self.sizes = [len(y) for _, y in datasets]
         self.data_ref = ray.put(datasets)  # once, in this node's object store
         # Each party's long-term Ed25519 identity and SecAgg+ key material (X25519 key, pair
         # secrets, signature memo); the private keys never leave this process.

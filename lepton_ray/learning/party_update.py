@@ -222,7 +222,7 @@ class Aggregate:
     clip_bits: float | None  # sum of b_i (adaptive clipping)
 
     @classmethod
-    def split(cls, total: np.ndarray, dim: int, rule: UpdateRule) -> "Aggregate":
+    def split(cls, total: np.ndarray, dim: int, rule: UpdateRule) -> Aggregate:
         return cls(weighted=total[:dim], weight=float(total[dim]),
                    clip_bits=float(total[dim + 1]) if rule.clip_bit else None)
 

@@ -10,11 +10,13 @@ classic SecAgg. Modules:
 * :mod:`.graph`    - neighbour graph, automatic k, default threshold
 * :mod:`.plan`     - :class:`RoundConfig` (public round description), :func:`plan_round`
 * :mod:`.party`    - :class:`SecAggParty` (party side)
+* :mod:`.cohort`   - :class:`PartyCohort` (a host's parties in batch, one masked sum)
 * :mod:`.server`   - :class:`SecAggServer` (server side)
 * :mod:`.local`    - :func:`secure_sum` and :func:`run_local_round` (all in one process)
 * :mod:`.quantize` - clipping, scaling, stochastic rounding into Z_{2^b} and back
 """
 
+from lepton_ray.secagg.cohort import PartyCohort
 from lepton_ray.secagg.graph import (
     COMPLETE_GRAPH,
     GraphTopology,
@@ -30,6 +32,7 @@ from lepton_ray.secagg.messages import (
     AggregateResult,
     KeyBroadcast,
     MaskedInput,
+    MaskedSum,
     ShareInbox,
     ShareKeys,
     UnmaskRequest,
@@ -47,8 +50,10 @@ __all__ = [
     "GraphTopology",
     "KeyBroadcast",
     "MaskedInput",
+    "MaskedSum",
     "NeighbourGraph",
     "NeighbourPolicy",
+    "PartyCohort",
     "Rejection",
     "RejectionReason",
     "RoundConfig",

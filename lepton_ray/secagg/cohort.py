@@ -83,9 +83,9 @@ class PartyCohort:
             for i, p in enumerate(group):
                 shares[p] = split[2 * i:2 * i + 2]
         messages = []
-        for p in holders:
+        for p, own in holders.items():
             try:
-                messages.append(self.parties[p].seal_shares(holders[p], shares[p]))
+                messages.append(self.parties[p].seal_shares(own, shares[p]))
             except _PARTY_ERRORS as exc:
                 failed.append(self._leave(p, exc))
         return messages, failed

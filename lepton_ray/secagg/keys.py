@@ -58,7 +58,7 @@ _REMEMBERED_ROUNDS = 64  # nonces are 16 fresh bytes per round: a repeat can onl
 class PairSecrets:
     """What one neighbour pair shares for as long as both long-term keys live."""
 
-    __slots__ = ("channel", "mask_key", "_last")
+    __slots__ = ("_last", "channel", "mask_key")
 
     def __init__(self, channel: AESGCM, mask_key: bytes):
         self.channel = channel

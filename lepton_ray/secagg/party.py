@@ -51,8 +51,8 @@ from lepton_ray.secagg.keys import (
     self_mask_key,
 )
 from lepton_ray.secagg.messages import (
-    AdvertiseKeys,
     ENVELOPE_BYTES,
+    AdvertiseKeys,
     KeyBroadcast,
     MaskedInput,
     ShareInbox,

@@ -38,9 +38,9 @@ from lepton_ray.errors import ProtocolError, ThresholdError
 from lepton_ray.secagg.checks import check_header, check_sender, is_int
 from lepton_ray.secagg.keys import advert_transcript, self_mask_key
 from lepton_ray.secagg.messages import (
+    ENVELOPE_BYTES,
     AdvertiseKeys,
     AggregateResult,
-    ENVELOPE_BYTES,
     KeyBroadcast,
     MaskedInput,
     MaskedSum,
