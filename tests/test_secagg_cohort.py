@@ -171,3 +171,34 @@ def test_cohort_parties_fail_alone():
     assert summed.parties == (0, 1, 3, 4, 5)
     with pytest.raises(ProtocolError, match="open_inbox first"):
         hosts[0][2].mask_into(np.zeros(config.dim, np.uint32), cohorts[0]._expander)
+
+
+def test_unhashable_ids_in_stage_3_messages_are_rejected_not_crashes():
+    config, ids, inputs = setup()
+    hosts = [host(config, ids, range(6), "A"), host(config, ids, range(6, 12), "B")]
+    server = SecAggServer(config)
+    cohorts = [PartyCohort(config, h) for h in hosts]
+    broadcast = server.collect_adverts([m for c in cohorts for m in c.advertise()[0]])
+    inboxes = server.route_shares([m for c in cohorts for m in c.share_keys(broadcast)[0]])
+    odd = dict(inboxes)
+    odd[0] = dataclasses.replace(inboxes[0], senders=([1],) + inboxes[0].senders[1:])
+    (sum_a,), failed = cohorts[0].masked_sum(odd, inputs)
+    assert [p for p, _ in failed] == [0] and "distinct live neighbour" in failed[0][1]
+    (sum_b,), _ = cohorts[1].masked_sum(inboxes, inputs)
+    bad_sum = dataclasses.replace(sum_b, rejected=(([6], ()),))
+    with pytest.raises(ThresholdError):
+        server.collect_masked([sum_a, bad_sum])
+    assert (6, RejectionReason.MALFORMED) in {(r.party, r.reason) for r in server.rejections}
+
+
+def test_unhashable_rejected_senders_of_a_single_input_are_rejected():
+    config, ids, inputs = setup()
+    parties = host(config, ids, range(12), "A")
+    server = SecAggServer(config)
+    broadcast = server.collect_adverts([p.advertise() for p in parties.values()])
+    inboxes = server.route_shares([p.share_keys(broadcast) for p in parties.values()])
+    masked = [p.masked_input(inboxes[i], inputs[i]) for i, p in parties.items()]
+    masked[3] = dataclasses.replace(masked[3], rejected_senders=([1],))
+    request = server.collect_masked(masked)
+    assert 3 not in request.survivors
+    assert (3, RejectionReason.MALFORMED) in {(r.party, r.reason) for r in server.rejections}

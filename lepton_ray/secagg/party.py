@@ -239,8 +239,8 @@ class SecAggParty:
             self._fail(stage, RejectionReason.MALFORMED,
                        f"inbox must hold {ENVELOPE_BYTES}-byte envelopes addressed to party "
                        f"{self.party}, one per sender")
-        if (len(set(senders)) != len(senders)
-                or not all(is_int(j) and j in self._live for j in senders)):
+        if (not all(is_int(j) and j in self._live for j in senders)
+                or len(set(senders)) != len(senders)):
             self._fail(stage, RejectionReason.MALFORMED,
                        "inbox holds an envelope not from a distinct live neighbour")
         channels = []

@@ -275,12 +275,13 @@ class SecAggServer:
             return Rejection(parties[0], stage, RejectionReason.MALFORMED, "rejected: not a tuple")
         reporters = set()
         for entry in msg.rejected:
-            ok = (type(entry) is tuple and len(entry) == 2 and entry[0] in members
-                  and entry[0] not in reporters and isinstance(entry[1], tuple))
+            ok = (type(entry) is tuple and len(entry) == 2 and is_int(entry[0])
+                  and entry[0] in members and entry[0] not in reporters
+                  and isinstance(entry[1], tuple))
             if ok:
                 partners = set(config.graph.neighbours_of(entry[0])) & self._shared
-                ok = (len(set(entry[1])) == len(entry[1])
-                      and all(is_int(j) and j in partners for j in entry[1]))
+                ok = (all(is_int(j) and j in partners for j in entry[1])
+                      and len(set(entry[1])) == len(entry[1]))
             if not ok:
                 return Rejection(parties[0], stage, RejectionReason.MALFORMED,
                                  "rejected must pair a party of the sum with distinct "
@@ -299,8 +300,9 @@ class SecAggServer:
                              f"vector must be {config.dtype} of shape ({config.dim},), got {got}")
         reported = msg.rejected_senders
         partners = set(config.graph.neighbours_of(msg.party)) & self._shared
-        if (not isinstance(reported, tuple) or len(set(reported)) != len(reported)
-                or not all(is_int(j) and j in partners for j in reported)):
+        if (not isinstance(reported, tuple)
+                or not all(is_int(j) and j in partners for j in reported)
+                or len(set(reported)) != len(reported)):
             return Rejection(msg.party, stage, RejectionReason.MALFORMED,
                              "rejected_senders must list distinct neighbours that shared keys")
         return None
