@@ -267,7 +267,7 @@ def test_too_few_shares_of_one_secret_abort_the_round():
 
 
 def test_malformed_unmask_responses_are_rejected():
-    config, ids, inputs = make_round(7)
+    config, ids, inputs = make_round(9)
 
     def mangle(responses):
         out = []
@@ -279,11 +279,13 @@ def test_malformed_unmask_responses_are_rejected():
             elif m.party == 3:  # a share of a party it holds no share of (not a neighbour)
                 m = dataclasses.replace(m, recovery_owners=(99,),
                                         recovery_shares=bytes(SHARE_BYTES))
+            elif m.party == 4:  # limbs outside GF(2**31 - 1)
+                m = dataclasses.replace(m, seed_shares=b"\xff" * len(m.seed_shares))
             out.append(m)
         return out
 
     result = run(config, ids, inputs, filters={Stage.UNMASK: mangle})
     why = reasons(result)
-    for party in (1, 2, 3):
+    for party in (1, 2, 3, 4):
         assert (party, Stage.UNMASK, RejectionReason.MALFORMED) in why
-    assert_exact(result, inputs, range(7))  # the other holders' shares still suffice
+    assert_exact(result, inputs, range(9))  # the other holders' shares still suffice

@@ -186,9 +186,30 @@ def test_unhashable_ids_in_stage_3_messages_are_rejected_not_crashes():
     assert [p for p, _ in failed] == [0] and "distinct live neighbour" in failed[0][1]
     (sum_b,), _ = cohorts[1].masked_sum(inboxes, inputs)
     bad_sum = dataclasses.replace(sum_b, rejected=(([6], ()),))
+    odd_ids = dataclasses.replace(sum_b, parties=([6],) + sum_b.parties[1:])
     with pytest.raises(ThresholdError):
-        server.collect_masked([sum_a, bad_sum])
-    assert (6, RejectionReason.MALFORMED) in {(r.party, r.reason) for r in server.rejections}
+        server.collect_masked([sum_a, bad_sum, odd_ids])
+    why = [(r.party, r.reason) for r in server.rejections]
+    assert (6, RejectionReason.MALFORMED) in why and (-1, RejectionReason.MALFORMED) in why
+
+
+def test_a_party_claimed_by_two_inputs_and_a_sum_survives_in_none():
+    config, ids, inputs = setup(n=12, neighbours=11)
+    a, b = [0, 1, 2], list(range(3, 12))
+    hosts = [host(config, ids, a, "A"), host(config, ids, b, "B")]
+    server = SecAggServer(config)
+    cohort = PartyCohort(config, hosts[0])
+    adverts = cohort.advertise()[0] + [hosts[1][p].advertise() for p in b]
+    broadcast = server.collect_adverts(adverts)
+    shares = cohort.share_keys(broadcast)[0] + [hosts[1][p].share_keys(broadcast) for p in b]
+    inboxes = server.route_shares(shares)
+    (summed,), _ = cohort.masked_sum(inboxes, inputs)
+    singles = [hosts[1][p].masked_input(inboxes[p], inputs[p]) for p in b]
+    forged = [dataclasses.replace(singles[0], party=0), dataclasses.replace(singles[1], party=0)]
+    request = server.collect_masked([summed, *singles, *forged])
+    assert 0 not in request.survivors and set(request.survivors) == set(b)
+    assert (0, RejectionReason.DUPLICATE_PARTY) in {(r.party, r.reason)
+                                                    for r in server.rejections}
 
 
 def test_unhashable_rejected_senders_of_a_single_input_are_rejected():

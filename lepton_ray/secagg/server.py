@@ -33,7 +33,7 @@ import numpy as np
 from lepton_ray.crypto.envelope import OVERHEAD_BYTES, channel_cipher, open_envelope
 from lepton_ray.crypto.identity import SignatureVerifier
 from lepton_ray.crypto.prg import MaskExpander
-from lepton_ray.crypto.shamir import LIMBS, SHARE_BYTES, combine_secrets
+from lepton_ray.crypto.shamir import LIMBS, PRIME, SHARE_BYTES, combine_secrets
 from lepton_ray.errors import ProtocolError, ThresholdError
 from lepton_ray.secagg.checks import check_header, check_sender, is_int
 from lepton_ray.secagg.keys import advert_transcript, self_mask_key
@@ -178,9 +178,11 @@ class SecAggServer:
         (:class:`MaskedSum`); a sum is taken whole or not at all."""
         stage = self._begin(Stage.MASKED_INPUT)
         messages = list(messages)
+        duplicated: set[int] = set()
         singles = self._accept([m for m in messages if not isinstance(m, MaskedSum)],
-                               MaskedInput, stage, self._shared, self._check_masked)
-        sums = self._accept_sums([m for m in messages if isinstance(m, MaskedSum)], singles)
+                               MaskedInput, stage, self._shared, self._check_masked, duplicated)
+        sums = self._accept_sums([m for m in messages if isinstance(m, MaskedSum)], singles,
+                                 duplicated)
         reports = {p: m.rejected_senders for p, m in singles.items()}
         for msg in sums:
             reports.update(msg.rejected)
@@ -232,9 +234,11 @@ class SecAggServer:
         self._next = Stage.UNMASK
         return UnmaskRequest(self.config.job_id, self.config.round, survivors, dropped)
 
-    def _accept_sums(self, messages: list, singles: dict[int, MaskedInput]) -> list[MaskedSum]:
-        """The well-formed sums; a party claimed twice (by two sums, or by a sum and a single
-        input) makes every message claiming it rejected, as in :meth:`_accept`."""
+    def _accept_sums(self, messages: list, singles: dict[int, MaskedInput],
+                     duplicated: set[int]) -> list[MaskedSum]:
+        """The well-formed sums; a party claimed twice (by two sums, by a sum and a single
+        input, or by two single inputs: ``duplicated``) makes every message claiming it
+        rejected, as in :meth:`_accept`."""
         stage, valid = Stage.MASKED_INPUT, []
         for msg in messages:
             rejection = check_header(msg, MaskedSum, self.config, stage) or self._check_sum(msg)
@@ -243,11 +247,12 @@ class SecAggServer:
             else:
                 valid.append(msg)
         claims: dict[int, int] = dict.fromkeys(singles, 1)
+        claims.update(dict.fromkeys(duplicated, 2))
         for msg in valid:
             for p in msg.parties:
                 claims[p] = claims.get(p, 0) + 1
         twice = {p for p, n in claims.items() if n > 1}
-        for p in sorted(twice):
+        for p in sorted(twice - duplicated):  # _accept has recorded the others
             singles.pop(p, None)
             self._rejections.append(Rejection(
                 p, stage, RejectionReason.DUPLICATE_PARTY,
@@ -258,7 +263,7 @@ class SecAggServer:
         stage, config = Stage.MASKED_INPUT, self.config
         parties = msg.parties
         if (not isinstance(parties, tuple) or not parties
-                or len(set(parties)) != len(parties) or not all(is_int(p) for p in parties)):
+                or not all(is_int(p) for p in parties) or len(set(parties)) != len(parties)):
             return Rejection(-1, stage, RejectionReason.MALFORMED,
                              "a masked sum must name distinct party ids")
         for p in parties:
@@ -374,6 +379,9 @@ class SecAggServer:
                 return Rejection(msg.party, stage, RejectionReason.MALFORMED,
                                  f"{name}_owners: {str(owners)[:40]} are not parties this party "
                                  "may send shares of (or one owner twice)")
+            if shares and np.frombuffer(shares, dtype="<u4").max() >= PRIME:
+                return Rejection(msg.party, stage, RejectionReason.MALFORMED,
+                                 f"{name}_shares: a limb is not an element of GF(2**31 - 1)")
         return None
 
     def _rebuild(self, responses: list[UnmaskResponse], kind: str, owners: list[int],
@@ -411,8 +419,10 @@ class SecAggServer:
         return stage
 
     def _accept(self, messages: Iterable[object], expected: type, stage: Stage,
-                senders: Iterable[int],
-                check: Callable[[object], Rejection | None]) -> dict[int, object]:
+                senders: Iterable[int], check: Callable[[object], Rejection | None],
+                duplicated: set[int] | None = None) -> dict[int, object]:
+        """The messages that pass ``check``, by party; a party with two or more passing
+        messages gets none accepted (and is added to ``duplicated`` if given)."""
         allowed = set(senders)
         candidates: dict[int, list] = {}
         for msg in messages:
@@ -433,6 +443,8 @@ class SecAggServer:
             if len(copies) == 1:
                 accepted[party] = copies[0]
             else:
+                if duplicated is not None:
+                    duplicated.add(party)
                 self._rejections.append(Rejection(
                     party, stage, RejectionReason.DUPLICATE_PARTY,
                     f"{len(copies)} messages claim party {party}; the server cannot tell which "
