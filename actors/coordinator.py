@@ -112,8 +112,30 @@ class SmpcCoordinator:
         per_host = tuple({p: inboxes[p] for p in parties if p in inboxes} for parties in host_parties)
         return (status, *per_host)
 
-    def collect_masked(self, *host_messages):
-        return self._stage(lambda msgs: self.server.collect_masked(msgs), host_messages)
+    def collect_masked(self, host_parties: list[list[int]], *host_messages):
+        """``host_parties[i]``: the parties placed on the host that sent ``host_messages[i]``.
+        A host's message naming a party of another host is dropped here: a masked sum is
+        taken whole or not at all, so one false claim must not knock out a host's sum."""
+        from lepton_ray.secagg import MaskedSum, Rejection, RejectionReason, Stage
+
+        kept, refused = [], []
+        for own, batch in zip(host_parties, host_messages, strict=True):
+            own = set(own)
+            for msg in batch:
+                named = (getattr(msg, "parties", None) if isinstance(msg, MaskedSum)
+                         else (getattr(msg, "party", None),))
+                try:
+                    foreign = [p for p in named if p not in own]
+                except TypeError:  # not a tuple of ids: the server rejects it as malformed
+                    foreign = []
+                if foreign:
+                    refused.append(Rejection(
+                        foreign[0], Stage.MASKED_INPUT, RejectionReason.MALFORMED,
+                        f"a host's masked input names parties {foreign[:8]} placed on "
+                        "another host; the message is dropped"))
+                else:
+                    kept.append(msg)
+        return self._stage(lambda msgs: self.server.collect_masked(msgs), [kept], refused)
 
     def finish(self, *host_messages):
         """Unmask, dequantise and (central DP) noise the sum; only this leaves the actor."""
@@ -132,13 +154,15 @@ class SmpcCoordinator:
         return status, Released(total=total, survivors=tuple(result.survivors),
                                 dropped=tuple(result.dropped))
 
-    def _stage(self, work, host_messages):
+    def _stage(self, work, host_messages, refused=()):
+        """Run a server stage on every host's messages; ``refused``: rejections made here,
+        before the server saw the messages."""
         messages = [m for batch in host_messages for m in batch]
         try:
             out = work(messages)
         except ThresholdError as exc:
-            return StageStatus(False, str(exc), self._new_rejections()), None
-        return StageStatus(True, "", self._new_rejections()), out
+            return StageStatus(False, str(exc), tuple(refused) + self._new_rejections()), None
+        return StageStatus(True, "", tuple(refused) + self._new_rejections()), out
 
     def _new_rejections(self) -> tuple:
         allr = self.server.rejections if self.server is not None else ()

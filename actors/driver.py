@@ -453,7 +453,8 @@ class Federation:
         self._clock.lap("hosts.masked_input")
         calls += len(outs) + 1
         trained = [rep for rep, _ in live.values()]
-        status, request = c.collect_masked.options(num_returns=2).remote(*_payloads(live))
+        status, request = c.collect_masked.options(num_returns=2).remote(
+            [by_host[h] for h in live], *_payloads(live))
         why = self._aborted(r, status)
         self._clock.lap("server.masked_input")
         if why:

@@ -223,3 +223,31 @@ def test_unhashable_rejected_senders_of_a_single_input_are_rejected():
     request = server.collect_masked(masked)
     assert 3 not in request.survivors
     assert (3, RejectionReason.MALFORMED) in {(r.party, r.reason) for r in server.rejections}
+
+
+def test_coordinator_drops_a_hosts_claim_on_another_hosts_party():
+    """Host B forges a masked input for party 0, which sits in host A's sum. The
+    coordinator knows where parties are placed and drops the forgery, so A's sum (taken
+    whole or not at all) survives; the server alone would have rejected both claims."""
+    from types import SimpleNamespace
+
+    from actors.coordinator import SmpcCoordinator
+    from lepton_ray.config import SecureAggregation
+
+    config, ids, inputs = setup(n=12, neighbours=11)
+    a, b = [0, 1, 2], list(range(3, 12))
+    hosts = [host(config, ids, a, "A"), host(config, ids, b, "B")]
+    coordinator = SmpcCoordinator(SecureAggregation.SECAGG_PLUS)
+    coordinator.begin(SimpleNamespace(config=config), None)
+    cohort = PartyCohort(config, hosts[0])
+    status, broadcast = coordinator.collect_adverts(
+        cohort.advertise()[0], [hosts[1][p].advertise() for p in b])
+    routed = coordinator.route_shares(
+        [a, b], cohort.share_keys(broadcast)[0],
+        [hosts[1][p].share_keys(broadcast) for p in b])
+    (summed,), _ = cohort.masked_sum(routed[1], inputs)
+    singles = [hosts[1][p].masked_input(routed[2][p], inputs[p]) for p in b]
+    forged = dataclasses.replace(singles[0], party=0)
+    status, request = coordinator.collect_masked([a, b], [summed], singles + [forged])
+    assert status.ok and set(request.survivors) == set(range(12))
+    assert [(r.party, r.reason) for r in status.rejections] == [(0, RejectionReason.MALFORMED)]
