@@ -204,16 +204,13 @@ def test_uniform_floats_and_public_random():
 
 @pytest.mark.parametrize("nbytes", [1, 15, 16, 17, 4096, (1 << 22) - 1, 1 << 22, (1 << 22) + 16,
                                     (1 << 23) + 17])
-def test_keystream_into_writes_the_aes_ctr_stream_in_place(nbytes):
+def test_keystream_reader_reads_the_aes_ctr_stream_across_chunk_boundaries(nbytes):
     """Oracle: AES-256-CTR from zero straight from the cryptography package."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-    from lepton_ray.crypto.prg import keystream_into
+    from lepton_ray.crypto.prg import KeystreamReader
 
     key = bytes(range(32))
     want = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(nbytes))
-    out = np.full(nbytes, 0xAB, dtype=np.uint8)
-    assert keystream_into(key, out) is out and out.tobytes() == want
+    assert KeystreamReader(key, nbytes).read(nbytes).tobytes() == want
 
 
 def test_mask_streams_match_the_public_aes_ctr_api_for_random_keys():

@@ -66,24 +66,6 @@ def keystream(key: bytes, nbytes: int) -> bytes:
     return _encryptor(key).update(bytes(nbytes))
 
 
-def keystream_into(key: bytes, out: np.ndarray) -> np.ndarray:
-    """Fill the contiguous array ``out`` with the AES-256-CTR keystream of ``key``, written in
-    place (``update_into`` needs one spare block beyond its input, so only the last 16 bytes
-    go through a scratch block); returns ``out``."""
-    data = out.reshape(-1).view(np.uint8)
-    nbytes = data.size
-    enc = _encryptor(key)
-    zeros = _zero_chunk()
-    body = max(0, nbytes - BLOCK_BYTES)
-    for start in range(0, body, DEFAULT_CHUNK_BYTES):
-        stop = min(body, start + DEFAULT_CHUNK_BYTES)
-        enc.update_into(zeros[: stop - start], data[start:])
-    tail = np.empty(2 * BLOCK_BYTES, dtype=np.uint8)
-    enc.update_into(zeros[: nbytes - body], tail)
-    data[body:] = tail[: nbytes - body]
-    return out
-
-
 class KeystreamReader:
     """One AES-256-CTR keystream read in consecutive pieces into a reused buffer, so a long
     stream (a host's rounding noise for every party) never sits in memory whole."""
@@ -164,16 +146,6 @@ class MaskExpander:
 
     def subtract(self, acc: np.ndarray, key: bytes) -> None:
         self._apply(acc, key, np.subtract)
-
-    def masked_copy(self, vector: np.ndarray, key: bytes) -> np.ndarray:
-        """A fresh array ``vector + PRG(key)``: the keystream is written straight into the new
-        array (no zero-fill, no scratch copy), then ``vector`` is added in place."""
-        if vector.shape != (self.dim,) or vector.dtype != self.dtype:
-            raise ProtocolError(f"vector must be {self.dtype} of shape ({self.dim},), got "
-                                f"{vector.dtype} {vector.shape}")
-        out = keystream_into(key, np.empty(self.dim, dtype=self.dtype))
-        np.add(out, vector, out=out)
-        return out
 
     def expand(self, key: bytes) -> np.ndarray:
         out = np.zeros(self.dim, dtype=self.dtype)
