@@ -62,15 +62,11 @@ class PartyCohort:
         self.parties.pop(party, None)
 
     def advertise(self) -> tuple[list[AdvertiseKeys], list[Failure]]:
-        return self._each(SecAggParty.advertise)
+        adverts, failed = self._each(lambda p, party: party.advertise())
+        return list(adverts.values()), failed
 
     def share_keys(self, broadcast: KeyBroadcast) -> tuple[list[ShareKeys], list[Failure]]:
-        holders, failed = {}, []
-        for p, party in list(self.parties.items()):
-            try:
-                holders[p] = party.share_holders(broadcast)
-            except _PARTY_ERRORS as exc:
-                failed.append(self._leave(p, exc))
+        holders, failed = self._each(lambda p, party: party.share_holders(broadcast))
         by_count: dict[int, list[int]] = {}
         for p, hs in holders.items():
             by_count.setdefault(len(hs), []).append(p)
@@ -82,28 +78,18 @@ class PartyCohort:
                                   xs=np.repeat(xs, 2, axis=0), entropy=self._entropy)
             for i, p in enumerate(group):
                 shares[p] = split[2 * i:2 * i + 2]
-        messages = []
-        for p, own in holders.items():
-            try:
-                messages.append(self.parties[p].seal_shares(own, shares[p]))
-            except _PARTY_ERRORS as exc:
-                failed.append(self._leave(p, exc))
-        return messages, failed
+        sealed, more = self._each(lambda p, party: party.seal_shares(holders[p], shares[p]))
+        return list(sealed.values()), failed + more
 
     def masked_sum(self, inboxes: Mapping[int, ShareInbox],
                    vectors: Mapping[int, np.ndarray]) -> tuple[list[MaskedSum], list[Failure]]:
         """One :class:`MaskedSum` of every party that has an inbox and a vector (parties
         without either leave the round), or no message if none is left."""
-        partners, failed = {}, []
-        for p, party in list(self.parties.items()):
-            if p not in inboxes or p not in vectors:
-                failed.append(self._leave(p, "no share inbox from the coordinator"
-                                          if p not in inboxes else "no input vector"))
-                continue
-            try:
-                partners[p] = party.open_inbox(inboxes[p], vectors[p])
-            except _PARTY_ERRORS as exc:
-                failed.append(self._leave(p, exc))
+        failed = [self._leave(p, "no share inbox from the coordinator" if p not in inboxes
+                              else "no input vector")
+                  for p in list(self.parties) if p not in inboxes or p not in vectors]
+        partners, more = self._each(lambda p, party: party.open_inbox(inboxes[p], vectors[p]))
+        failed += more
         if not partners:
             return [], failed
         c = self.config
@@ -119,18 +105,20 @@ class PartyCohort:
         return [MaskedSum(c.job_id, c.round, tuple(partners), total, tuple(rejected))], failed
 
     def unmask(self, request: UnmaskRequest) -> tuple[list[UnmaskResponse], list[Failure]]:
-        out = self._each(lambda party: party.unmask(request))
+        responses, failed = self._each(lambda p, party: party.unmask(request))
         self.parties.clear()
-        return out
+        return list(responses.values()), failed
 
-    def _each(self, act) -> tuple[list, list[Failure]]:
-        messages, failed = [], []
+    def _each(self, act) -> tuple[dict, list[Failure]]:
+        """``act(p, party)`` for every party still in the round: the results by party, and
+        the parties that failed (they leave the round)."""
+        results, failed = {}, []
         for p, party in list(self.parties.items()):
             try:
-                messages.append(act(party))
+                results[p] = act(p, party)
             except _PARTY_ERRORS as exc:
                 failed.append(self._leave(p, exc))
-        return messages, failed
+        return results, failed
 
     def _leave(self, party: int, why: Exception | str) -> Failure:
         self.parties.pop(party, None)
