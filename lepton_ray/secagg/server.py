@@ -270,24 +270,17 @@ class SecAggServer:
             rejection = check_sender(p, config, stage, self._shared)
             if rejection is not None:
                 return rejection
-        vector = msg.vector
-        if (not isinstance(vector, np.ndarray) or vector.dtype != config.dtype
-                or vector.shape != (config.dim,)):
-            return Rejection(parties[0], stage, RejectionReason.MALFORMED,
-                             f"masked sum must be {config.dtype} of shape ({config.dim},)")
+        problem = self._vector_problem(msg.vector)
+        if problem:
+            return Rejection(parties[0], stage, RejectionReason.MALFORMED, f"masked sum {problem}")
         members = set(parties)
         if not isinstance(msg.rejected, tuple):
             return Rejection(parties[0], stage, RejectionReason.MALFORMED, "rejected: not a tuple")
         reporters = set()
         for entry in msg.rejected:
-            ok = (type(entry) is tuple and len(entry) == 2 and is_int(entry[0])
-                  and entry[0] in members and entry[0] not in reporters
-                  and isinstance(entry[1], tuple))
-            if ok:
-                partners = set(config.graph.neighbours_of(entry[0])) & self._shared
-                ok = (all(is_int(j) and j in partners for j in entry[1])
-                      and len(set(entry[1])) == len(entry[1]))
-            if not ok:
+            if not (type(entry) is tuple and len(entry) == 2 and is_int(entry[0])
+                    and entry[0] in members and entry[0] not in reporters
+                    and self._reports_neighbours(entry[0], entry[1])):
                 return Rejection(parties[0], stage, RejectionReason.MALFORMED,
                                  "rejected must pair a party of the sum with distinct "
                                  "neighbours that shared keys")
@@ -295,22 +288,33 @@ class SecAggServer:
         return None
 
     def _check_masked(self, msg: MaskedInput) -> Rejection | None:
-        stage, config = Stage.MASKED_INPUT, self.config
-        vector = msg.vector
-        if (not isinstance(vector, np.ndarray) or vector.dtype != config.dtype
-                or vector.shape != (config.dim,)):
-            got = (f"{vector.dtype} {vector.shape}" if isinstance(vector, np.ndarray)
-                   else type(vector).__name__)
-            return Rejection(msg.party, stage, RejectionReason.MALFORMED,
-                             f"vector must be {config.dtype} of shape ({config.dim},), got {got}")
-        reported = msg.rejected_senders
-        partners = set(config.graph.neighbours_of(msg.party)) & self._shared
-        if (not isinstance(reported, tuple)
-                or not all(is_int(j) and j in partners for j in reported)
-                or len(set(reported)) != len(reported)):
+        stage = Stage.MASKED_INPUT
+        problem = self._vector_problem(msg.vector)
+        if problem:
+            return Rejection(msg.party, stage, RejectionReason.MALFORMED, f"vector {problem}")
+        if not self._reports_neighbours(msg.party, msg.rejected_senders):
             return Rejection(msg.party, stage, RejectionReason.MALFORMED,
                              "rejected_senders must list distinct neighbours that shared keys")
         return None
+
+    def _vector_problem(self, vector: object) -> str | None:
+        """What is wrong with a masked vector (its type, dtype or shape), or ``None``."""
+        config = self.config
+        if (isinstance(vector, np.ndarray) and vector.dtype == config.dtype
+                and vector.shape == (config.dim,)):
+            return None
+        got = (f"{vector.dtype} {vector.shape}" if isinstance(vector, np.ndarray)
+               else type(vector).__name__)
+        return f"must be {config.dtype} of shape ({config.dim},), got {got}"
+
+    def _reports_neighbours(self, reporter: int, reported: object) -> bool:
+        """Is ``reported`` a tuple of distinct neighbours of ``reporter`` that shared keys
+        (the senders whose envelopes it could not open)?"""
+        if not isinstance(reported, tuple):
+            return False
+        partners = set(self.config.graph.neighbours_of(reporter)) & self._shared
+        return (all(is_int(j) and j in partners for j in reported)
+                and len(set(reported)) == len(reported))
 
     # -- stage 4 ------------------------------------------------------------------------
     def finish(self, messages: Iterable[object]) -> AggregateResult:
