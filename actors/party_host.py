@@ -91,6 +91,7 @@ class PartyHost:
         self.identities = {p: IdentityKey.generate() for p in self.party_ids}
         self.keyring = PartyKeyring()
         self.round: _Round | None = None
+        self._rings: np.ndarray | None = None  # quantised updates, reused across rounds
 
     def ready(self) -> int:
         return len(self.party_ids)
@@ -253,7 +254,7 @@ class PartyHost:
         from lepton_ray.crypto.prg import ring_dtype
 
         dtype = ring_dtype(modulus_bits)
-        buf = getattr(self, "_rings", None)
+        buf = self._rings
         if buf is None or buf.shape != (rows, width) or buf.dtype != dtype:
             buf = self._rings = np.empty((rows, width), dtype=dtype)
         return buf

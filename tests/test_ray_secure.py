@@ -14,6 +14,15 @@ from lepton_ray.learning.party_update import Aggregate, UpdateRule
 pytestmark = pytest.mark.ray
 
 
+def assert_stage_timings(secure, plain):
+    """Where a round's time goes: every SecAgg+ stage, hosts' and coordinator's side."""
+    stages = secure.summary["stage_seconds_per_round"]
+    assert {f"{side}.{stage}" for side in ("hosts", "server")
+            for stage in ("advertise_keys", "share_keys", "masked_input", "unmask")} <= set(stages)
+    assert all(v >= 0 for v in stages.values())
+    assert set(plain.summary["stage_seconds_per_round"]) >= {"hosts.train", "server.aggregate"}
+
+
 def test_secagg_plus_trains_the_same_model_as_plaintext(ray_session, small_job, tmp_path):
     plain = lepton_ray.run(small_job, secure_aggregation__mode="none", output__dir=str(tmp_path / "p"))
     secure = lepton_ray.run(small_job, secure_aggregation__mode="secagg+", output__dir=str(tmp_path / "s"))
@@ -22,12 +31,7 @@ def test_secagg_plus_trains_the_same_model_as_plaintext(ray_session, small_job, 
     assert (secure.history["parties_clipped"] == 0).all()
     # quantisation error only: the same curve to ~1e-4
     np.testing.assert_allclose(secure.history["test_loss"], plain.history["test_loss"], rtol=1e-3)
-    # where a round's time goes: every SecAgg+ stage, hosts' and coordinator's side
-    stages = secure.summary["stage_seconds_per_round"]
-    assert {f"{side}.{stage}" for side in ("hosts", "server")
-            for stage in ("advertise_keys", "share_keys", "masked_input", "unmask")} <= set(stages)
-    assert all(v >= 0 for v in stages.values())
-    assert set(plain.summary["stage_seconds_per_round"]) >= {"hosts.train", "server.aggregate"}
+    assert_stage_timings(secure, plain)
     assert abs(secure.history["test_accuracy"].iloc[-1] - plain.history["test_accuracy"].iloc[-1]) <= 0.01
 
 
@@ -143,9 +147,4 @@ def test_simulated_dropouts_go_silent_after_sharing_keys(ray_session, small_job,
     assert secure.history["parties_completed"].tolist() == [spec.parties.count - s for s in silent]
     assert plain.history["parties_completed"].tolist() == secure.history["parties_completed"].tolist()
     np.testing.assert_allclose(secure.history["test_loss"], plain.history["test_loss"], rtol=1e-3)
-    # where a round's time goes: every SecAgg+ stage, hosts' and coordinator's side
-    stages = secure.summary["stage_seconds_per_round"]
-    assert {f"{side}.{stage}" for side in ("hosts", "server")
-            for stage in ("advertise_keys", "share_keys", "masked_input", "unmask")} <= set(stages)
-    assert all(v >= 0 for v in stages.values())
-    assert set(plain.summary["stage_seconds_per_round"]) >= {"hosts.train", "server.aggregate"}
+    assert_stage_timings(secure, plain)

@@ -138,14 +138,19 @@ def test_a_sum_holding_an_accused_party_is_left_out_whole():
     assert (0, RejectionReason.TAMPERED) in why
 
 
-def test_server_rejects_malformed_and_doubly_claimed_sums():
+def two_cohorts_at_stage_3():
+    """Parties 0-5 and 6-11 as two cohorts, keys shared and routed: ready to mask."""
     config, ids, inputs = setup()
-    a, b = list(range(6)), list(range(6, 12))
-    hosts = [host(config, ids, a, "A"), host(config, ids, b, "B")]
+    hosts = [host(config, ids, range(6), "A"), host(config, ids, range(6, 12), "B")]
     server = SecAggServer(config)
     cohorts = [PartyCohort(config, h) for h in hosts]
     broadcast = server.collect_adverts([m for c in cohorts for m in c.advertise()[0]])
     inboxes = server.route_shares([m for c in cohorts for m in c.share_keys(broadcast)[0]])
+    return config, inputs, hosts, server, cohorts, inboxes
+
+
+def test_server_rejects_malformed_and_doubly_claimed_sums():
+    _, inputs, _, server, cohorts, inboxes = two_cohorts_at_stage_3()
     (sum_a,), _ = cohorts[0].masked_sum(inboxes, inputs)
     (sum_b,), _ = cohorts[1].masked_sum(inboxes, inputs)
     wrong_dtype = dataclasses.replace(sum_b, vector=sum_b.vector.astype(np.uint64))
@@ -158,12 +163,7 @@ def test_server_rejects_malformed_and_doubly_claimed_sums():
 
 
 def test_cohort_parties_fail_alone():
-    config, ids, inputs = setup()
-    hosts = [host(config, ids, range(6), "A"), host(config, ids, range(6, 12), "B")]
-    server = SecAggServer(config)
-    cohorts = [PartyCohort(config, h) for h in hosts]
-    broadcast = server.collect_adverts([m for c in cohorts for m in c.advertise()[0]])
-    inboxes = server.route_shares([m for c in cohorts for m in c.share_keys(broadcast)[0]])
+    config, inputs, hosts, _, cohorts, inboxes = two_cohorts_at_stage_3()
     bad = dict(inputs)
     bad[2] = inputs[2].astype(np.uint64)
     (summed,), failed = cohorts[0].masked_sum(inboxes, bad)
@@ -174,12 +174,7 @@ def test_cohort_parties_fail_alone():
 
 
 def test_unhashable_ids_in_stage_3_messages_are_rejected_not_crashes():
-    config, ids, inputs = setup()
-    hosts = [host(config, ids, range(6), "A"), host(config, ids, range(6, 12), "B")]
-    server = SecAggServer(config)
-    cohorts = [PartyCohort(config, h) for h in hosts]
-    broadcast = server.collect_adverts([m for c in cohorts for m in c.advertise()[0]])
-    inboxes = server.route_shares([m for c in cohorts for m in c.share_keys(broadcast)[0]])
+    _, inputs, _, server, cohorts, inboxes = two_cohorts_at_stage_3()
     odd = dict(inboxes)
     odd[0] = dataclasses.replace(inboxes[0], senders=([1],) + inboxes[0].senders[1:])
     (sum_a,), failed = cohorts[0].masked_sum(odd, inputs)
