@@ -52,6 +52,9 @@ def test_different_seeds_give_different_graphs():
     a = build_graph(range(50), 6, b"a" * 32)
     b = build_graph(range(50), 6, b"b" * 32)
     assert a != b
+    # remembered graphs are the graphs themselves; a bytes-like seed gives the same graph
+    assert build_graph(range(50), 6, b"a" * 32) == a
+    assert build_graph(list(range(50))[::-1], 6, bytearray(b"a" * 32)) == a
 
 
 def test_complete_graph_and_errors():

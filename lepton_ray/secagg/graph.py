@@ -195,6 +195,8 @@ def build_graph(participants: Sequence[int], neighbours: int | GraphTopology,
             isinstance(neighbours, int) and not isinstance(neighbours, bool) and neighbours >= 1)):
         raise ConfigError([(f"secagg.neighbours: must be a positive int or COMPLETE_GRAPH, got "
                            f"{neighbours!r}")])
+    if isinstance(seed, (bytearray, memoryview)):  # the cache needs a hashable seed
+        seed = bytes(seed)
     return _build_graph(tuple(sorted(participants)), neighbours, seed)
 
 
