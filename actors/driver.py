@@ -27,6 +27,7 @@ from lepton_ray.config import JobSpec, NoisePlacement, SamplingKind, SecureAggre
 from lepton_ray.errors import BudgetExhaustedError, ConfigError, LeptonError, ResumeError, user_message
 from lepton_ray.learning.data import FederatedData, as_float32, load_federated
 from lepton_ray.learning.sampling import round_rng, sample_parties
+from lepton_ray.privacy.resume import ROUND_START, executions_after, participation_bound
 from lepton_ray.outputs import (
     AUDIT,
     CHECKPOINT,
@@ -38,6 +39,7 @@ from lepton_ray.outputs import (
     HistoryWriter,
     atomic_write_json,
     output_path,
+    read_audit,
     read_history,
     read_output,
     write_output,
@@ -86,15 +88,37 @@ def ensure_ray(num_cpus: int | None = None) -> None:
                  logging_level=logging.WARNING)
 
 
-def prepare_output_dir(out: Path, *, overwrite: bool) -> None:
+def prepare_output_dir(out: Path, *, overwrite: bool, discard_privacy_ledger: bool = False,
+                       lock=None) -> None:
+    """Refuse a directory that holds a job's outputs unless ``overwrite``; never delete a
+    privacy ledger unless ``discard_privacy_ledger`` too: then it is replaced by a ledger
+    whose first line records the discard (:func:`~lepton_ray.privacy.ledger.discard_ledger`,
+    under ``lock``, the job's held ledger lock)."""
     existing = [f for f in OUTPUT_FILES if (out / f).exists()]
     if existing and not overwrite:
         raise ConfigError(
             [f"output.dir: {out} already holds a job's outputs ({', '.join(existing)}); "
              "choose a new output.dir or pass --overwrite"]
         )
+    ledger = out / LEDGER
+    keep_ledger = ledger.exists() and ledger.stat().st_size > 0
+    if keep_ledger and not discard_privacy_ledger:
+        raise ConfigError(
+            [f"output.dir: {out} holds a privacy ledger ({LEDGER}) that records the budget "
+             "already spent on this data; --overwrite does not delete it. Choose a new "
+             "output.dir, --resume the job, or pass --discard-privacy-ledger too (the new "
+             "ledger's first line then records the discard)"]
+        )
     for f in existing:
-        (out / f).unlink()
+        if f != LEDGER or not keep_ledger:
+            (out / f).unlink()
+    if keep_ledger:
+        from lepton_ray.privacy.ledger import discard_ledger
+
+        record = discard_ledger(ledger, lock=lock)
+        print(f"discarded privacy ledger {ledger} (epsilon spent {record.epsilon_spent}, "
+              f"sha256 {record.sha256}); recorded in the new ledger's first line",
+              file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -130,6 +154,7 @@ class Federation:
         self.first_round = 1
         self.dp = None  # DpFedAvg state when user-level DP is on
         self.accountant = None
+        self.ledger_lock = None  # the job's held LedgerLock (run_job takes it)
         self.epsilon: float | None = None
         self.participation = np.zeros(spec.parties.count, dtype=np.int64)
         self.placement: dict[str, dict] = {}
@@ -206,11 +231,13 @@ class Federation:
                 noise_multiplier=p.noise_multiplier, accountant=kind, adaptive=ac.enabled,
                 target_quantile=ac.target_quantile, learning_rate=ac.learning_rate,
                 count_noise_std=ac.count_noise_std)
-        self.accountant = ray.remote(DpAccountant).options(num_cpus=0).remote(
-            str(self.out / LEDGER), p.epsilon, p.delta, kind)
-        self.epsilon = ray.get(self.accountant.spent.remote())
+        # in the driver's process, under the job's ledger lock (held since before the output
+        # directory was touched): the ledger lives beside the other outputs, on this node
+        self.accountant = DpAccountant(str(self.out / LEDGER), p.epsilon, p.delta, kind,
+                                       lock=self.ledger_lock)
+        self.epsilon = self.accountant.spent()
         skellam = self._expected_skellam() if self.dp.distributed is not None else None
-        first = ray.get(self.accountant.epsilon_if_charged.remote(self.dp.event(skellam)))
+        first = self.accountant.epsilon_if_charged(self.dp.event(skellam))
         if first > p.epsilon:
             from lepton_ray.errors import PrivacyError
 
@@ -289,8 +316,8 @@ class Federation:
 
     def stop(self) -> None:
         if self.accountant is not None:
-            ray.get(self.accountant.close.remote())
-        for actor in [*self.hosts, self.coordinator, self.accountant]:
+            self.accountant.close()
+        for actor in [*self.hosts, self.coordinator]:
             if actor is not None:
                 ray.kill(actor)
         self.hosts, self.coordinator, self.accountant = [], None, None
@@ -304,6 +331,9 @@ class Federation:
         from lepton_ray.learning.party_update import Aggregate, UpdateRule
 
         t0 = time.perf_counter()
+        # write-ahead (fsynced) before anyone is sampled or trains: a resume counts this
+        # execution even if it dies before its history row (lepton_ray.privacy.resume)
+        self.audit.write(ROUND_START, round=r)
         self._lost = set()  # parties lost at any stage of this round (why: on stderr)
         self._clock = StageClock()
         self.restart_dead_hosts()
@@ -322,10 +352,10 @@ class Federation:
             else:
                 noise = self.dp.noise(len(self.params))
             # write-ahead: charged (and fsynced) before anything noised can be released
-            self.epsilon = ray.get(self.accountant.charge.remote(
+            self.epsilon = self.accountant.charge(
                 r, self.dp.event(skellam), f"round {r}: DP-FedAvg "
                 f"{'distributed Skellam' if skellam is not None else 'central Gaussian'} "
-                f"z={self.dp.noise_multiplier:.4g} C={self.dp.clip_norm:.4g} q={self.dp.sampling_rate:g}"))
+                f"z={self.dp.noise_multiplier:.4g} C={self.dp.clip_norm:.4g} q={self.dp.sampling_rate:g}")
         else:
             clip = self.spec.secure_aggregation.clip_norm if self.secure else None
             rule = UpdateRule(clip_norm=clip, weight_cap=self.weight_cap)
@@ -618,12 +648,25 @@ class Federation:
         self.params = state["params"]
         self.optimizer.state = state["server_state"]
         self.dp = state["dp"]
-        self.participation = state["participation"]
         r = int(state["round"])
+        # every execution after the checkpoint may have released: DP-SGD participation counts
+        # each for every party (lepton_ray.privacy.resume); the ledger is never cut, so those
+        # rounds stay charged and are charged again when they re-run
+        lost = executions_after(r, audit_events=read_audit(self.out) if (self.out / AUDIT).exists()
+                                else [], ledger_rounds=self._ledger_rounds())
+        self.participation = participation_bound(state["participation"], lost)
         cut = truncate_history(self.out, r)
         self.first_round = r + 1
-        self.audit.write("resume", from_round=r, history_rows_cut=cut)
+        self.audit.write("resume", from_round=r, history_rows_cut=cut, executions_recounted=lost)
         return r
+
+    def _ledger_rounds(self) -> list[int]:
+        from lepton_ray.privacy.ledger import read_ledger
+
+        path = self.out / LEDGER
+        if not path.exists() or path.stat().st_size == 0:
+            return []
+        return [row.round for row in read_ledger(path)]
 
     def write_model(self) -> None:
         import torch
@@ -716,9 +759,17 @@ class Federation:
 
 
 def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
-            num_cpus: int | None = None, on_round=None) -> RunResult:
+            num_cpus: int | None = None, on_round=None,
+            discard_privacy_ledger: bool = False) -> RunResult:
     """Run (or with ``resume`` continue) a job; see the module docstring. ``on_round(row)``
-    is called with each round's history row (for notebooks and benchmarks)."""
+    is called with each round's history row (for notebooks and benchmarks).
+
+    The job holds its output directory's privacy-ledger lock
+    (:class:`~lepton_ray.privacy.ledger.LedgerLock`) from before it touches the directory
+    until it has ended, also on failure: a second job on the same directory (e.g. a
+    ``--resume`` while this one runs) gets ``LedgerLockedError`` naming this pid."""
+    from lepton_ray.privacy.ledger import LedgerLock
+
     out = Path(spec.output.dir)
     if spec.parties.deploy:  # the parties' data stays on their nodes: load only the test set
         from lepton_ray.learning.data import load_server_data
@@ -726,10 +777,23 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         data = load_server_data(spec.data)
     else:
         data = load_federated(spec.data, spec.parties.count, spec.seed)  # data errors before Ray
+    if resume and not out.is_dir():
+        raise ResumeError(f"--resume {out}: no such directory; nothing to resume")
+    with LedgerLock.acquire(out / LEDGER) as lock:
+        return _run_locked(spec, data, lock, overwrite=overwrite, resume=resume,
+                           num_cpus=num_cpus, on_round=on_round,
+                           discard_privacy_ledger=discard_privacy_ledger)
+
+
+def _run_locked(spec: JobSpec, data: FederatedData, lock, *, overwrite: bool, resume: bool,
+                num_cpus: int | None, on_round, discard_privacy_ledger: bool) -> RunResult:
+    out = Path(spec.output.dir)
     if not resume:
-        prepare_output_dir(out, overwrite=overwrite)
+        prepare_output_dir(out, overwrite=overwrite, discard_privacy_ledger=discard_privacy_ledger,
+                           lock=lock)
     ensure_ray(num_cpus)
     fed = Federation(spec, data)
+    fed.ledger_lock = lock
     if resume:
         fed.restore()
     t0 = time.perf_counter()

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override spec fields, e.g. --set rounds=5 training.lr=0.05")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs already in output.dir")
+    parser.add_argument("--discard-privacy-ledger", action="store_true",
+                        help="with --overwrite: also replace the privacy ledger; the new "
+                             "ledger's first line records the discard")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, progress=False))
     from actors.driver import run_job  # lazy: Ray loads only once the spec is known good
 
-    result = run_job(spec, overwrite=args.overwrite)
+    result = run_job(spec, overwrite=args.overwrite,
+                     discard_privacy_ledger=args.discard_privacy_ledger)
     s = result.summary
     final = s.get("final") or {}
     metrics = ", ".join(f"{k.removeprefix('test_')} {final[k]:.4f}"

@@ -68,7 +68,8 @@ def cmd_simulate(args) -> int:
         spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, dir=args.resume))
     if args.quiet:
         spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, progress=False))
-    result = run_job(spec, overwrite=args.overwrite, resume=bool(args.resume), num_cpus=args.num_cpus)
+    result = run_job(spec, overwrite=args.overwrite, resume=bool(args.resume), num_cpus=args.num_cpus,
+                     discard_privacy_ledger=args.discard_privacy_ledger)
     s = result.summary
     final = s["final"]
     print(
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_spec(sub.add_parser("simulate", help="run a job on an embedded local Ray"))
     p.add_argument("--overwrite", action="store_true", help="replace outputs already in output.dir")
+    p.add_argument("--discard-privacy-ledger", action="store_true",
+                   help="with --overwrite: also replace the privacy ledger (the budget already "
+                        "spent); the new ledger's first line records the discard")
     p.add_argument("--resume", metavar="OUT", default=None,
                    help="continue the job whose outputs are in OUT from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

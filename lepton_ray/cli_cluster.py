@@ -59,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY.PATH=VALUE",
                    help="override spec fields, e.g. --set rounds=5 training.lr=0.05")
     p.add_argument("--overwrite", action="store_true", help="replace outputs already in output.dir")
+    p.add_argument("--discard-privacy-ledger", action="store_true",
+                   help="with --overwrite: also replace the privacy ledger; the new ledger's "
+                        "first line records the discard")
     p.add_argument("--wait", action="store_true",
                    help="stream the job's logs until it ends; exit 0 if it succeeded, 1 if not")
     p.add_argument("--working-dir", default=None, metavar="DIR",
@@ -108,7 +111,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec_path = _spec_inside(root, Path(args.spec))
     spec = load_spec(spec_path, **_overrides(args.set))  # a bad spec fails here, not remotely
     entrypoint = job_entrypoint(spec_path.relative_to(root).as_posix(), args.set,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite,
+                                discard_privacy_ledger=args.discard_privacy_ledger)
     runtime_env: dict[str, Any] = {"working_dir": str(root), "excludes": list(UPLOAD_EXCLUDES)}
     if args.pip:
         runtime_env["pip"] = list(args.pip)
@@ -129,13 +133,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return _final_status(args, client, job_id)
 
 
-def job_entrypoint(spec: str, overrides: list[str], *, overwrite: bool = False) -> str:
+def job_entrypoint(spec: str, overrides: list[str], *, overwrite: bool = False,
+                   discard_privacy_ledger: bool = False) -> str:
     """The shell command a job runs, e.g. ``python -m jobs.run jobs/digits.yaml --set rounds=1``."""
     argv = ["python", "-m", "jobs.run", spec]
     if overrides:
         argv += ["--set", *overrides]
     if overwrite:
         argv.append("--overwrite")
+    if discard_privacy_ledger:
+        argv.append("--discard-privacy-ledger")
     return shlex.join(argv)
 
 

@@ -51,6 +51,11 @@ class ResumeError(LeptonError):
     """A job cannot be resumed from the given output directory."""
 
 
+class LedgerLockedError(LeptonError):
+    """Another process holds a privacy ledger's exclusive lock (a job still running on the
+    same output directory); the message names its pid."""
+
+
 def user_message(exc: BaseException) -> str:
     """The text to show a user. An error raised inside a Ray task or actor reaches the driver
     wrapped (``RayTaskError``, also an instance of the original class); show the original."""

@@ -8,12 +8,18 @@ import os
 
 import pytest
 
-from lepton_ray.errors import BudgetExhaustedError, PrivacyError, ResumeError
+from lepton_ray.errors import BudgetExhaustedError, LedgerLockedError, PrivacyError, ResumeError
 from lepton_ray.privacy import ledger as ledger_module
 from lepton_ray.privacy.accountants import AccountantKind, RdpAccountant
 from lepton_ray.privacy.budget import PrivacyBudget
 from lepton_ray.privacy.events import Gaussian, Laplace, PoissonSampled, SelfComposed
-from lepton_ray.privacy.ledger import Ledger, read_ledger
+from lepton_ray.privacy.ledger import (
+    Ledger,
+    LedgerLock,
+    discard_ledger,
+    read_discard_record,
+    read_ledger,
+)
 
 ROUND = PoissonSampled(sampling_probability=0.1, event=Gaussian(noise_multiplier=1.0))
 BUDGET = PrivacyBudget(epsilon=3.0, delta=1e-5)
@@ -230,3 +236,142 @@ def test_ledger_rows_round_trip_nested_events(path):
     (row,) = read_ledger(path)
     assert row.event == event and row.note == "seven local steps"
     assert row.accountant is AccountantKind.RDP
+
+
+# ------------------------------------------------------------------ one job per ledger (lock)
+
+_HOLD = """
+import sys, time
+from lepton_ray.privacy.ledger import LedgerLock
+lock = LedgerLock.acquire(sys.argv[1])
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def other_process_holds(path):
+    """A separate process (a first driver) holding the ledger's lock; yields its pid."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_attack_two_writers_each_within_budget_is_refused(path):
+    """Attack (issue 13, finding 3): two jobs on one ledger each check the budget against
+    what they charged themselves; together they spend more than it. Before the lock, both
+    opens succeeded and the file ended over budget; now the second open is refused."""
+    budget = PrivacyBudget(epsilon=eps_of(6) * 1.0001, delta=1e-5)  # room for 6 rounds
+    first = Ledger.open(path, budget=budget)
+    try:
+        with pytest.raises(LedgerLockedError, match=f"pid {os.getpid()}"):
+            Ledger.open(path, budget=budget)
+        for r in range(6):
+            first.charge(round=r, event=ROUND)
+    finally:
+        first.close()
+    with Ledger.open(path, budget=budget) as again:  # released on close: a resume works
+        assert again.spent_epsilon <= budget.epsilon
+        with pytest.raises(BudgetExhaustedError):
+            again.charge(round=6, event=ROUND)
+
+
+def test_lock_held_by_another_process_names_its_pid(path, other_process_holds):
+    with pytest.raises(LedgerLockedError, match=f"pid {other_process_holds} on "):
+        Ledger.open(path, budget=BUDGET)
+    with pytest.raises(LedgerLockedError, match=f"pid {other_process_holds} on "):
+        LedgerLock.acquire(path)
+    assert not path.exists()  # refused before anything was created or read
+
+
+def test_lock_dies_with_its_process(path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.stdout.readline().strip() == "held"
+    proc.kill()  # a crashed driver: the kernel drops its flock
+    proc.wait()
+    with Ledger.open(path, budget=BUDGET) as led:
+        led.charge(round=0, event=ROUND)
+
+
+def test_caller_held_lock_spans_the_ledger_and_is_checked(path, tmp_path):
+    with LedgerLock.acquire(path) as lock:
+        led = Ledger.open(path, budget=BUDGET, lock=lock)
+        led.charge(round=0, event=ROUND)
+        led.close()  # the caller's lock outlives the ledger
+        with pytest.raises(LedgerLockedError):
+            Ledger.open(path, budget=BUDGET)
+        with pytest.raises(PrivacyError, match="guards"):
+            Ledger.open(tmp_path / "other.jsonl", budget=BUDGET, lock=lock)
+        led = Ledger.open(path, budget=BUDGET, lock=lock)
+    with pytest.raises(PrivacyError, match="released"):  # the job's lock is gone: no charge
+        led.charge(round=1, event=ROUND)
+    assert len(read_ledger(path)) == 1
+    assert ledger_module.lock_path(path).read_text() == ""  # no stale pid once released
+
+
+def test_a_failed_open_releases_its_lock(path):
+    path.parent.mkdir(parents=True)
+    path.write_text("not json\n{}\n")
+    with pytest.raises(ResumeError):
+        Ledger.open(path, budget=BUDGET)
+    LedgerLock.acquire(path).release()
+
+
+# ------------------------------------------------------------------ discarding a ledger
+
+
+def test_discard_replaces_the_ledger_by_a_record_of_it(path):
+    import hashlib
+
+    charge_rounds(path, 3)
+    old = path.read_bytes()
+    with LedgerLock.acquire(path) as lock:
+        record = discard_ledger(path, lock=lock)
+    assert record.sha256 == hashlib.sha256(old).hexdigest() and record.bytes == len(old)
+    assert record.charges == 3 and record.epsilon_spent == pytest.approx(eps_of(3))
+    assert record.delta == 1e-5
+    assert path.read_text().count("\n") == 1
+    assert json.loads(path.read_text())["discarded_ledger"]["sha256"] == record.sha256
+    assert read_discard_record(path) == record
+    assert read_ledger(path) == ()
+    with Ledger.open(path, budget=BUDGET) as led:  # a fresh budget after the record
+        assert led.spent_epsilon == 0.0
+        led.charge(round=0, event=ROUND)
+    assert len(read_ledger(path)) == 1 and read_discard_record(path) == record
+
+
+def test_discard_of_an_unreadable_ledger_still_records_its_hash(path):
+    path.parent.mkdir(parents=True)
+    path.write_text('{"round": 0, "ev')  # torn inside the event: cost unknown
+    with LedgerLock.acquire(path) as lock:
+        record = discard_ledger(path, lock=lock)
+    assert record.charges is None and record.epsilon_spent is None and record.bytes == 16
+
+
+def test_discard_needs_the_lock(path):
+    charge_rounds(path, 1)
+    with pytest.raises(PrivacyError, match="LedgerLock"):
+        discard_ledger(path, lock=None)
+
+
+def test_a_discard_record_anywhere_but_the_first_line_is_corruption(path):
+    charge_rounds(path, 1)
+    with LedgerLock.acquire(path) as lock:
+        record = discard_ledger(path, lock=lock)
+    charge_rounds(path, 1)
+    with open(path, "a") as f:
+        f.write(record.to_json() + "\n")
+    with pytest.raises(ResumeError, match="line 3"):
+        Ledger.open(path, budget=BUDGET)

@@ -37,26 +37,58 @@ released for it; but we do not bet the guarantee on every writer having followed
   explicit decision, justified by the write-ahead order above, never a silent one.
 
 A corrupt line *before* the last one is never skipped: :class:`ResumeError`.
-Single writer: one job (the DpAccountant actor) owns a ledger file.
+
+Single writer, enforced (:class:`LedgerLock`). Two jobs charging one ledger would each check
+the budget against what *they* charged and together spend more than it; a ``--resume`` started
+while the first job still runs is exactly that. So a ledger is only ever opened under an
+exclusive ``fcntl.flock`` on ``ledger.jsonl.lock`` beside it, held for the job's whole
+lifetime (the driver takes it before it touches the output directory and releases it when
+the job has ended, also on failure; the kernel drops it if the process dies). A second
+opener gets :class:`~lepton_ray.errors.LedgerLockedError` naming the holder's pid, which the
+holder writes into the lock file. The lock is on a separate file, never on the ledger
+itself, because the ledger is replaced by rename (torn-tail recovery, :func:`discard_ledger`)
+and a lock on a replaced inode would exclude no one; the lock file is never deleted for the
+same reason. flock needs a local file system (or one whose flock is cluster-wide).
+
+A ledger is never deleted silently: :func:`discard_ledger` (what ``--overwrite
+--discard-privacy-ledger`` calls) atomically replaces it by a ledger whose first line is a
+:class:`DiscardRecord` - when, how many charges, the epsilon spent (if readable) and the
+SHA-256 of the discarded file - so the trail of every budget ever spent in that directory
+survives, hash-chained through successive discards::
+
+    {"discarded_ledger": {"discarded_at": "...", "sha256": "...", "bytes": 812,
+                          "charges": 3, "epsilon_spent": 1.23, "delta": 1e-05}}
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lepton_ray.errors import BudgetExhaustedError, PrivacyError, ResumeError
+from lepton_ray.errors import BudgetExhaustedError, LedgerLockedError, PrivacyError, ResumeError
 from lepton_ray.privacy.accountants import Accountant, AccountantKind, make_accountant
 from lepton_ray.privacy.budget import PrivacyBudget
 from lepton_ray.privacy.events import Event, event_from_dict
 
-__all__ = ["Ledger", "LedgerRow", "read_ledger"]
+__all__ = [
+    "DiscardRecord",
+    "Ledger",
+    "LedgerLock",
+    "LedgerRow",
+    "discard_ledger",
+    "lock_path",
+    "read_discard_record",
+    "read_ledger",
+]
 
 _TORN_PREFIX = re.compile(r'\{"round": (\d+), "event": ')
 
@@ -130,6 +162,166 @@ class _Tail:
     event: Event | None
 
 
+# ---------------------------------------------------------------------------- the lock
+
+
+def lock_path(ledger_path: str | os.PathLike[str]) -> Path:
+    """``<ledger>.lock``: the file whose flock guards ``ledger_path``."""
+    p = Path(ledger_path)
+    return p.with_name(p.name + ".lock")
+
+
+class LedgerLock:
+    """An exclusive, non-blocking ``fcntl.flock`` on :func:`lock_path` of a ledger (see the
+    module docstring). Build it with :meth:`acquire`; it is held until :meth:`release` (or
+    until the process exits: the kernel drops flocks with the last descriptor)."""
+
+    def __init__(self, ledger_path: Path, fd: int) -> None:
+        self._ledger = ledger_path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, ledger_path: str | os.PathLike[str]) -> LedgerLock:
+        """Take the lock or raise :class:`LedgerLockedError` naming the holder's pid."""
+        ledger_path = Path(ledger_path)
+        path = lock_path(ledger_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise LedgerLockedError(
+                f"privacy ledger {ledger_path} is locked by another job ({holder}); a second "
+                f"job on the same ledger would spend the budget twice. Wait for it to end (or "
+                f"stop it), then run again or --resume"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+        os.fsync(fd)
+        return cls(ledger_path, fd)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self._ledger
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Release the lock (idempotent). The lock file stays: see the module docstring."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # no stale pid for the next reader
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> LedgerLock:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return f"pid {int(info['pid'])} on {info.get('host', '?')} since {info.get('since', '?')}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "pid unknown: it has not written it yet"
+
+
+# ---------------------------------------------------------------------------- discarding
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiscardRecord:
+    """The first line of a ledger that replaced a discarded one (module docstring).
+    ``charges``, ``epsilon_spent`` and ``delta`` are None when the old file was unreadable."""
+
+    discarded_at: str
+    sha256: str
+    bytes: int
+    charges: int | None
+    epsilon_spent: float | None
+    delta: float | None
+
+    def to_json(self) -> str:
+        return json.dumps({"discarded_ledger": {
+            "discarded_at": self.discarded_at, "sha256": self.sha256, "bytes": self.bytes,
+            "charges": self.charges, "epsilon_spent": self.epsilon_spent, "delta": self.delta,
+        }}, allow_nan=False)
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> DiscardRecord:
+        try:
+            d = obj["discarded_ledger"]
+            return cls(discarded_at=str(d["discarded_at"]), sha256=str(d["sha256"]),
+                       bytes=int(d["bytes"]),
+                       charges=None if d["charges"] is None else int(d["charges"]),
+                       epsilon_spent=None if d["epsilon_spent"] is None else float(d["epsilon_spent"]),
+                       delta=None if d["delta"] is None else float(d["delta"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise PrivacyError(f"bad discarded_ledger record: {err!r}") from None
+
+
+def discard_ledger(path: str | os.PathLike[str], *, lock: LedgerLock) -> DiscardRecord:
+    """Replace the ledger at ``path`` (atomically: temp file, fsync, rename, fsync directory)
+    by one holding only a :class:`DiscardRecord` of it; ``lock`` must hold ``path``. The
+    old file's epsilon is taken from its rows if they can be read (else None: the hash still
+    identifies it)."""
+    path = Path(path)
+    _check_lock(lock, path)
+    data = path.read_bytes()
+    try:
+        rows = read_ledger(path)
+        charges: int | None = len(rows)
+        eps = rows[-1].epsilon_after if rows else 0.0
+        delta = rows[-1].delta if rows else None
+    except (ResumeError, PrivacyError):
+        charges, eps, delta = None, None, None
+    record = DiscardRecord(discarded_at=_now(), sha256=hashlib.sha256(data).hexdigest(),
+                           bytes=len(data), charges=charges, epsilon_spent=eps, delta=delta)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write((record.to_json() + "\n").encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return record
+
+
+def _check_lock(lock: object, path: Path) -> None:
+    if not isinstance(lock, LedgerLock) or not lock.held:
+        raise PrivacyError(f"ledger {path}: a held LedgerLock is required")
+    if lock.ledger_path.resolve() != path.resolve():
+        raise PrivacyError(f"the lock given guards {lock.ledger_path}, not {path}")
+
+
+def read_discard_record(path: str | os.PathLike[str]) -> DiscardRecord | None:
+    """The :class:`DiscardRecord` a ledger starts with, or None."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        obj = json.loads(first.decode("utf-8"))
+    except ValueError:
+        return None
+    if isinstance(obj, dict) and "discarded_ledger" in obj:
+        return DiscardRecord.from_obj(obj)
+    return None
+
+
 def _scan(path: Path) -> tuple[list[LedgerRow], _Tail | None]:
     data = path.read_bytes()
     rows: list[LedgerRow] = []
@@ -139,7 +331,11 @@ def _scan(path: Path) -> tuple[list[LedgerRow], _Tail | None]:
     for lineno, raw in enumerate(lines, start=1):
         if raw.strip():
             try:
-                rows.append(LedgerRow.from_obj(json.loads(raw.decode("utf-8"))))
+                obj = json.loads(raw.decode("utf-8"))
+                if lineno == 1 and isinstance(obj, dict) and "discarded_ledger" in obj:
+                    DiscardRecord.from_obj(obj)  # validated; not a charge
+                else:
+                    rows.append(LedgerRow.from_obj(obj))
             except (ValueError, PrivacyError) as err:
                 raise ResumeError(
                     f"ledger {path} line {lineno} is corrupt ({err}); refusing to guess what "
@@ -196,12 +392,16 @@ class Ledger:
         accountant: Accountant,
         rows: list[LedgerRow],
         spent_epsilon: float,
+        lock: LedgerLock,
+        own_lock: bool,
     ) -> None:
         self._path = path
         self._budget = budget
         self._acc = accountant
         self._rows = rows
         self._spent = spent_epsilon
+        self._lock = lock
+        self._own_lock = own_lock
         self._file = open(path, "ab")  # noqa: SIM115 - closed by close()
         self._broken = False
 
@@ -215,15 +415,37 @@ class Ledger:
         budget: PrivacyBudget,
         accountant: AccountantKind = AccountantKind.RDP,
         discard_unparseable_tail: bool = False,
+        lock: LedgerLock | None = None,
     ) -> Ledger:
         """Open (creating if absent) and replay a ledger; see the module docstring for the
         torn-tail policy. Raises :class:`ResumeError` for a corrupt file or a file written
-        with a different delta than ``budget.delta``."""
+        with a different delta than ``budget.delta``.
+
+        ``lock``: a held :class:`LedgerLock` on ``path`` that the caller keeps (and releases)
+        beyond this ledger, e.g. for the whole job; without it the ledger takes its own, held
+        until :meth:`close`. Either way, :class:`LedgerLockedError` if another process holds
+        it - before anything is read."""
         path = Path(path)
         if not isinstance(budget, PrivacyBudget):
             raise PrivacyError(f"budget must be a PrivacyBudget, got {budget!r}")
         if not isinstance(accountant, AccountantKind):
             raise PrivacyError(f"accountant must be an AccountantKind, got {accountant!r}")
+        if lock is not None:
+            _check_lock(lock, path)
+            return cls._open_locked(path, budget, accountant, discard_unparseable_tail, lock,
+                                    own_lock=False)
+        own = LedgerLock.acquire(path)
+        try:
+            return cls._open_locked(path, budget, accountant, discard_unparseable_tail, own,
+                                    own_lock=True)
+        except BaseException:
+            own.release()
+            raise
+
+    @classmethod
+    def _open_locked(cls, path: Path, budget: PrivacyBudget, accountant: AccountantKind,
+                     discard_unparseable_tail: bool, lock: LedgerLock, *,
+                     own_lock: bool) -> Ledger:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "ab") as f:
@@ -235,6 +457,8 @@ class Ledger:
                 accountant=make_accountant(accountant),
                 rows=[],
                 spent_epsilon=0.0,
+                lock=lock,
+                own_lock=own_lock,
             )
 
         rows, tail = _scan(path)
@@ -276,7 +500,8 @@ class Ledger:
                     f"to drop it"
                 )
             cls._rewrite(path, keep=tail.offset, extra="")
-        return cls(path=path, budget=budget, accountant=acc, rows=rows, spent_epsilon=spent)
+        return cls(path=path, budget=budget, accountant=acc, rows=rows, spent_epsilon=spent,
+                   lock=lock, own_lock=own_lock)
 
     @staticmethod
     def _rewrite(path: Path, *, keep: int, extra: str) -> None:
@@ -336,6 +561,8 @@ class Ledger:
             raise PrivacyError(
                 f"ledger {self._path} had a failed write; reopen it with Ledger.open"
             )
+        if not self._lock.held:
+            raise PrivacyError(f"ledger {self._path}: its lock was released; nothing charged")
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise PrivacyError(f"round must be an integer >= 0, got {round!r}")
         if not isinstance(note, str):
@@ -372,7 +599,10 @@ class Ledger:
         return eps
 
     def close(self) -> None:
+        """Close the file; release the lock if this ledger took it itself."""
         self._file.close()
+        if self._own_lock:
+            self._lock.release()
 
     def __enter__(self) -> Ledger:  # noqa: PYI034 - py3.10 has no typing.Self
         return self
