@@ -631,6 +631,15 @@ class Federation:
         from lepton_ray.outputs import truncate_history
 
         path = output_path(self.out, CHECKPOINT, encrypted=self.key is not None)
+        if not path.exists() and ((self.out / LEDGER).exists() or (self.out / AUDIT).exists()):
+            # died before its first checkpoint: start again from round 1, keeping the ledger
+            # (an --overwrite would need --discard-privacy-ledger) and counting what ran
+            lost = executions_after(0, audit_events=read_audit(self.out) if (self.out / AUDIT)
+                                    .exists() else [], ledger_rounds=self._ledger_rounds())
+            self.participation = participation_bound(self.participation, lost)
+            cut = truncate_history(self.out, 0)
+            self.audit.write("resume", from_round=0, history_rows_cut=cut, executions_recounted=lost)
+            return 0
         if not path.exists():
             raise ResumeError(f"--resume {self.out}: no {path.name} there; nothing to resume")
         raw = read_output(self.out, CHECKPOINT, self.key)  # a wrong key is a clear LeptonError

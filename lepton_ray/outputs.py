@@ -141,6 +141,22 @@ class AuditLog:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_torn_tail()
+
+    def _drop_torn_tail(self) -> None:
+        """A last line without its newline is a write that never returned (the process died
+        inside it): cut it, so that the next record does not glue onto it and corrupt the
+        log. Such a record was never acted on: a ``round_start`` is written before its round
+        samples anyone."""
+        if not self.path.exists():
+            return
+        with open(self.path, "r+b") as f:
+            data = f.read()
+            if not data or data.endswith(b"\n"):
+                return
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
 
     def write(self, kind: str, **fields: Any) -> None:
         import datetime
