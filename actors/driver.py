@@ -24,7 +24,8 @@ import ray
 from actors.coordinator import Released, SmpcCoordinator
 from actors.party_host import PartyHost, StageReport
 from lepton_ray.config import JobSpec, NoisePlacement, SamplingKind, SecureAggregation
-from lepton_ray.errors import BudgetExhaustedError, ConfigError, LeptonError, ResumeError, user_message
+from lepton_ray.errors import (BudgetExhaustedError, ConfigError, LeptonError, PrivacyError,
+                               ResumeError, user_message)
 from lepton_ray.learning.data import FederatedData, as_float32, load_federated
 from lepton_ray.learning.sampling import round_rng, sample_parties
 from lepton_ray.privacy.resume import ROUND_START, executions_after, participation_bound
@@ -223,7 +224,8 @@ class Federation:
 
             distributed = DistributedNoise(bits=p.bits, dim=len(self.params),
                                            min_survivor_fraction=p.min_survivor_fraction,
-                                           amplification=SkellamAmplification(p.amplification.value))
+                                           amplification=SkellamAmplification(p.amplification.value),
+                                           colluding_parties=p.colluding_parties)
         if self.dp is None:  # a resumed job restores its state from the checkpoint
             self.dp = DpFedAvg.create(distributed=distributed,
                 n_parties=self.spec.parties.count, sampling_rate=q, rounds=self.spec.rounds,
@@ -523,6 +525,8 @@ class Federation:
                 return plan, plan.skellam
             except ConfigError as exc:
                 why = f"aborted: {exc.problems[0]}"
+            except PrivacyError as exc:  # e.g. too few sampled parties for the colluders
+                why = f"aborted: {exc}"
         return why, self._expected_skellam()
 
     def _expected_skellam(self):

@@ -93,7 +93,7 @@ def _skellam_args(args) -> dict:
         raise LeptonError("--mechanism skellam is accounted with RDP only (--accountant rdp)")
     survivors = args.min_survivors if args.min_survivors is not None else args.parties
     return dict(bits=args.bits, dim=args.dim, clip_norm=args.clip_norm, parties=args.parties,
-                min_survivors=survivors)
+                min_survivors=survivors, colluding=args.colluding)
 
 
 def cmd_epsilon(args) -> int:
@@ -112,7 +112,8 @@ def cmd_epsilon(args) -> int:
                               "wraparound_probability": p.wraparound_probability}))
         else:
             print(f"epsilon = {eps:.6g} at delta = {args.delta:g} (distributed Skellam, {args.bits} "
-                  f"bits, {kw['min_survivors']} of {args.parties} parties surviving; scale gamma = "
+                  f"bits, {kw['min_survivors']} of {args.parties} parties surviving, "
+                  f"{kw['colluding']} of them colluding; scale gamma = "
                   f"{p.gamma:.4g}, wrap-around probability <= {p.wraparound_probability:.2g})")
         return 0
     eps = compute_epsilon(sampling_rate=args.sampling_rate, noise_multiplier=args.noise_multiplier,
@@ -235,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--parties", type=int, help="parties per round")
         g.add_argument("--min-survivors", type=int, help="parties that must survive (default: all)")
         g.add_argument("--dim", type=int, help="model dimension")
+        g.add_argument("--colluding", type=int, default=0, metavar="C",
+                       help="survivors that may collude with the server and subtract their "
+                            "shares; shares are sized for the other n_min - C (default 0; a "
+                            "job's default is 10%% of the sampled parties, at least 1)")
         g.add_argument("--clip-norm", type=float, default=1.0)
 
     p = sub.add_parser("epsilon", help="epsilon of T steps of the Poisson-sampled Gaussian")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -88,13 +89,21 @@ class NoisePlacement(enum.Enum):
 
 
 class SamplingAmplification(enum.Enum):
-    """How a Poisson-sampled distributed (Skellam) round is accounted: ``mixture`` is sound
-    for per-party noise shares (the default); ``zhu_wang`` (Zhu and Wang 2019, Thm. 6, what
-    the Skellam authors' code applies) is tighter but sound only when the noise in the sum
-    does not depend on who took part."""
+    """How a Poisson-sampled distributed (Skellam) round is accounted: ``mixture`` (joint
+    convexity, zero-out neighbours), sound for per-party noise shares. ``zhu_wang`` was
+    removed (issue 13): Zhu and Wang 2019, Thm. 6 is sound only when the noise in the sum does
+    not depend on who took part, and with per-party shares - the only way distributed noise
+    is added here - it always does."""
 
     MIXTURE = "mixture"
-    ZHU_WANG = "zhu_wang"
+
+
+_REMOVED_CHOICES: dict[tuple[type, str], str] = {
+    (SamplingAmplification, "zhu_wang"): (
+        "'zhu_wang' was removed: Zhu and Wang's add/remove amplification (2019, Thm. 6) is "
+        "unsound when every party adds its own noise share, as distributed noise does here "
+        "(the noise in the sum depends on who took part); use 'mixture'"),
+}
 
 
 class AccountantChoice(enum.Enum):
@@ -411,6 +420,10 @@ class PrivacySpec:
     bits: int = 16
     min_survivor_fraction: float = 0.9
     amplification: SamplingAmplification = SamplingAmplification.MIXTURE
+    # parties that may collude with the server and subtract their own noise shares: the
+    # shares are calibrated for the n_min - c honest survivors. null: 10% of each round's
+    # sampled parties, at least 1 (lepton_ray.privacy.dpfedavg.DistributedNoise)
+    colluding_parties: int | None = None
 
     @property
     def enabled(self) -> bool:
@@ -430,6 +443,13 @@ class PrivacySpec:
             out.append(f"{path}.bits: must be in [2, 62], got {self.bits}")
         if not 0 < self.min_survivor_fraction <= 1:
             out.append(f"{path}.min_survivor_fraction: must be in (0, 1], got {self.min_survivor_fraction}")
+        if self.colluding_parties is not None and self.colluding_parties < 0:
+            out.append(f"{path}.colluding_parties: must be >= 0 (or null), got {self.colluding_parties}")
+        if (self.enabled and self.noise is NoisePlacement.DISTRIBUTED
+                and self.accountant is AccountantChoice.PLD):
+            out.append(f"{path}.accountant: 'pld' cannot account for distributed (Skellam) "
+                       "noise: dp-accounting has no PLD for it; use 'rdp' (Agarwal et al. "
+                       "2021's RDP bound)")
         if self.enabled and self.noise is NoisePlacement.DISTRIBUTED and self.adaptive_clipping.enabled:
             out.append(f"{path}.adaptive_clipping: not available with noise 'distributed' (use a fixed clip_norm)")
         out += self.adaptive_clipping.problems(f"{path}.adaptive_clipping")
@@ -503,6 +523,17 @@ class JobSpec:
                 and self.secure_aggregation.mode is SecureAggregation.NONE):
             out.append("privacy.noise: 'distributed' adds the noise inside secure aggregation; "
                        "set secure_aggregation.mode to secagg+ or secagg")
+        p = self.privacy
+        if (p.enabled and p.noise is NoisePlacement.DISTRIBUTED and p.colluding_parties
+                and not out):
+            q = self.sampling.fraction if self.sampling.kind is SamplingKind.POISSON else 1.0
+            n = max(2, round(q * self.parties.count))  # as DpFedAvg calibrates
+            n_min = min(n, math.ceil(p.min_survivor_fraction * n))
+            if p.colluding_parties >= n_min:
+                out.append(
+                    f"privacy.colluding_parties: {p.colluding_parties} colluders would leave no "
+                    f"honest share among the {n_min} survivors a round of ~{n} sampled parties "
+                    f"needs (min_survivor_fraction {p.min_survivor_fraction}); must be < {n_min}")
         if self.privacy.enabled and self.sampling.kind is SamplingKind.FIXED:
             out.append("sampling.kind: 'fixed' has no privacy amplification the accountant can "
                        "count; use 'poisson' (rate = sampling.fraction) or 'all' with privacy")
@@ -678,6 +709,9 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             return value
         if isinstance(value, str) and value.lower() in choices:
             return tp(value.lower())
+        if isinstance(value, str) and (tp, value.lower()) in _REMOVED_CHOICES:
+            problems.append(f"{where}: {_REMOVED_CHOICES[(tp, value.lower())]}")
+            return _MISSING
         problems.append(f"{where}: must be one of {', '.join(map(repr, choices))}, got {_show(value)}")
         return _MISSING
     if origin is tuple:

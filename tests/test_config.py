@@ -138,3 +138,37 @@ def test_simulated_dropout_is_a_probability_and_only_for_simulation():
     assert load_spec("jobs/digits.yaml", parties__simulated_dropout=0.1).parties.simulated_dropout == 0.1
     with pytest.raises(ConfigError, match=r"parties.simulated_dropout: must be in \[0, 1\), got 1.5"):
         load_spec("jobs/digits.yaml", parties__simulated_dropout=1.5)
+
+
+DISTRIBUTED = {"mode": "user_level", "noise": "distributed", "epsilon": 3.0}
+
+
+def _problems(**overrides):
+    with pytest.raises(ConfigError) as err:
+        load_spec("jobs/synthetic_dp.yaml", **overrides)
+    return "\n".join(err.value.problems)
+
+
+def test_attack_pld_with_distributed_noise_fails_at_validation():
+    """Before issue 13 this passed validation and failed only when the job started."""
+    msg = _problems(privacy=dict(DISTRIBUTED, accountant="pld"))
+    assert "privacy.accountant: 'pld' cannot account for distributed (Skellam) noise" in msg
+    load_spec("jobs/synthetic_dp.yaml", privacy=dict(DISTRIBUTED, accountant="rdp"))
+    load_spec("jobs/synthetic_dp.yaml", privacy={"mode": "user_level", "accountant": "pld"})
+
+
+def test_zhu_wang_amplification_is_refused_as_unsound():
+    msg = _problems(privacy=dict(DISTRIBUTED, amplification="zhu_wang"))
+    assert "privacy.amplification: 'zhu_wang' was removed" in msg and "unsound" in msg
+    spec = load_spec("jobs/synthetic_dp.yaml", privacy=dict(DISTRIBUTED, amplification="mixture"))
+    assert spec.privacy.colluding_parties is None  # the default: 10% of each round's sample
+
+
+def test_colluding_parties_must_leave_an_honest_survivor():
+    # synthetic_dp: 1000 parties, q = 0.1 -> ~100 sampled, n_min = 90 at fraction 0.9
+    load_spec("jobs/synthetic_dp.yaml", privacy=dict(DISTRIBUTED, colluding_parties=89))
+    msg = _problems(privacy=dict(DISTRIBUTED, colluding_parties=90))
+    assert "privacy.colluding_parties: 90 colluders would leave no honest share" in msg
+    assert "must be < 90" in msg
+    assert "colluding_parties: must be >= 0" in _problems(
+        privacy=dict(DISTRIBUTED, colluding_parties=-1))

@@ -369,3 +369,51 @@ def test_pld_sampled_gaussian_lies_in_an_independent_numeric_bracket(q, z, steps
     assert lower <= pld <= upper
     rdp = compute_epsilon(sampling_rate=q, noise_multiplier=z, steps=steps, delta=delta)
     assert rdp >= lower  # RDP is an upper bound too
+
+
+@pytest.mark.parametrize("bad", [math.nan, -0.5])
+def test_attack_nan_or_negative_rdp_from_dp_accounting_is_refused(monkeypatch, bad):
+    """Attack (issue 13, finding 7): a NaN or negative RDP value (a diverged numerical
+    integral, a bug in a new bound) reached dp_accounting's conversion, which drops such
+    orders: with every order bad it certified epsilon 0. Now it is a PrivacyError naming the
+    order, and nothing is composed."""
+    real = accountants._dp_accounting.rdp()
+
+    class Diverged(real.RdpAccountant):  # dp_accounting's RDP, with one order gone wrong
+        def compose(self, event, count=1):
+            super().compose(event, count)
+            self._rdp = np.where(np.asarray(self._orders) == 3.0, bad, self._rdp)
+            return self
+
+    class Module:
+        RdpAccountant = Diverged
+        DEFAULT_RDP_ORDERS = real.DEFAULT_RDP_ORDERS
+        compute_epsilon = staticmethod(real.compute_epsilon)
+        compute_delta = staticmethod(real.compute_delta)
+
+    accountants._rdp_curve.cache_clear()
+    monkeypatch.setattr(accountants._dp_accounting, "rdp", lambda: Module)
+    acc = RdpAccountant()
+    event = PoissonSampled(sampling_probability=0.01, event=Gaussian(noise_multiplier=0.7))
+    with pytest.raises(PrivacyError, match="at order 3"):
+        acc.compose(event)
+    assert acc.epsilon(1e-5) == 0.0  # unchanged: nothing was composed
+    acc._rdp = np.full(len(acc.orders), bad)  # however it got there, never converted
+    with pytest.raises(PrivacyError, match="NaN or negative"):
+        acc.epsilon(1e-5)
+    with pytest.raises(PrivacyError, match="NaN or negative"):
+        acc.delta(1.0)
+    accountants._rdp_curve.cache_clear()
+
+
+@pytest.mark.parametrize("bad", [math.nan, -1.0])
+def test_registered_rdp_function_with_nan_or_negative_values_is_refused(monkeypatch, bad):
+    @dataclass(frozen=True, kw_only=True)
+    class Broken(Event):
+        mu: float
+
+    monkeypatch.setattr(accountants, "_RDP_FUNCTIONS", dict(accountants._RDP_FUNCTIONS))
+    register_rdp(Broken, lambda event, orders: np.where(orders > 5, bad, orders / event.mu))
+    with pytest.raises(PrivacyError, match="NaN or negative"):
+        RdpAccountant().compose(SelfComposed(event=Broken(mu=1.0), count=3))
+    accountants._rdp_curve.cache_clear()

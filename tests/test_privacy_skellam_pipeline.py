@@ -224,3 +224,74 @@ def test_encode_and_decode_reject_bad_input():
     with pytest.raises(PrivacyError, match="Poisson means"):
         SkellamParams(bits=32, dim=10, clip_norm=1.0, parties=3, min_survivors=2,
                       noise_multiplier=1.0, gamma=1e9)
+
+
+# ------------------------------------------------------------------ colluding parties
+
+
+def _honest_noise_variance(p: SkellamParams, survivors: int, colluders: int) -> float:
+    """The server's attack: ``survivors`` parties send zero updates (so each encoded vector is
+    its party's noise share in the ring); ``colluders`` of them hand their vectors to the
+    server, which subtracts them from SecAgg's sum. Returns the per-coordinate variance of
+    what is left (centred lift mod 2^bits): the noise that still protects anyone."""
+    signs = rotation_signs(SEED, p.dim, 0)
+    encoded = [encode_update(np.zeros(p.dim), p, signs=signs, rng=os_seeded_generator())
+               for _ in range(survivors)]
+    total = ring_sum(encoded, p)
+    for e in encoded[:colluders]:
+        total -= e.values  # wraps in the ring like SecAgg's own arithmetic
+    low = total.astype(np.uint64) & np.uint64(2**p.bits - 1)
+    lifted = low.astype(np.float64) - np.where(low >= 2 ** (p.bits - 1), 2.0**p.bits, 0.0)
+    return float(np.mean(lifted**2))
+
+
+def test_attack_colluders_subtract_their_shares_below_the_charged_noise():
+    """Attack (issue 13, finding 5): shares calibrated as if every survivor were honest
+    (colluding=0, what the runtime did) leave n_min - c shares once c colluders subtract
+    theirs: the noise protecting an honest party falls to (n_min - c) / n_min of the mu the
+    ledger charged. Calibrated for c colluders, what is left still carries mu. Oracle: the
+    empirical variance of the honest shares' sum (d = 8192 coordinates, so a 5-sigma band is
+    +-8%), against mu = (z Delta_2)^2 the charged event assumes."""
+    n, n_min, c, d = 20, 18, 4, 8192
+    kw = dict(bits=32, dim=d, clip_norm=1.0, parties=n, min_survivors=n_min, noise_multiplier=0.8)
+    band = 5 * math.sqrt(2 / d)
+    old = skellam_params(**kw, colluding=0)
+    left = _honest_noise_variance(old, n_min, c)
+    assert left < old.mu * (1 - band)  # the attack worked: ~14/18 of mu
+    assert left == pytest.approx((n_min - c) / n_min * old.mu, rel=band)
+
+    new = skellam_params(**kw, colluding=c)
+    # the same target noise (unscaled: gamma moves with the share size), bigger shares
+    assert new.central_noise_multiplier == pytest.approx(old.central_noise_multiplier, rel=0.01)
+    assert (n_min - c) * new.share_variance >= new.mu  # exactly, by construction
+    left = _honest_noise_variance(new, n_min, c)
+    assert left >= new.mu * (1 - band)
+    assert left == pytest.approx(new.mu, rel=band)
+    # and the accountant: the event charged never assumes more noise than the honest shares
+    # carry, for every number of survivors the parties accept
+    for s in (n_min, n):
+        ev = skellam.event_for_survivors(new, s)
+        assert ev.variance <= (s - c) * new.share_variance
+        assert ev.variance >= new.mu * (1 - 1e-12)
+
+
+def test_colluders_must_leave_an_honest_share():
+    kw = dict(bits=16, dim=100, clip_norm=1.0, parties=10, min_survivors=8, noise_multiplier=1.0)
+    skellam_params(**kw, colluding=7)
+    for bad in (8, 9, -1, 1.5, True):
+        with pytest.raises(PrivacyError, match="colluding"):
+            skellam_params(**kw, colluding=bad)
+
+
+def test_distributed_noise_defaults_to_ten_percent_colluders():
+    from lepton_ray.privacy.dpfedavg import DistributedNoise
+
+    dn = DistributedNoise(bits=16, dim=100, min_survivor_fraction=0.9)
+    assert [dn.colluding(n) for n in (2, 10, 11, 100, 1000)] == [1, 1, 2, 10, 100]
+    assert dn.min_survivors(2) == 2 and dn.min_survivors(100) == 90
+    p = dn.params(n=100, threshold=1, clip_norm=1.0, noise_multiplier=1.0)
+    assert (p.min_survivors, p.colluding, p.honest_survivors) == (90, 10, 80)
+    fixed = DistributedNoise(bits=16, dim=100, min_survivor_fraction=0.5, colluding_parties=6)
+    assert fixed.min_survivors(10) == 7  # raised to c + 1: one honest share at least
+    with pytest.raises(PrivacyError, match="colluding"):
+        fixed.params(n=6, threshold=1, clip_norm=1.0, noise_multiplier=1.0)

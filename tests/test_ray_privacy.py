@@ -170,7 +170,7 @@ def test_distributed_dp_sum_already_carries_the_calibrated_noise(ray_session, sm
         fed.stop()
     n_min = 6  # ceil(0.9 * 6), and the complete graph's threshold is lower
     params = skellam_params(bits=16, dim=len(start), clip_norm=1.0, parties=6, min_survivors=n_min,
-                            noise_multiplier=0.5)
+                            noise_multiplier=0.5, colluding=1)  # default: max(1, 10% of 6)
     expected = 6 * params.share_variance / params.gamma**2
     observed = float(np.var(released_sum))
     # d ~ 2,500 coordinates: the sample variance is within ~3% (1 sd) of the truth

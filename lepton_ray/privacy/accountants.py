@@ -203,17 +203,32 @@ class Accountant(abc.ABC):
 # --------------------------------------------------------------------------------- RDP
 
 
+def _check_rdp(curve: np.ndarray, orders: tuple[float, ...], what: str) -> None:
+    """Refuse an RDP curve with NaN or negative values: a valid RDP bound is in [0, inf]
+    (inf: no bound at that order). dp_accounting's conversion drops such orders silently
+    (``compute_epsilon`` with all-NaN or all-negative RDP returns epsilon 0), so one bad
+    value would certify a budget that was never checked."""
+    curve = np.asarray(curve, dtype=np.float64)
+    if curve.shape != (len(orders),):
+        raise PrivacyError(f"{what}: RDP curve has shape {curve.shape}, need ({len(orders)},)")
+    bad = np.isnan(curve) | (curve < 0)
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        raise PrivacyError(
+            f"{what}: RDP is {curve[i]!r} at order {orders[i]:g} ({int(bad.sum())} of "
+            f"{len(orders)} orders NaN or negative); refusing to account with it"
+        )
+
+
 @lru_cache(maxsize=512)
 def _rdp_curve(event: Event, orders: tuple[float, ...]) -> np.ndarray | None:
-    """RDP of one run of ``event`` at ``orders`` (read-only array), or None if unsupported."""
+    """RDP of one run of ``event`` at ``orders`` (read-only array), or None if unsupported.
+    Raises :class:`PrivacyError` for NaN or negative values (:func:`_check_rdp`), whatever
+    computed them: a registered function, dp_accounting, or a composition."""
     fn = _RDP_FUNCTIONS.get(type(event))
     if fn is not None:
         curve = np.asarray(fn(event, np.asarray(orders, dtype=np.float64)), dtype=np.float64)
-        if curve.shape != (len(orders),) or np.any(np.isnan(curve)) or np.any(curve < 0):
-            raise PrivacyError(
-                f"registered RDP function for {type(event).__name__} returned an invalid "
-                f"curve (need {len(orders)} non-negative values)"
-            )
+        _check_rdp(curve, orders, f"registered RDP function for {type(event).__name__}")
     elif isinstance(event, SelfComposed):
         inner = _rdp_curve(event.event, orders)
         curve = None if inner is None else event.count * inner
@@ -231,6 +246,7 @@ def _rdp_curve(event: Event, orders: tuple[float, ...]) -> np.ndarray | None:
         curve = inner.rdp
     if curve is not None:
         curve = np.array(curve, dtype=np.float64)
+        _check_rdp(curve, orders, f"event {event!r}")
         curve.flags.writeable = False
     return curve
 
@@ -276,11 +292,13 @@ class RdpAccountant(Accountant):
 
     def epsilon(self, delta: float) -> float:
         delta = _check_delta(delta)
+        _check_rdp(self._rdp, self._orders, "composed RDP")
         eps, _ = _dp_accounting.rdp().compute_epsilon(self._orders, self._rdp, delta)
         return float(eps)
 
     def delta(self, epsilon: float) -> float:
         epsilon = _check_epsilon(epsilon)
+        _check_rdp(self._rdp, self._orders, "composed RDP")
         d, _ = _dp_accounting.rdp().compute_delta(self._orders, self._rdp, epsilon)
         return float(d)
 

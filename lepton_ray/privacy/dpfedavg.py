@@ -28,6 +28,10 @@ from lepton_ray.privacy.accountants import AccountantKind
 from lepton_ray.privacy.adaptive_clipping import AdaptiveClipping
 from lepton_ray.privacy.events import Event, Gaussian, PoissonSampled, SkellamAmplification
 
+DEFAULT_COLLUDING_FRACTION = 0.1
+"""Default share of a round's sampled parties assumed to collude with the server under
+distributed noise (``privacy.colluding_parties: null``); see :class:`DistributedNoise`."""
+
 
 @dataclass(frozen=True)
 class CentralNoise:
@@ -44,22 +48,42 @@ class DistributedNoise:
     """Distributed DP (Skellam, Agarwal et al. 2021): each party adds its share of the noise
     before masking, so the sum SecAgg+ reveals is already private and nobody has to be
     trusted with the noise. Per round the parameters depend on how many parties were
-    sampled (n) and must survive (n_min)."""
+    sampled (n), must survive (n_min) and may collude with the server (c).
+
+    Colluders: a party colluding with the server subtracts its own share from the sum, so
+    shares are calibrated for the n_min - c honest survivors (each adds mu / (n_min - c)).
+    ``colluding_parties`` fixes c; None (the default) takes c = ceil(DEFAULT_COLLUDING_FRACTION
+    * n) of each round's sampled parties, at least 1: the threat model of a federation is a
+    coordinator colluding with a few parties (DESIGN.md), and distributed noise that any one
+    colluder can shave is no better than central noise against that coordinator. n_min is
+    raised to c + 1 if needed (one honest share at least); a round with n <= c cannot run."""
 
     bits: int
     dim: int
     min_survivor_fraction: float
     amplification: SkellamAmplification = SkellamAmplification.MIXTURE
+    colluding_parties: int | None = None
+
+    def colluding(self, n: int) -> int:
+        if self.colluding_parties is not None:
+            return self.colluding_parties
+        return max(1, math.ceil(DEFAULT_COLLUDING_FRACTION * n))
 
     def min_survivors(self, n: int, threshold: int = 1) -> int:
-        return max(threshold, min(n, math.ceil(self.min_survivor_fraction * n)))
+        return max(threshold, self.colluding(n) + 1,
+                   min(n, math.ceil(self.min_survivor_fraction * n)))
 
     def params(self, *, n: int, threshold: int, clip_norm: float, noise_multiplier: float):
         from lepton_ray.privacy.skellam import skellam_params
 
+        n_min = self.min_survivors(n, threshold)
+        if n_min > n:
+            raise PrivacyError(
+                f"{n} parties sampled cannot carry distributed noise against "
+                f"{self.colluding(n)} colluding parties (need at least {n_min}); round refused")
         return skellam_params(bits=self.bits, dim=self.dim, clip_norm=clip_norm, parties=n,
-                              min_survivors=self.min_survivors(n, threshold),
-                              noise_multiplier=noise_multiplier)
+                              min_survivors=n_min, noise_multiplier=noise_multiplier,
+                              colluding=self.colluding(n))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +116,8 @@ class DpFedAvg:
                 target_epsilon=epsilon, delta=delta, sampling_rate=sampling_rate, steps=rounds,
                 bits=distributed.bits, dim=distributed.dim, clip_norm=clip_norm, parties=n,
                 min_survivors=distributed.min_survivors(n),
-                amplification=distributed.amplification).noise_multiplier
+                amplification=distributed.amplification,
+                colluding=distributed.colluding(n)).noise_multiplier
         if noise_multiplier is None:
             noise_multiplier = calibrate_noise(target_epsilon=epsilon, delta=delta,
                                                sampling_rate=sampling_rate, steps=rounds,

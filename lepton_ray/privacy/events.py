@@ -224,12 +224,15 @@ class SkellamAmplification(enum.Enum):
     * ``MIXTURE``: joint convexity of exp((alpha - 1) D_alpha) over the two mixtures; sound
       whenever both neighbouring outputs are (1 - q) A + q B and (1 - q) A + q B' with B, B'
       the Skellam pair - in particular for per-party noise shares and zero-out neighbours.
-    * ``ZHU_WANG``: Zhu and Wang 2019, Thm 6 (add/remove neighbours); sound only when the
-      noise in the sum does not depend on whether the party took part.
+
+    ``zhu_wang`` (Zhu and Wang 2019, Thm 6, add/remove neighbours) was removed (issue 13): it
+    is sound only when the noise in the sum does not depend on whether the party took part,
+    and per-party noise shares - the only way Skellam noise is added here - always do. A
+    ledger row written with it is re-accounted with ``MIXTURE`` (:meth:`Skellam._from_fields`),
+    which can only raise the epsilon replayed; the ledger never lowers what it recorded.
     """
 
     MIXTURE = "mixture"
-    ZHU_WANG = "zhu_wang"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,6 +275,8 @@ class Skellam(Event):
 
     @classmethod
     def _from_fields(cls, fields: Mapping[str, Any]) -> Event:
+        if fields["amplification"] == "zhu_wang":  # removed as unsound: re-account soundly
+            fields = {**fields, "amplification": SkellamAmplification.MIXTURE.value}
         try:
             amplification = SkellamAmplification(fields["amplification"])
         except ValueError:

@@ -29,8 +29,8 @@ Party side (:func:`encode_update`), with ``params = skellam_params(...)``:
    contribution, and Delta_1 <= min(sqrt(n) Delta_2, Delta_2^2) for an integer vector
    (|v_i| <= v_i^2). Retries use fresh randomness, are capped (``max_attempts``), and a party
    that exhausts them raises :class:`PrivacyError` instead of sending anything;
-5. add Sk(mu / n_min) per coordinate, n_min = ``params.min_survivors``: Poisson(mu/(2 n_min))
-   - Poisson(mu/(2 n_min)) from a numpy ``Generator`` the caller passes in - in production
+5. add Sk(mu / h) per coordinate, h = n_min - c the honest survivors (n_min =
+   ``params.min_survivors``, c = ``params.colluding``): Poisson(mu/(2 h)) - Poisson(mu/(2 h)) from a numpy ``Generator`` the caller passes in - in production
    :func:`os_seeded_generator` (PCG64DXSM seeded with 256 bits of ``os.urandom``), never
    ``np.random``'s global state;
 6. map to Z_{2^b}: two's complement (:func:`~lepton_ray.secagg.quantize.to_ring` into the
@@ -76,18 +76,21 @@ gives :attr:`~lepton_ray.privacy.events.SkellamAmplification.MIXTURE`:
 
     eps'(alpha) <= log(1 - q + q exp((alpha - 1) eps(alpha))) / (alpha - 1)   (<= eps(alpha)).
 
-It is sound but amplifies little once (alpha - 1) eps(alpha) >~ 1. ``ZHU_WANG`` is the general
-upper bound of Zhu and Wang 2019 ("Poisson Subsampled Renyi Differential Privacy", ICML,
-Thm 6), for integer alpha >= 2:
+It is sound but amplifies little once (alpha - 1) eps(alpha) >~ 1. It is non-decreasing in q
+and equals eps(alpha) at q = 1.
 
-    eps'(alpha) <= 1/(alpha-1) log[ (1-q)^(alpha-1) (alpha q - q + 1)
-                       + C(alpha,2) q^2 (1-q)^(alpha-2) e^{eps(2)}
-                       + 3 sum_{l=3}^{alpha} C(alpha,l) q^l (1-q)^(alpha-l) e^{(l-1) eps(l)} ],
+Removed (issue 13): the tighter general bound of Zhu and Wang 2019 ("Poisson Subsampled Renyi
+Differential Privacy", ICML, Thm 6), which the authors' distributed_dp code applies. It is
+sound for add/remove neighbours only when the noise protecting a party does not depend on its
+participation (central noise, or a fixed noise count); with per-party shares - the only way
+noise is added here - the count of shares reveals participation, so it does not apply.
 
-(the bound the authors' distributed_dp code applies), minimised with the MIXTURE bound and
-eps(alpha). It is sound for add/remove neighbours when the noise protecting a party does not
-depend on its participation (central Skellam noise, or a protocol in which the noise count is
-fixed); it is opt-in here. Both bounds are non-decreasing in q and equal eps(alpha) at q = 1.
+Colluding parties (``colluding_parties`` c): a party that colludes with the server knows its
+own share and subtracts it, so only the *honest* survivors' shares protect anyone. Shares are
+calibrated so that n_min - c of them alone carry mu: share variance mu / (n_min - c), and
+:func:`event_for_survivors` counts only s - c shares for s survivors. (The target of the
+neighbouring relation is honest by definition: it is the party being protected, and its own
+share is among the n_min - c.)
 
 Dropouts: shares are calibrated for the fewest survivors the SecAgg threshold lets through
 (``min_survivors``), so any released round carries variance >= mu; :func:`event_for_survivors`
@@ -251,25 +254,6 @@ def _mixture_bound(a: np.ndarray, eps: np.ndarray, q: float) -> np.ndarray:
     return np.logaddexp(math.log1p(-q), math.log(q) + (a - 1) * eps) / (a - 1)
 
 
-def _zhu_wang_bound(alphas: np.ndarray, eps_int: np.ndarray, q: float) -> np.ndarray:
-    """Zhu and Wang 2019, Thm 6 at integer orders ``alphas`` >= 2 (vectorised: one row per
-    order); ``eps_int[l]`` = eps(l) for 2 <= l <= max(alphas)."""
-    from scipy import special  # loaded by dp_accounting's RDP code anyway
-
-    log_q, log_1q = math.log(q), math.log1p(-q)
-    a = np.asarray(alphas, dtype=np.float64)[:, None]
-    ell = np.arange(2, int(a.max()) + 1, dtype=np.float64)[None, :]
-    valid = ell <= a
-    with np.errstate(invalid="ignore"):
-        log_binom = special.gammaln(a + 1) - special.gammaln(ell + 1) - special.gammaln(a - ell + 1)
-        terms = log_binom + ell * log_q + (a - ell) * log_1q + (ell - 1) * eps_int[None, 2:]
-    terms = terms + np.where(ell >= 3, math.log(3.0), 0.0)  # l = 2: no factor 3
-    terms = np.where(valid, terms, -np.inf)
-    head = (a[:, 0] - 1) * log_1q + np.log1p((a[:, 0] - 1) * q)
-    total = np.logaddexp(head, special.logsumexp(terms, axis=1))
-    return total / (a[:, 0] - 1)
-
-
 def subsampled_rdp(
     orders: np.ndarray,
     base: Callable[[np.ndarray], np.ndarray],
@@ -279,10 +263,9 @@ def subsampled_rdp(
 ) -> np.ndarray:
     """RDP at ``orders`` of a mechanism run on a Poisson sample with rate q; ``base(k)`` must
     return RDP upper bounds of the unsampled mechanism at integer orders k >= 2 (float array).
-    See the module docstring for which ``amplification`` is sound when. At integer orders the
-    result is min(base, MIXTURE[, ZHU_WANG]), elsewhere :func:`_cgf_interpolate`. It never
-    exceeds the unsampled bound, equals it at q = 1 and is non-decreasing in q (the Zhu-Wang
-    sum is E[w_L] over L ~ Binomial(alpha, q) with weights w_l non-decreasing in l)."""
+    See the module docstring for why ``MIXTURE`` is the only amplification. At integer orders
+    the result is min(base, MIXTURE), elsewhere :func:`_cgf_interpolate`. It never exceeds the
+    unsampled bound, equals it at q = 1 and is non-decreasing in q."""
     q = _probability("sampling_probability", sampling_probability, allow_one=True)
     if not isinstance(amplification, SkellamAmplification):
         raise PrivacyError(f"amplification must be a SkellamAmplification, got {amplification!r}")
@@ -291,13 +274,7 @@ def subsampled_rdp(
         eps = np.asarray(base(ks), dtype=np.float64)
         if q == 1.0:
             return eps
-        out = np.minimum(eps, _mixture_bound(ks, eps, q))
-        if amplification is SkellamAmplification.ZHU_WANG:
-            top = int(ks.max())
-            eps_int = np.full(top + 1, np.nan)
-            eps_int[2:] = base(np.arange(2, top + 1, dtype=np.float64))
-            out = np.minimum(out, _zhu_wang_bound(ks, eps_int, q))
-        return out
+        return np.minimum(eps, _mixture_bound(ks, eps, q))
 
     return _cgf_interpolate(orders, at)
 
@@ -371,9 +348,10 @@ def _l2_from_norm_sq(norm_sq: int) -> float:
     return math.nextafter(math.sqrt(norm_sq), math.inf)
 
 
-def _share_variance(noise_multiplier: float, norm_sq: int, min_survivors: int) -> float:
-    """(z Delta_2)^2 / n_min: one party's share (n_min = 1: the whole mu)."""
-    return (noise_multiplier * _l2_from_norm_sq(norm_sq)) ** 2 / min_survivors
+def _share_variance(noise_multiplier: float, norm_sq: int, honest: int) -> float:
+    """(z Delta_2)^2 / h: one party's share when h honest shares must carry mu (h = 1: the
+    whole mu)."""
+    return (noise_multiplier * _l2_from_norm_sq(norm_sq)) ** 2 / honest
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -384,7 +362,8 @@ class SkellamParams:
 
     ``noise_multiplier`` z is Gaussian-equivalent relative to the *scaled, rounded* L2
     sensitivity: the summed noise has variance mu = (z Delta_2)^2 (scaled domain) when
-    ``min_survivors`` parties survive; each party adds mu / min_survivors.
+    ``min_survivors`` parties survive, ``colluding`` of them with the server (who subtract
+    their own shares); each party adds mu / (min_survivors - colluding).
     """
 
     bits: int
@@ -395,6 +374,7 @@ class SkellamParams:
     noise_multiplier: float
     gamma: float
     beta: float = DEFAULT_BETA
+    colluding: int = 0
 
     def __post_init__(self) -> None:
         _integer("bits", self.bits, _MIN_BITS, _MAX_BITS)
@@ -402,6 +382,11 @@ class SkellamParams:
         _positive("clip_norm", self.clip_norm)
         _integer("parties", self.parties, 1)
         _integer("min_survivors", self.min_survivors, 1, self.parties)
+        if isinstance(self.colluding, bool) or not isinstance(self.colluding, (int, np.integer)) \
+                or not 0 <= self.colluding < self.min_survivors:
+            raise PrivacyError(
+                f"colluding parties must be an integer in [0, min_survivors={self.min_survivors})"
+                f", got {self.colluding!r}: at least one honest survivor's share must remain")
         _positive("noise_multiplier", self.noise_multiplier)
         _positive("gamma", self.gamma)
         _probability("beta", self.beta, allow_one=False)
@@ -440,13 +425,19 @@ class SkellamParams:
 
     @property
     def mu(self) -> float:
-        """Variance of the summed noise per coordinate when exactly ``min_survivors`` survive."""
+        """The target: variance of the summed noise per coordinate that the honest shares
+        alone carry when exactly ``min_survivors`` survive."""
         return _share_variance(self.noise_multiplier, self.norm_bound_sq, 1)
 
     @property
+    def honest_survivors(self) -> int:
+        """h = min_survivors - colluding: the fewest shares nobody but their party knows."""
+        return self.min_survivors - self.colluding
+
+    @property
     def share_variance(self) -> float:
-        """Variance of one party's Skellam share: mu / min_survivors."""
-        return _share_variance(self.noise_multiplier, self.norm_bound_sq, self.min_survivors)
+        """Variance of one party's Skellam share: mu / (min_survivors - colluding)."""
+        return _share_variance(self.noise_multiplier, self.norm_bound_sq, self.honest_survivors)
 
     @property
     def central_noise_multiplier(self) -> float:
@@ -485,7 +476,7 @@ def _summed_variance(p: SkellamParams, gamma: float) -> float:
     """Per-coordinate variance of a summed coordinate, worst case: gamma^2 (n C)^2 / n_pad +
     n / 4 + n * share (all ``parties`` in the sum, all aligned)."""
     m = _rounded_norm_bound_sq(gamma * p.clip_norm, p.padded_dim, p.beta)
-    share = _share_variance(p.noise_multiplier, m, p.min_survivors)
+    share = _share_variance(p.noise_multiplier, m, p.honest_survivors)
     signal = (gamma * p.parties * p.clip_norm) ** 2 / p.padded_dim
     return signal + p.parties / 4 + p.parties * share
 
@@ -517,6 +508,7 @@ def skellam_params(
     beta: float = DEFAULT_BETA,
     max_wraparound: float = DEFAULT_MAX_WRAPAROUND,
     k_stddevs: float | None = None,
+    colluding: int = 0,
 ) -> SkellamParams:
     """Choose the scale gamma for Z_{2^bits}, ``parties`` (the most that can enter one sum)
     and noise calibrated for ``min_survivors``.
@@ -533,14 +525,14 @@ def skellam_params(
         return SkellamParams(
             bits=bits, dim=dim, clip_norm=clip_norm, parties=parties,
             min_survivors=min_survivors, noise_multiplier=noise_multiplier, gamma=gamma,
-            beta=beta,
+            beta=beta, colluding=colluding,
         )
 
     tiny = at(1e-9 / _positive("clip_norm", clip_norm))  # validates everything else too
 
     def exact_noise(g: float) -> bool:
         m = _rounded_norm_bound_sq(g * tiny.clip_norm, tiny.padded_dim, tiny.beta)
-        return _share_variance(noise_multiplier, m, min_survivors) / 2 <= MAX_POISSON_MEAN
+        return _share_variance(noise_multiplier, m, tiny.honest_survivors) / 2 <= MAX_POISSON_MEAN
 
     if k_stddevs is None:
         target = _probability("max_wraparound", max_wraparound, allow_one=False)
@@ -580,15 +572,16 @@ def event_for_survivors(
     sampling_probability: float = 1.0,
     amplification: SkellamAmplification = SkellamAmplification.MIXTURE,
 ) -> Skellam:
-    """The event for the noise really added when ``survivors`` parties' shares are in the sum:
-    variance survivors * mu / min_survivors. Fewer than ``min_survivors`` is refused (the round
-    must abort: its noise would be below what was calibrated)."""
+    """The event for the noise that protects a party when ``survivors`` parties' shares are in
+    the sum: only the ``survivors - colluding`` shares the server cannot subtract count, so
+    variance (s - c) * mu / (n_min - c) >= mu. Fewer than ``min_survivors`` is refused (the
+    round must abort: its noise would be below what was calibrated)."""
     if not isinstance(params, SkellamParams):
         raise PrivacyError(f"params must be SkellamParams, got {params!r}")
     s = _integer("survivors", survivors, params.min_survivors, params.parties)
     return Skellam(
-        # one float step down: never more variance than the s shares really carry
-        variance=math.nextafter(s * params.share_variance, 0.0),
+        # one float step down: never more variance than the s - c honest shares really carry
+        variance=math.nextafter((s - params.colluding) * params.share_variance, 0.0),
         l1_sensitivity=params.l1_sensitivity,
         l2_sensitivity=params.l2_sensitivity,
         sampling_probability=sampling_probability,
@@ -627,13 +620,14 @@ def skellam_epsilon(
     max_wraparound: float = DEFAULT_MAX_WRAPAROUND,
     k_stddevs: float | None = None,
     amplification: SkellamAmplification = SkellamAmplification.MIXTURE,
+    colluding: int = 0,
 ) -> float:
     """Epsilon at ``delta`` (RDP accountant) after ``steps`` rounds of the distributed Skellam
     mechanism with the parameters :func:`skellam_params` chooses."""
     params = skellam_params(
         bits=bits, dim=dim, clip_norm=clip_norm, parties=parties, min_survivors=min_survivors,
         noise_multiplier=noise_multiplier, beta=beta, max_wraparound=max_wraparound,
-        k_stddevs=k_stddevs,
+        k_stddevs=k_stddevs, colluding=colluding,
     )
     return _rdp_epsilon(params, sampling_rate=sampling_rate, steps=steps, delta=delta,
                         amplification=amplification)
@@ -675,6 +669,7 @@ def calibrate_skellam(
     max_wraparound: float = DEFAULT_MAX_WRAPAROUND,
     k_stddevs: float | None = None,
     amplification: SkellamAmplification = SkellamAmplification.MIXTURE,
+    colluding: int = 0,
 ) -> SkellamParams:
     """The parameters with the smallest noise multiplier z (to :data:`CALIBRATION_TOLERANCE`)
     whose :func:`skellam_epsilon` does not exceed ``target_epsilon``; never overshoots.
@@ -696,7 +691,7 @@ def calibrate_skellam(
                 p = skellam_params(
                     bits=bits, dim=dim, clip_norm=clip_norm, parties=parties,
                     min_survivors=min_survivors, noise_multiplier=z, beta=beta,
-                    max_wraparound=max_wraparound, k_stddevs=k_stddevs,
+                    max_wraparound=max_wraparound, k_stddevs=k_stddevs, colluding=colluding,
                 )
             except PrivacyError:
                 cache[z] = (math.inf, None)  # too much noise for the ring: treat as failing
