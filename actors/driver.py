@@ -249,6 +249,29 @@ class Federation:
                 f"{self.epsilon:.4g}) > budget {p.epsilon:g}; raise privacy.noise_multiplier "
                 "or the budget, or lower sampling.fraction")
 
+    def _record_plan(self, r: int, plan) -> None:
+        """Audit what the first secure round actually used (k, t, ring; with distributed DP
+        the Skellam ring, scale, survivors and colluders): the spec's k and t are usually
+        null (chosen per round from the sample size), so only the plan can say."""
+        if getattr(self, "_plan_recorded", False):
+            return
+        self._plan_recorded = True
+        cfg = plan.config
+        info: dict[str, Any] = {
+            "round": r, "neighbours": cfg.graph.degree, "complete_graph": cfg.graph.complete,
+            "threshold": cfg.threshold, "modulus_bits": cfg.modulus_bits,
+            "neighbours_chosen": "spec" if self.spec.secure_aggregation.neighbours else "auto",
+        }
+        if plan.skellam is not None:
+            sk = plan.skellam
+            info["skellam"] = {"bits": sk.bits, "gamma": sk.gamma, "min_survivors": sk.min_survivors,
+                               "colluding": sk.colluding, "honest_survivors": sk.honest_survivors,
+                               "l2_sensitivity": sk.l2_sensitivity, "mu": sk.mu,
+                               "wraparound_probability": sk.wraparound_probability}
+        elif plan.quantization is not None:
+            info["quantization_scale"] = getattr(plan.quantization, "scale", None)
+        self.audit.write("secagg_plan", **info)
+
     def _trust_model(self) -> dict[str, Any]:
         sa, p = self.spec.secure_aggregation, self.spec.privacy
         info: dict[str, Any] = {
@@ -258,9 +281,15 @@ class Federation:
             "privacy": p.mode.value,
         }
         if self.secure:
-            info["secagg"] = {"modulus_bits": sa.modulus_bits, "neighbours": sa.neighbours,
-                              "threshold": sa.threshold, "stage_timeout_s": sa.stage_timeout_s,
-                              "job_id": self.job_id}
+            from lepton_ray.crypto import shamir
+
+            # k and t are chosen per round from the sample (null here = automatic); the values
+            # used are in the "secagg_plan" record of the first secure round
+            info["secagg"] = {"modulus_bits": sa.modulus_bits, "neighbours_spec": sa.neighbours,
+                              "threshold_spec": sa.threshold, "stage_timeout_s": sa.stage_timeout_s,
+                              "job_id": self.job_id,
+                              "shamir_field": f"GF(2^31 - 1), {shamir.SECRET_BYTES * 8}-bit secrets "
+                                              f"in {shamir.LIMBS} limbs of {shamir.LIMB_BITS} bits"}
         if self.dp is not None:
             info["dp"] = {"noise": p.noise.value, "epsilon_budget": p.epsilon, "delta": p.delta,
                           "noise_multiplier": self.dp.noise_multiplier,
@@ -268,7 +297,20 @@ class Federation:
                           "clip_norm": self.dp.clip_norm, "sampling_rate": self.dp.sampling_rate,
                           "expected_parties": self.dp.expected_parties,
                           "adaptive_clipping": p.adaptive_clipping.enabled,
-                          "accountant": p.accountant.value}
+                          "accountant": p.accountant.value,
+                          # the event charged per round, i.e. the mechanism actually accounted
+                          "round_event": self.dp.event(self._expected_skellam() if
+                                                       self.dp.distributed is not None else None
+                                                       ).to_dict(),
+                          "neighbouring": ("zero_out_party" if self.dp.distributed is not None
+                                           else "add_remove_party")}
+            if self.dp.distributed is not None:
+                dn = self.dp.distributed
+                info["dp"]["distributed"] = {
+                    "bits": dn.bits, "min_survivor_fraction": dn.min_survivor_fraction,
+                    "colluding_parties": p.colluding_parties,
+                    "colluding_at_expected_sample": dn.colluding(max(2, round(self.dp.expected_parties))),
+                    "amplification": dn.amplification.value}
         if p.dp_sgd.enabled:
             info["dp_sgd"] = {"noise_multiplier": p.dp_sgd.noise_multiplier,
                               "clip_norm": p.dp_sgd.clip_norm, "delta": p.dp_sgd.delta}
@@ -450,6 +492,7 @@ class Federation:
             plan = plan or self._plan(r, [p for ps in by_host.values() for p in ps], rule)
         except _ConfigError as exc:  # e.g. too few sampled parties for any threshold
             return RoundOutcome(status=f"aborted: {exc.problems[0]}")
+        self._record_plan(r, plan)
         plan_ref = ray.put(plan)
         calls = 1
         ray.get(self.coordinator.begin.remote(plan_ref, noise))

@@ -13,21 +13,70 @@ from typing import Any
 
 from lepton_ray.outputs import LEDGER, SUMMARY, read_audit
 
+SHAMIR_FIELD = "GF(2^31 - 1), each 256-bit secret shared as 9 limbs of 30 bits"
+
 TRUST = {
     "secagg+": (
         "Secure aggregation (SecAgg+, Bell et al. 2020, on Bonawitz et al. 2017): every party "
-        "masks its quantised update with pairwise masks agreed with its neighbours (X25519) "
-        "and a self mask; mask seeds are Shamir-shared to neighbours over AES-256-GCM "
-        "channels. The coordinator learns only the sum of the updates of the parties that "
-        "finished the round. This holds against an honest-but-curious coordinator and up to "
-        "t-1 colluding parties (t = threshold)."
+        "masks its quantised update with pairwise masks agreed with its k neighbours (X25519, "
+        "expanded by AES-256-CTR) and a self mask; both mask seeds are Shamir-shared t-of-(k+1) "
+        f"over {SHAMIR_FIELD} to the party's neighbourhood over AES-256-GCM channels; adverts "
+        "are Ed25519-signed against the roster. The coordinator learns only the sum of the updates of the parties "
+        "that finished the round, as long as no party has t or more of its k+1 share holders "
+        "colluding with it. The automatic k is sized for dropouts with a colluding rate of 0 "
+        "(lepton_ray.secagg.graph): it does not budget for parties colluding with the "
+        "coordinator unless the job set k and t for that."
     ),
-    "secagg": "As secagg+, on the complete graph (classic SecAgg, Bonawitz et al. 2017).",
+    "secagg": ("As secagg+, on the complete graph (classic SecAgg, Bonawitz et al. 2017): every "
+               "party's secrets are shared among all n participants."),
     "none": (
         "No secure aggregation: the coordinator sees each host's update in the clear (with "
         "one party per host, each party's own update). Every party must trust the coordinator."
     ),
 }
+
+
+MECHANISMS = {
+    "gaussian": ("Gaussian noise added by the coordinator to the unmasked sum (central noise: the "
+                 "coordinator must be trusted to add it and to discard the un-noised sum)"),
+    "discrete_gaussian": ("discrete Gaussian noise added by the coordinator to the sum in the ring "
+                          "(Canonne, Kamath and Steinke 2020; central noise: the coordinator must "
+                          "be trusted to add it and to discard the un-noised sum)"),
+    "skellam": ("Skellam noise shares added by every party before masking (distributed noise, "
+                "Agarwal, Kairouz and Liu 2021): the coordinator only ever sees the noised sum"),
+}
+
+NEIGHBOURING = {
+    "add_remove_party": (
+        "Neighbouring relation: **add or remove one party** (user-level DP). The released "
+        "models are (epsilon, delta)-indistinguishable whether or not any one party's whole "
+        "data took part (McMahan et al. 2018, with the fixed-denominator estimator, so one party "
+        "moves the sum by at most C)."),
+    "zero_out_party": (
+        "Neighbouring relation: **zero-out one party** (Kairouz et al. 2021, \"Practical and "
+        "Private (Deep) Learning without Sampling or Shuffling\"). The guarantee compares a party "
+        "sending its update with the same party sending zero: it still takes part and adds its "
+        "noise share. It hides *what* any one party contributed, not *whether* it took part "
+        "(the number of noise shares in the sum depends on who did); participation is hidden "
+        "only by the secrecy of the sample. It is not the add/remove user-level DP of central "
+        "DP-FedAvg. Noise shares are sized so that the n_min - c honest survivors alone carry "
+        "the target noise (c parties colluding with the coordinator subtract their own shares); "
+        "more colluders than c, or fewer survivors than n_min, void it, and honest parties "
+        "refuse to unmask a sum of fewer than n_min."),
+}
+
+
+def _mechanism(event: dict | None) -> str | None:
+    """The innermost mechanism of a charged event tree (``to_dict`` form)."""
+    while isinstance(event, dict):
+        if event.get("type") in ("poisson_sampled", "self_composed"):
+            event = event.get("event")
+        elif event.get("type") == "composed":
+            events = event.get("events") or [None]
+            event = events[0]
+        else:
+            return event.get("type")
+    return None
 
 
 def _fmt(value: Any) -> str:
@@ -51,25 +100,63 @@ def build_report(out: Path) -> str:
     lines += ["## Trust model", ""]
     mode = start.get("secure_aggregation", "none")
     lines += [TRUST.get(mode, mode), ""]
+    plan = next((e for e in events if e["event"] == "secagg_plan"), None)
+    sa = start.get("secagg")
+    if sa:
+        lines += ["| secure aggregation parameter | value |", "|---|---|"]
+        if plan:
+            k = f"{plan['neighbours']}" + (" (complete graph)" if plan.get("complete_graph") else "")
+            lines += [f"| neighbours k (round {plan['round']}, the first secure round) | {k} |",
+                      f"| threshold t (round {plan['round']}) | {plan['threshold']} |",
+                      f"| ring | Z_2^{plan['modulus_bits']} |"]
+        else:
+            lines += ["| neighbours k, threshold t | no secure round ran |"]
+        lines += [f"| k, t in the spec | {_fmt(sa.get('neighbours_spec', sa.get('neighbours'))) or 'automatic'}"
+                  f", {_fmt(sa.get('threshold_spec', sa.get('threshold'))) or 'k//2 + 1'} "
+                  "(automatic values follow each round's sample size) |",
+                  f"| Shamir field | {sa.get('shamir_field', SHAMIR_FIELD)} |", ""]
     dp = start.get("dp")
     if dp:
+        kind = _mechanism(dp.get("round_event")) or ("skellam" if dp.get("noise") == "distributed"
+                                                      else "gaussian")
+        relation = dp.get("neighbouring") or ("zero_out_party" if kind == "skellam"
+                                              else "add_remove_party")
         lines += [
-            "User-level differential privacy (DP-FedAvg, McMahan et al. 2018): each party clips "
-            f"its update to L2 norm {_fmt(dp['clip_norm'])} before secure aggregation; the "
-            "coordinator adds Gaussian noise to the unmasked sum (central noise: the coordinator "
-            "must be trusted to add it and to discard the un-noised sum). Every round is charged "
-            "to the privacy ledger and fsynced before it runs, so a crash can only over-count.",
+            f"Differential privacy (DP-FedAvg, McMahan et al. 2018): each party clips its update "
+            f"to L2 norm {_fmt(dp['clip_norm'])} before secure aggregation; "
+            f"{MECHANISMS.get(kind, kind + ' noise')}. Every round is charged to the privacy "
+            "ledger and fsynced before it runs, so a crash can only over-count.",
+            "",
+            NEIGHBOURING.get(relation, relation),
             "",
             "| mechanism parameter | value |", "|---|---|",
+            f"| mechanism charged per round | {kind} |",
             f"| budget (epsilon, delta) | ({_fmt(dp['epsilon_budget'])}, {_fmt(dp['delta'])}) |",
             f"| noise multiplier z (charged) | {_fmt(dp['noise_multiplier'])} |",
-            f"| noise on the update sum | std {_fmt(dp['delta_noise_multiplier'])} x C |",
             f"| clip norm C (initial) | {_fmt(dp['clip_norm'])} |",
             f"| adaptive clipping (Andrew et al. 2021) | {dp['adaptive_clipping']} |",
             f"| party sampling | {start['sampling']['kind']}, rate q = {_fmt(dp['sampling_rate'])} |",
-            f"| accountant | {dp['accountant']} (Google dp-accounting) |",
-            "",
+            f"| accountant | {dp['accountant']} (Google dp-accounting"
+            + ("; Skellam RDP of Agarwal et al. 2021, mixture amplification" if kind == "skellam"
+               else "") + ") |",
         ]
+        if kind != "skellam":
+            lines.append(f"| noise on the update sum | std {_fmt(dp['delta_noise_multiplier'])} x C |")
+        dist = dp.get("distributed")
+        if dist:
+            sk = (plan or {}).get("skellam") or {}
+            lines += [
+                f"| ring of the mechanism | Z_2^{dist['bits']} |",
+                f"| survivors needed n_min | {_fmt(sk.get('min_survivors'))} "
+                f"(fraction {_fmt(dist['min_survivor_fraction'])} of the sampled) |",
+                f"| colluding parties c | {_fmt(sk.get('colluding', dist.get('colluding_at_expected_sample')))}"
+                + (" (default: 10% of the sampled, at least 1)" if dist.get("colluding_parties") is None
+                   else " (set in the spec)") + " |",
+                f"| honest shares carrying the noise | {_fmt(sk.get('honest_survivors'))} |",
+                f"| scale gamma, wrap-around probability | {_fmt(sk.get('gamma'))}, "
+                f"<= {_fmt(sk.get('wraparound_probability'))} |",
+            ]
+        lines.append("")
     else:
         lines += ["No user-level differential privacy: the released model carries no formal "
                   "privacy guarantee beyond secure aggregation.", ""]
@@ -99,9 +186,15 @@ def build_report(out: Path) -> str:
         lines.append("None.")
     lines += ["", "## Privacy spent", ""]
     if ledger_path.exists():
-        from lepton_ray.privacy.ledger import read_ledger
+        from lepton_ray.privacy.ledger import read_discard_record, read_ledger
 
         rows = read_ledger(ledger_path)
+        discarded = read_discard_record(ledger_path)
+        if discarded is not None:
+            lines += [f"**This ledger replaced a discarded one** (`--discard-privacy-ledger`) on "
+                      f"{discarded.discarded_at}: {_fmt(discarded.charges) or 'unreadable'} charges, "
+                      f"epsilon spent {_fmt(discarded.epsilon_spent) or 'unknown'}, sha256 "
+                      f"`{discarded.sha256}`. Budget spent before it is not counted below.", ""]
         lines += [f"{len(rows)} charges in `ledger.jsonl`; epsilon after the last: "
                   f"{_fmt(rows[-1].epsilon_after) if rows else 0} at delta "
                   f"{_fmt(rows[-1].delta) if rows else ''}. A round whose charge is in the ledger "
@@ -121,14 +214,28 @@ def build_report(out: Path) -> str:
     else:
         lines.append("The job has not ended (or ended without writing its last record).")
     lines += ["", "## Where each guarantee comes from", "",
-              "- Secrecy of individual updates: SecAgg+ masks (AES-256-CTR expansion of X25519 "
-              "agreed seeds), Shamir t-of-n over a 257-bit prime field, AES-256-GCM channels whose "
-              "associated data binds job, round, stage, sender and receiver; Ed25519-signed keys "
-              "against a roster.",
+              "- Secrecy of individual updates: SecAgg+ (Bell et al. 2020, CCS) on SecAgg "
+              "(Bonawitz et al. 2017, CCS): masks expanded by AES-256-CTR from X25519-agreed seeds, "
+              f"Shamir t-of-(k+1) sharing (Shamir 1979) over {SHAMIR_FIELD}, AES-256-GCM channels "
+              "whose associated data binds job, round, stage, sender and receiver; Ed25519-signed "
+              "keys against a roster. There is no consistency round (Bonawitz et al. 2017, §4): a "
+              "coordinator that tells different survivors different dropout sets is not detected, "
+              "so this secrecy holds against a coordinator that follows the protocol.",
               "- Dropout recovery: survivors reveal shares only for parties that dropped (mask "
               "keys) or finished (self-mask seeds), never both for one party.",
-              "- Differential privacy: Gaussian mechanism on clipped updates; RDP or PLD "
-              "accounting by Google's dp-accounting, with amplification by Poisson sampling.",
+              "- Differential privacy: clipping at the party and noise on the sum (McMahan et al. "
+              "2018); the mechanism above; amplification by Poisson sampling of parties from the OS "
+              "CSPRNG. Accounting by Google's dp-accounting: RDP (Mironov 2017; sampled Gaussian, "
+              "Mironov, Talwar and Zhang 2019; conversion Canonne, Kamath and Steinke 2020, Prop. "
+              "12) or PLD (Koskela et al. 2020; Doroshenko et al. 2022); Skellam noise by the RDP "
+              "bound of Agarwal, Kairouz and Liu 2021 with the mixture (joint convexity) "
+              "amplification bound; adaptive clipping by Andrew et al. 2021, Thm. 1; DP-SGD by "
+              "Abadi et al. 2016.",
+              "- The books: the ledger is write-ahead (fsynced before a round runs), held under an "
+              "exclusive lock for the job's lifetime (a second job on it is refused), never deleted "
+              "by `--overwrite` without `--discard-privacy-ledger` (then recorded in its first "
+              "line), and a resume counts every round execution after the checkpoint again "
+              "(user-level charges and DP-SGD participation): it over-counts, never under-counts.",
               ""]
     return "\n".join(lines)
 

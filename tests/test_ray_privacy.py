@@ -224,3 +224,21 @@ def test_attack_resume_undercounts_dp_sgd_participation(ray_session, small_job, 
                                  noise_multiplier=1.1), count=5)).epsilon(1e-5) for n in sizes)
     got = summary["privacy"]["record_level"]["epsilon_max"]
     assert got >= truth * (1 - 1e-9)
+
+
+def test_audit_records_what_the_distributed_job_actually_used(ray_session, small_job, capsys):
+    r = lepton_ray.run(small_job, rounds=1, privacy=dict(DP, noise="distributed", bits=16))
+    events = [json.loads(x) for x in (r.output_dir / "audit.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["event"] == "job_start")
+    plan = next(e for e in events if e["event"] == "secagg_plan")
+    assert start["dp"]["neighbouring"] == "zero_out_party"
+    assert start["dp"]["round_event"]["type"] == "skellam"
+    assert plan["round"] == 1 and plan["complete_graph"] is True  # 6 parties: k = n - 1
+    assert (plan["neighbours"], plan["modulus_bits"]) == (5, 32)
+    sk = plan["skellam"]
+    assert (sk["min_survivors"], sk["colluding"], sk["honest_survivors"]) == (6, 1, 5)
+    assert main(["audit", str(r.output_dir)]) == 0
+    text = (r.output_dir / "audit.md").read_text()
+    assert f"| threshold t (round 1) | {plan['threshold']} |" in text
+    assert "| neighbours k (round 1, the first secure round) | 5 (complete graph) |" in text
+    assert "**zero-out one party**" in text and "257" not in text
