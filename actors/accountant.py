@@ -2,11 +2,12 @@
 
 It runs beside the driver (not as a separate Ray actor, which Ray may place on another node,
 with its own disk): the ledger must sit with the job's other outputs and under the job's
-ledger lock, which the driver holds for the job's lifetime (``lock``). A thin shell around :class:`lepton_ray.privacy.ledger.Ledger`: the driver charges each
-round's event *before* anything noised is released; the charge is appended to
-``ledger.jsonl`` and fsynced first, so a crash can over-count, never under-count. A charge
-past the budget raises ``BudgetExhaustedError`` and writes nothing. Opening an existing
-ledger (a resumed job) replays it: the spent budget never decreases.
+ledger lock, which the driver holds for the job's lifetime (``lock``). A thin shell around
+:class:`lepton_ray.privacy.ledger.Ledger`: the driver charges each round's event *before*
+anything noised is released; the charge is appended to ``ledger.jsonl`` and fsynced first, so
+a crash can over-count, never under-count. A charge past the budget raises
+``BudgetExhaustedError`` and writes nothing. Opening an existing ledger (a resumed job)
+replays it: the spent budget never decreases.
 """
 
 from __future__ import annotations

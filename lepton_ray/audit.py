@@ -21,9 +21,9 @@ TRUST = {
         "masks its quantised update with pairwise masks agreed with its k neighbours (X25519, "
         "expanded by AES-256-CTR) and a self mask; both mask seeds are Shamir-shared t-of-(k+1) "
         f"over {SHAMIR_FIELD} to the party's neighbourhood over AES-256-GCM channels; adverts "
-        "are Ed25519-signed against the roster. The coordinator learns only the sum of the updates of the parties "
-        "that finished the round, as long as no party has t or more of its k+1 share holders "
-        "colluding with it. The automatic k is sized for dropouts with a colluding rate of 0 "
+        "are Ed25519-signed against the roster. The coordinator learns only the sum of the "
+        "updates of the parties that finished the round, as long as no party has t or more "
+        "of its k+1 share holders colluding with it. The automatic k is sized for dropouts with a colluding rate of 0 "
         "(lepton_ray.secagg.graph): it does not budget for parties colluding with the "
         "coordinator unless the job set k and t for that."
     ),

@@ -150,7 +150,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_ledger(args) -> int:
     from lepton_ray.outputs import LEDGER
-    from lepton_ray.privacy.ledger import read_ledger
+    from lepton_ray.privacy.ledger import read_discard_record, read_ledger
 
     path = Path(args.out) / LEDGER
     if not path.exists():
@@ -159,6 +159,10 @@ def cmd_ledger(args) -> int:
     if args.json:
         print(json.dumps([json.loads(r.to_json()) for r in rows]))
         return 0
+    discarded = read_discard_record(path)
+    if discarded is not None:
+        print(f"(replaced a discarded ledger on {discarded.discarded_at}: {discarded.charges} "
+              f"charges, epsilon {discarded.epsilon_spent}, sha256 {discarded.sha256})")
     print(f"{'round':>5}  {'epsilon':>9}  {'delta':>7}  {'acct':4}  event")
     for r in rows:
         flag = "  (recovered after a crash)" if r.recovered else ""

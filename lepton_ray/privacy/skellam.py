@@ -30,8 +30,8 @@ Party side (:func:`encode_update`), with ``params = skellam_params(...)``:
    (|v_i| <= v_i^2). Retries use fresh randomness, are capped (``max_attempts``), and a party
    that exhausts them raises :class:`PrivacyError` instead of sending anything;
 5. add Sk(mu / h) per coordinate, h = n_min - c the honest survivors (n_min =
-   ``params.min_survivors``, c = ``params.colluding``): Poisson(mu/(2 h)) - Poisson(mu/(2 h)) from a numpy ``Generator`` the caller passes in - in production
-   :func:`os_seeded_generator` (PCG64DXSM seeded with 256 bits of ``os.urandom``), never
+   ``params.min_survivors``, c = ``params.colluding``): Poisson(mu/(2 h)) - Poisson(mu/(2 h))
+   from a numpy ``Generator`` the caller passes in - in production :func:`os_seeded_generator` (PCG64DXSM seeded with 256 bits of ``os.urandom``), never
    ``np.random``'s global state;
 6. map to Z_{2^b}: two's complement (:func:`~lepton_ray.secagg.quantize.to_ring` into the
    32- or 64-bit SecAgg ring), reduced mod 2^b. Since 2^b divides 2^32 (2^64), a sum taken
