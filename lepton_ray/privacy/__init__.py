@@ -53,7 +53,7 @@ from lepton_ray.privacy.events import (
     SelfComposed,
     event_from_dict,
 )
-from lepton_ray.privacy.ledger import Ledger, LedgerRow, read_ledger
+from lepton_ray.privacy.ledger import Ledger, LedgerLock, LedgerRow, discard_ledger, read_ledger
 from lepton_ray.privacy.mechanisms import (
     NormalSource,
     SecureNormalSource,
@@ -71,6 +71,7 @@ __all__ = [
     "Gaussian",
     "Laplace",
     "Ledger",
+    "LedgerLock",
     "LedgerRow",
     "NormalSource",
     "PldAccountant",
@@ -86,6 +87,7 @@ __all__ = [
     "compute_epsilon",
     "event_from_dict",
     "make_accountant",
+    "discard_ledger",
     "read_ledger",
     "record_level_epsilon",
     "record_level_event",
