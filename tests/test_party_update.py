@@ -17,7 +17,9 @@ from lepton_ray.learning.party_update import (
 )
 from lepton_ray.privacy.accountants import AccountantKind
 from lepton_ray.privacy.calibration import compute_epsilon
+from lepton_ray.privacy.discrete_gaussian import discrete_gaussian_epsilon
 from lepton_ray.privacy.dpfedavg import DpFedAvg
+from lepton_ray.privacy.events import DiscreteGaussian
 from lepton_ray.privacy.events import Gaussian, PoissonSampled
 
 rng = np.random.default_rng(0)
@@ -125,9 +127,9 @@ def test_fixed_scale_that_can_overflow_is_rejected():
 def test_dpfedavg_event_noise_and_fixed_denominator():
     dp = DpFedAvg.create(n_parties=100, sampling_rate=0.1, rounds=10, epsilon=5, delta=1e-5,
                          clip_norm=0.5, noise_multiplier=1.2, accountant=AccountantKind.RDP)
-    assert dp.event() == PoissonSampled(sampling_probability=0.1, event=Gaussian(noise_multiplier=1.2))
+    assert dp.event() == DiscreteGaussian(noise_multiplier=1.2, sampling_probability=0.1)
     noise = dp.noise(7)
-    assert noise.dim == 7 and noise.delta_std == pytest.approx(0.6) and noise.bits_std is None
+    assert noise.dim == 7 and noise.delta_multiplier == 1.2 and noise.bits_multiplier is None
     np.testing.assert_allclose(dp.mean(np.full(3, 20.0)), np.full(3, 2.0))  # / (q N) = 10
     assert dp.after_round(None) is dp
 
@@ -135,8 +137,12 @@ def test_dpfedavg_event_noise_and_fixed_denominator():
 def test_dpfedavg_calibrates_within_the_budget():
     dp = DpFedAvg.create(n_parties=1000, sampling_rate=0.05, rounds=200, epsilon=3, delta=1e-5,
                          clip_norm=1.0, noise_multiplier=None, accountant=AccountantKind.RDP)
-    eps = compute_epsilon(sampling_rate=0.05, noise_multiplier=dp.noise_multiplier, steps=200, delta=1e-5)
+    eps = discrete_gaussian_epsilon(sampling_rate=0.05, noise_multiplier=dp.noise_multiplier,
+                                    steps=200, delta=1e-5)
     assert eps <= 3 and eps > 2.9
+    # never cheaper than the continuous sampled Gaussian (dp-accounting) at the same z
+    assert compute_epsilon(sampling_rate=0.05, noise_multiplier=dp.noise_multiplier, steps=200,
+                           delta=1e-5) <= eps
 
 
 def test_adaptive_clipping_split_and_update_direction():
@@ -145,7 +151,7 @@ def test_adaptive_clipping_split_and_update_direction():
                          adaptive=True, target_quantile=0.5, learning_rate=0.2, count_noise_std=5.0)
     # Andrew et al. 2021: z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)
     assert dp.delta_noise_multiplier == pytest.approx((1.0 - (2 * 5.0) ** -2) ** -0.5)
-    assert dp.noise(4).bits_std == 5.0
+    assert dp.noise(4).bits_multiplier == 10.0
     grown = dp.after_round(-50.0)  # every party clipped: fraction 0 < 0.5 -> C grows
     shrunk = dp.after_round(50.0)  # none clipped: fraction 1 > 0.5 -> C shrinks
     assert grown.clip_norm == pytest.approx(math.exp(0.2 * 0.5))

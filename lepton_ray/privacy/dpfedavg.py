@@ -22,6 +22,7 @@ Gaussian, sigma_b' = ceil(2 sigma_b ceil(s/2)), to their sum and the clip norm f
 target quantile geometrically. The total multiplier z is split so that the round still costs
 exactly z: z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 2021, Thm. 1); for the
 discrete Gaussian the blocks compose the same way (CKS20: sum_j Delta_j^2 / sigma_j^2).
+"""
 
 from __future__ import annotations
 
