@@ -204,3 +204,48 @@ def test_fold_equals_the_sum_of_encoded_vectors(rule):
         bad = deltas.copy()
         bad[7, 3] = np.inf
         fold(bad, examples, rule)
+
+
+def test_conditional_rounding_bounds_the_ring_norm_at_5000_parties_1e7_coordinates():
+    """Attack (issue 13, finding 4): plain stochastic rounding lets a clipped update's rounded
+    norm exceed C s (here by ~+15 %: sqrt(d) / s against C), so noise calibrated to C s
+    under-protects. With ``norm_bound_sq`` the rounded delta block always fits the KLS21 bound,
+    which is within 0.5 % of C s, and the accounting uses that bound."""
+    from lepton_ray.learning.party_update import encode_ring_batch, rounding_bound_sq
+
+    d, C = 10_000_000, 0.1
+    rule = UpdateRule(clip_norm=C, weight_cap=None)
+    quant = quantization_for(n_parties=5000, rule=rule, modulus_bits=32, dim=d)
+    rng = np.random.default_rng(0)
+    delta = rng.standard_normal((1, d)).astype(np.float32)
+    delta *= 2 * C / np.linalg.norm(delta)  # clipped to C by the encoder
+    bound = rounding_bound_sq(rule, quant, d)
+    cs = C * quant.scale
+    assert math.sqrt(bound) <= cs * 1.005
+
+    def norm(batch):
+        v = batch.rings[0, :d].view(np.int32).astype(np.float64)
+        return math.sqrt(float(v @ v))
+
+    plain = norm(encode_ring_batch(delta, np.ones(1), rule, quant))
+    assert plain > cs  # the attack: unconditioned rounding leaves the sensitivity C s behind
+    x = delta[0].astype(np.float64) * (C / np.linalg.norm(delta[0].astype(np.float64))) * quant.scale
+    away = np.where(x > 0, np.ceil(x), np.floor(x))  # in the rounding's support (P > 0)
+    assert np.linalg.norm(away) > cs * 1.05  # ... and its worst case (the true sensitivity) by 5 %+
+    held = encode_ring_batch(delta, np.ones(1), rule, quant, norm_bound_sq=bound)
+    assert held.bad == () and norm(held) ** 2 <= bound
+
+
+def test_conditional_rounding_retries_until_the_bound_holds():
+    from lepton_ray.learning.party_update import encode_ring_batch
+    from lepton_ray.secagg.quantize import QuantizationSpec
+
+    rule = UpdateRule(clip_norm=2.0, weight_cap=None)
+    quant = QuantizationSpec(clip_norm=rule.norm_bound, scale=4.0, modulus_bits=32)
+    delta = np.full((50, 40), 0.5 / 4.0, dtype=np.float32)  # x_i = 1/2: each rounds to 0 or 1
+    out = encode_ring_batch(delta, np.ones(50), rule, quant, norm_bound_sq=20)
+    ints = out.rings[:, :40].view(np.int32).astype(np.int64)
+    sq = (ints * ints).sum(axis=1)
+    assert out.bad == () and sq.max() <= 20  # unconditioned, about half the rows exceed 20
+    plain = encode_ring_batch(delta, np.ones(50), rule, quant).rings[:, :40].view(np.int32)
+    assert ((plain.astype(np.int64) ** 2).sum(axis=1) > 20).sum() > 5
