@@ -555,6 +555,13 @@ class Federation:
             extra = math.ceil(13 * ratio)
         quant = quantization_for(n_parties=n + extra, rule=rule, modulus_bits=sa.modulus_bits,
                                  dim=len(self.params), scale=sa.scale)
+        if central:  # the exact sampler takes sigma <= 2^24 ring units: a finer scale buys nothing
+            from dataclasses import replace
+
+            from lepton_ray.privacy.discrete_gaussian import MAX_SIGMA
+
+            top = max(noise.delta_multiplier * rule.clip_norm, noise.bits_multiplier or 0.0)
+            quant = replace(quant, scale=min(quant.scale, MAX_SIGMA / (1.01 * top) - 2.0))
         return quant, (rounding_bound_sq(rule, quant, len(self.params)) if central else None)
 
     def _gather(self, r: int, stage: str, outs: dict, timeout: float | None):
