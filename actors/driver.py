@@ -324,7 +324,7 @@ class Federation:
             # write-ahead: charged (and fsynced) before anything noised can be released
             self.epsilon = ray.get(self.accountant.charge.remote(
                 r, self.dp.event(skellam), f"round {r}: DP-FedAvg "
-                f"{'distributed Skellam' if skellam is not None else 'central Gaussian'} "
+                f"{'distributed Skellam' if skellam is not None else 'central discrete Gaussian'} "
                 f"z={self.dp.noise_multiplier:.4g} C={self.dp.clip_norm:.4g} q={self.dp.sampling_rate:g}"))
         else:
             clip = self.spec.secure_aggregation.clip_norm if self.secure else None

@@ -110,7 +110,9 @@ class PartyHost:
     # ------------------------------------------------------------------ training
     def _goes_silent(self, round_: int, party: int) -> bool:
         """``parties.simulated_dropout``: does ``party`` go silent this round? Public
-        randomness from (seed, round, party), so runs are reproducible."""
+        randomness from (seed, round, party), so runs are reproducible. It may stay public:
+        it is a test harness that models dropouts, and nothing DP relies on it (a real
+        dropout is not random at all; the accounting never assumes dropouts are secret)."""
         rate = self.spec.parties.simulated_dropout
         if not rate:
             return False

@@ -137,3 +137,21 @@ def test_party_sample_is_not_reproducible_from_the_spec_seed():
     fixed = SamplingSpec(kind=SamplingKind.FIXED, fraction=0.1)
     a, b = sample_parties(fixed, n), sample_parties(fixed, n)
     assert len(a) == len(b) == 100 and len(set(a)) == 100 and not np.array_equal(a, b)
+
+
+def test_cli_epsilon_and_calibrate_speak_the_discrete_gaussian(capsys):
+    import json
+
+    from lepton_ray.cli import main
+    from lepton_ray.privacy.discrete_gaussian import discrete_gaussian_epsilon
+
+    common = ["--delta", "1e-5", "--sampling-rate", "0.1", "--steps", "100",
+              "--mechanism", "discrete_gaussian", "--json"]
+    assert main(["calibrate", "--epsilon", "3", *common]) == 0
+    z = json.loads(capsys.readouterr().out)["noise_multiplier"]
+    assert main(["epsilon", "--noise-multiplier", str(z), *common]) == 0
+    eps = json.loads(capsys.readouterr().out)["epsilon"]
+    assert 2.95 < eps <= 3 and eps == discrete_gaussian_epsilon(
+        noise_multiplier=z, sampling_rate=0.1, steps=100, delta=1e-5)
+    assert main(["epsilon", "--noise-multiplier", "1", *common[:-3], "--accountant", "pld",
+                 "--mechanism", "discrete_gaussian"]) != 0
