@@ -23,7 +23,7 @@ import ray
 from lepton_ray.config import JobSpec
 from lepton_ray.errors import DataError, PrivacyError, ProtocolError
 from lepton_ray.learning.aggregation import PartialSum
-from lepton_ray.learning.local import party_seed
+from lepton_ray.learning.local import party_seed, public_party_seed
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,10 @@ class PartyHost:
         from actors.training import train_task
 
         picks = [self.index[p] for p in sampled]
-        seeds = [party_seed() for _ in sampled]  # secret: drawn here from the OS, never logged
+        if self.spec.training.deterministic_seeds:  # non-private reproducible runs (tests) only
+            seeds = [public_party_seed(self.spec.seed, round_, p) for p in sampled]
+        else:
+            seeds = [party_seed() for _ in sampled]  # secret: drawn here from the OS, never logged
         task = train_task.options(**self.task_options)
         return task.remote(self.spec, self.n_features, self.n_classes, params_box[0],
                            self.data_ref, picks, seeds, fold=fold, ring=ring)

@@ -259,6 +259,9 @@ class TrainingSpec:
     memory_mb: int | None = None  # memory Ray reserves for each training task
     device: Device = Device.AUTO
     vectorised: bool = True
+    # public per-(seed, round, party) training seeds, for reproducible non-private runs and
+    # tests only; default: secret OS seeds per party and round. Refused under any DP.
+    deterministic_seeds: bool = False
 
     def problems(self, path: str) -> list[str]:
         out = _positive(self, path, "lr", "epochs", "batch_size")
@@ -503,6 +506,9 @@ class JobSpec:
                 and self.secure_aggregation.mode is SecureAggregation.NONE):
             out.append("privacy.noise: 'distributed' adds the noise inside secure aggregation; "
                        "set secure_aggregation.mode to secagg+ or secagg")
+        if self.training.deterministic_seeds and (self.privacy.enabled or self.privacy.dp_sgd.enabled):
+            out.append("training.deterministic_seeds: public training seeds let anyone re-run a "
+                       "party's training and reproduce DP-SGD's batches; not allowed with privacy")
         if self.privacy.enabled and self.sampling.kind is SamplingKind.FIXED:
             out.append("sampling.kind: 'fixed' has no privacy amplification the accountant can "
                        "count; use 'poisson' (rate = sampling.fraction) or 'all' with privacy")

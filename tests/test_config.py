@@ -138,3 +138,15 @@ def test_simulated_dropout_is_a_probability_and_only_for_simulation():
     assert load_spec("jobs/digits.yaml", parties__simulated_dropout=0.1).parties.simulated_dropout == 0.1
     with pytest.raises(ConfigError, match=r"parties.simulated_dropout: must be in \[0, 1\), got 1.5"):
         load_spec("jobs/digits.yaml", parties__simulated_dropout=1.5)
+
+
+def test_deterministic_training_seeds_are_refused_with_privacy():
+    from lepton_ray.config import load_spec
+    from lepton_ray.errors import ConfigError
+
+    base = {"name": "t", "data": {"source": "digits"}, "parties": {"count": 6},
+            "training": {"deterministic_seeds": True}}
+    load_spec(base)  # fine without privacy (reproducible tests)
+    with pytest.raises(ConfigError, match="training.deterministic_seeds"):
+        load_spec(dict(base, privacy={"mode": "user_level", "epsilon": 3, "delta": 1e-5,
+                                      "clip_norm": 1.0}))

@@ -24,8 +24,9 @@ def assert_stage_timings(secure, plain):
 
 
 def test_secagg_plus_trains_the_same_model_as_plaintext(ray_session, small_job, tmp_path):
-    plain = lepton_ray.run(small_job, secure_aggregation__mode="none", output__dir=str(tmp_path / "p"))
-    secure = lepton_ray.run(small_job, secure_aggregation__mode="secagg+", output__dir=str(tmp_path / "s"))
+    same = {"training__deterministic_seeds": True}  # training seeds are secret by default
+    plain = lepton_ray.run(small_job, secure_aggregation__mode="none", output__dir=str(tmp_path / "p"), **same)
+    secure = lepton_ray.run(small_job, secure_aggregation__mode="secagg+", output__dir=str(tmp_path / "s"), **same)
     assert (secure.history["status"] == "ok").all()
     assert (secure.history["parties_completed"] == 6).all()
     assert (secure.history["parties_clipped"] == 0).all()
@@ -60,7 +61,8 @@ def _with_fault(monkeypatch, after_stage, fault):
 
 
 def test_host_killed_mid_round_sum_is_exact_over_survivors(ray_session, small_job, monkeypatch):
-    job = dict(small_job, parties={"count": 9, "per_host": 3})
+    job = dict(small_job, parties={"count": 9, "per_host": 3},
+               training=dict(small_job["training"], deterministic_seeds=True))
     secure = _federation(job)
     plain = _federation(job, secure_aggregation__mode="none",
                         output__dir=job["output"]["dir"] + "-plain")
@@ -141,7 +143,7 @@ def test_simulated_dropouts_go_silent_after_sharing_keys(ray_session, small_job,
     """``parties.simulated_dropout``: the chosen parties share keys and then never send their
     masked input, so the coordinator rebuilds their pairwise masks; the plaintext path drops
     the same parties (same public draw), and both give the same model."""
-    over = {"rounds": 3, "parties__simulated_dropout": 0.4}
+    over = {"rounds": 3, "parties__simulated_dropout": 0.4, "training__deterministic_seeds": True}
     secure = lepton_ray.run(small_job, output__dir=str(tmp_path / "s"), **over)
     plain = lepton_ray.run(small_job, secure_aggregation__mode="none", output__dir=str(tmp_path / "p"), **over)
     spec = load_spec(small_job)

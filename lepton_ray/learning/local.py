@@ -35,6 +35,12 @@ def party_seed() -> int:
     return int.from_bytes(os.urandom(32), "little")
 
 
+def public_party_seed(job_seed: int, round_: int, party: int) -> int:
+    """The public seed ``training.deterministic_seeds`` selects (reproducible non-private runs
+    and tests; refused with DP): anyone with the spec can recompute it."""
+    return int(np.random.SeedSequence([job_seed, round_, party, 0x7A1]).generate_state(1)[0])
+
+
 def torch_seed(seed: int) -> int:
     """The 64 bits of ``seed`` that seed a ``torch.Generator`` for shuffling (non-DP
     training). Mersenne Twister is not cryptographic, but nothing DP relies on the shuffle:
