@@ -155,3 +155,25 @@ def test_cli_epsilon_and_calibrate_speak_the_discrete_gaussian(capsys):
         noise_multiplier=z, sampling_rate=0.1, steps=100, delta=1e-5)
     assert main(["epsilon", "--noise-multiplier", "1", *common[:-3], "--accountant", "pld",
                  "--mechanism", "discrete_gaussian"]) != 0
+
+
+def test_ring_noise_is_integer_and_added_mod_2_to_the_b():
+    """Central noise goes into the ring sum as integers: the difference is a discrete Gaussian
+    draw of the calibrated integer sigma on the delta block, its own sigma on the bit, and none
+    on the weight; wrap-around is modular."""
+    from lepton_ray.learning.party_update import UpdateRule, quantization_for, rounding_bound_sq
+    from lepton_ray.privacy.dpfedavg import CentralNoise
+    from lepton_ray.secagg.quantize import centred_lift
+
+    d = 50_000
+    rule = UpdateRule(clip_norm=1.0, weight_cap=None, clip_bit=True)
+    quant = quantization_for(n_parties=100, rule=rule, modulus_bits=32, dim=d, scale=1e5)
+    bound = rounding_bound_sq(rule, quant, d)
+    noise = CentralNoise(dim=d, delta_multiplier=1.5, bits_multiplier=10.0).in_ring(quant, bound)
+    assert noise.delta_sigma >= 1.5 * math.sqrt(bound) and noise.delta_sigma >= 1.5 * quant.scale
+    assert noise.bits_sigma >= 10.0 * math.ceil(quant.scale / 2)
+    ring = np.full(d + 2, 2**32 - 3, dtype=np.uint32)  # -3: noise wraps around zero
+    out = noise.add_to(ring)
+    diff = centred_lift(out, 32).astype(np.int64) + 3
+    assert out.dtype == np.uint32 and diff[d] == 0
+    assert abs(diff[:d].std() / noise.delta_sigma - 1) < 0.03
