@@ -9,9 +9,11 @@ Modes (``secure_aggregation.mode``):
 * ``none`` — plain sum of the hosts' partial sums. The coordinator sees every host's update
   in the clear (with one party per host, every party's update), so this mode says so loudly.
 
-With central differential privacy the coordinator adds the Gaussian noise to the unmasked
-sum before releasing it (DP-FedAvg, McMahan et al. 2018): it must be trusted to add it and
-to forget the un-noised sum. Noise comes from an AES-CTR stream keyed by the OS.
+With central differential privacy the coordinator adds discrete Gaussian noise to the
+unmasked sum in the ring, before dequantising (DP-FedAvg, McMahan et al. 2018; Canonne,
+Kamath and Steinke 2020): it must be trusted to add it and to forget the un-noised sum.
+Noise is integer-valued, sampled exactly from OS CSPRNG bits; no floating-point noise. In
+``none`` mode with DP the hosts quantise too and send ring sums, so the same holds.
 
 Secure stage methods take each host's message list (Ray resolves the refs) and return
 ``(StageStatus, payload...)``: a round that falls below threshold is reported as aborted,
@@ -28,7 +30,7 @@ import numpy as np
 from lepton_ray.config import SecureAggregation
 from lepton_ray.errors import ThresholdError
 from lepton_ray.learning.aggregation import PartialSum, reduce
-from lepton_ray.privacy.dpfedavg import CentralNoise
+from lepton_ray.privacy.dpfedavg import RingNoise
 
 PLAINTEXT_WARNING = (
     "WARNING secure_aggregation is 'none': the coordinator sees each host's update in the "
@@ -58,9 +60,8 @@ class SmpcCoordinator:
         self.mode = mode
         self.server = None
         self.plan = None
-        self.noise: CentralNoise | None = None
+        self.noise: RingNoise | None = None
         self._seen_rejections = 0
-        self._normals = None
         self._verifier = None  # advert signatures, memoised across rounds (adverts are per job)
         if mode is SecureAggregation.NONE:
             print(PLAINTEXT_WARNING, file=sys.stderr, flush=True)
@@ -68,28 +69,27 @@ class SmpcCoordinator:
     def ready(self) -> str:
         return self.mode.value
 
-    def _release(self, total: np.ndarray, noise: CentralNoise | None) -> np.ndarray:
-        if noise is None:
-            return total
-        from lepton_ray.privacy.mechanisms import SecureNormalSource, add_gaussian_noise
+    def _release(self, ring_total: np.ndarray, noise, quantization) -> np.ndarray:
+        """Central DP: discrete Gaussian noise added to the sum *in the ring* (integers from
+        the OS CSPRNG, :mod:`lepton_ray.privacy.discrete_gaussian`), then dequantised: no
+        floating-point noise. The un-noised sum is dropped here."""
+        from lepton_ray.learning.party_update import ring_to_float
 
-        if self._normals is None:
-            self._normals = SecureNormalSource()
-        out = total.astype(np.float64, copy=True)
-        out[: noise.dim] = add_gaussian_noise(out[: noise.dim], noise.delta_std, self._normals)
-        if noise.bits_std is not None:
-            out[noise.dim + 1] += noise.bits_std * float(self._normals.standard_normal(1)[0])
-        return out
+        if noise is not None:
+            ring_total = noise.add_to(ring_total)
+        return ring_to_float(ring_total, quantization)
 
     # ------------------------------------------------------------------ plaintext
-    def aggregate(self, round_: int, noise: CentralNoise | None, *partials: PartialSum) -> Released:
+    def aggregate(self, round_: int, noise: RingNoise | None, *partials: PartialSum) -> Released:
         """Reduce the hosts' partial sums (Ray resolves them from the object store) and
         release the sum, noised when central DP is on."""
         total = reduce(list(partials))
-        return Released(total=self._release(total.total, noise))
+        if noise is None:
+            return Released(total=total.total)
+        return Released(total=self._release(total.total, noise, noise.quantization))
 
     # ------------------------------------------------------------------ SecAgg+
-    def begin(self, plan, noise: CentralNoise | None) -> None:
+    def begin(self, plan, noise: RingNoise | None) -> None:
         from lepton_ray.crypto.identity import SignatureVerifier
         from lepton_ray.secagg import SecAggServer
 
@@ -138,9 +138,7 @@ class SmpcCoordinator:
         return self._stage(lambda msgs: self.server.collect_masked(msgs), [kept], refused)
 
     def finish(self, *host_messages):
-        """Unmask, dequantise and (central DP) noise the sum; only this leaves the actor."""
-        from lepton_ray.learning.party_update import ring_to_float
-
+        """Unmask, (central DP) noise in the ring, dequantise; only this leaves the actor."""
         status, result = self._stage(lambda msgs: self.server.finish(msgs), host_messages)
         if not status.ok:
             return status, None
@@ -149,7 +147,7 @@ class SmpcCoordinator:
 
             total = decode_sum(result.total, self.plan.skellam, signs=self.plan.rotation_signs())
         else:
-            total = self._release(ring_to_float(result.total, self.plan.quantization), self.noise)
+            total = self._release(result.total, self.noise, self.plan.quantization)
         self.server = None  # the round's protocol state (and the un-noised sum) goes
         return status, Released(total=total, survivors=tuple(result.survivors),
                                 dropped=tuple(result.dropped))

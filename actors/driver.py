@@ -27,7 +27,7 @@ from lepton_ray.config import JobSpec, NoisePlacement, SamplingKind, SecureAggre
 from lepton_ray.errors import (BudgetExhaustedError, ConfigError, LeptonError, PrivacyError,
                                ResumeError, user_message)
 from lepton_ray.learning.data import FederatedData, as_float32, load_federated
-from lepton_ray.learning.sampling import round_rng, sample_parties
+from lepton_ray.learning.sampling import sample_parties
 from lepton_ray.privacy.resume import ROUND_START, executions_after, participation_bound
 from lepton_ray.outputs import (
     AUDIT,
@@ -381,7 +381,7 @@ class Federation:
         self._lost = set()  # parties lost at any stage of this round (why: on stderr)
         self._clock = StageClock()
         self.restart_dead_hosts()
-        sampled = sample_parties(self.spec.sampling, self.spec.parties.count, round_rng(self.spec.seed, r))
+        sampled = sample_parties(self.spec.sampling, self.spec.parties.count)  # OS CSPRNG: secret
         by_host = {h: [int(p) for p in sampled if block[0] <= p <= block[-1]]
                    for h, block in enumerate(self.blocks)}
         by_host = {h: ps for h, ps in by_host.items() if ps}
@@ -398,7 +398,7 @@ class Federation:
             # write-ahead: charged (and fsynced) before anything noised can be released
             self.epsilon = self.accountant.charge(
                 r, self.dp.event(skellam), f"round {r}: DP-FedAvg "
-                f"{'distributed Skellam' if skellam is not None else 'central Gaussian'} "
+                f"{'distributed Skellam' if skellam is not None else 'central discrete Gaussian'} "
                 f"z={self.dp.noise_multiplier:.4g} C={self.dp.clip_norm:.4g} q={self.dp.sampling_rate:g}")
         else:
             clip = self.spec.secure_aggregation.clip_norm if self.secure else None
@@ -459,7 +459,11 @@ class Federation:
 
     def _plain_round(self, r: int, by_host: dict[int, list[int]], params_ref, rule,
                      noise=None) -> "RoundOutcome":
-        outs = {h: self.hosts[h].train.options(num_returns=2).remote(r, [params_ref], ps, rule)
+        ring = None
+        if noise is not None:  # central DP: hosts quantise, the noise goes into the ring sum
+            quant, bound = self._quantization(sum(len(ps) for ps in by_host.values()), rule)
+            noise, ring = noise.in_ring(quant, bound), (quant, bound)
+        outs = {h: self.hosts[h].train.options(num_returns=2).remote(r, [params_ref], ps, rule, ring)
                 for h, ps in by_host.items()}
         live = self._gather(r, "train", outs, timeout=None)
         self._clock.lap("hosts.train")
@@ -493,6 +497,8 @@ class Federation:
         except _ConfigError as exc:  # e.g. too few sampled parties for any threshold
             return RoundOutcome(status=f"aborted: {exc.problems[0]}")
         self._record_plan(r, plan)
+        if noise is not None:  # central DP: integer sigmas for this round's ring
+            noise = noise.in_ring(plan.quantization, plan.rounding_bound_sq)
         plan_ref = ray.put(plan)
         calls = 1
         ray.get(self.coordinator.begin.remote(plan_ref, noise))
@@ -605,9 +611,35 @@ class Federation:
             seed = hashlib.sha256(f"lepton-ray/rotation/{self.job_id}/{r}".encode()).digest()
             return SecureRoundPlan(config=config, rule=rule, quantization=None, skellam=skellam,
                                    rotation_seed=seed)
-        quant = quantization_for(n_parties=len(participants), rule=rule,
-                                 modulus_bits=sa.modulus_bits, dim=len(self.params), scale=sa.scale)
-        return SecureRoundPlan(config=config, rule=rule, quantization=quant)
+        quant, bound = self._quantization(len(participants), rule)
+        return SecureRoundPlan(config=config, rule=rule, quantization=quant, rounding_bound_sq=bound)
+
+    def _quantization(self, n: int, rule):
+        """The round's quantisation for ``n`` parties and, with central DP, the conditional-
+        rounding bound (the sensitivity in ring units). Under DP the scale also leaves room
+        for the coordinator's noise: 13 sigma per coordinate (P[|N_Z| > 13 sigma] < 1e-36)
+        counted as extra parties of norm C (sigma_ring / (norm bound s) <= z)."""
+        import math
+
+        from lepton_ray.learning.party_update import quantization_for, rounding_bound_sq
+
+        sa = self.spec.secure_aggregation
+        central = self.dp is not None and self.dp.distributed is None
+        extra = 0
+        if central:
+            noise = self.dp.noise(len(self.params))
+            ratio = max(noise.delta_multiplier, (noise.bits_multiplier or 0.0) / rule.norm_bound)
+            extra = math.ceil(13 * ratio)
+        quant = quantization_for(n_parties=n + extra, rule=rule, modulus_bits=sa.modulus_bits,
+                                 dim=len(self.params), scale=sa.scale)
+        if central:  # the exact sampler takes sigma <= 2^24 ring units: a finer scale buys nothing
+            from dataclasses import replace
+
+            from lepton_ray.privacy.discrete_gaussian import MAX_SIGMA
+
+            top = max(noise.delta_multiplier * rule.clip_norm, noise.bits_multiplier or 0.0)
+            quant = replace(quant, scale=min(quant.scale, MAX_SIGMA / (1.01 * top) - 2.0))
+        return quant, (rounding_bound_sq(rule, quant, len(self.params)) if central else None)
 
     def _gather(self, r: int, stage: str, outs: dict, timeout: float | None):
         """Wait (at most ``timeout`` s) for each host's stage report; returns the hosts that

@@ -23,7 +23,7 @@ import ray
 from lepton_ray.config import JobSpec
 from lepton_ray.errors import DataError, PrivacyError, ProtocolError
 from lepton_ray.learning.aggregation import PartialSum
-from lepton_ray.learning.local import party_seed
+from lepton_ray.learning.local import party_seed, public_party_seed
 
 
 @dataclass(frozen=True)
@@ -110,34 +110,49 @@ class PartyHost:
     # ------------------------------------------------------------------ training
     def _goes_silent(self, round_: int, party: int) -> bool:
         """``parties.simulated_dropout``: does ``party`` go silent this round? Public
-        randomness from (seed, round, party), so runs are reproducible."""
+        randomness from (seed, round, party), so runs are reproducible. It may stay public:
+        it is a test harness that models dropouts, and nothing DP relies on it (a real
+        dropout is not random at all; the accounting never assumes dropouts are secret)."""
         rate = self.spec.parties.simulated_dropout
         if not rate:
             return False
         return float(np.random.default_rng([self.spec.seed, round_, party, 0x5D]).random()) < rate
 
-    def _launch_training(self, round_: int, params_box: list, sampled: list[int], *, fold=None):
+    def _launch_training(self, round_: int, params_box: list, sampled: list[int], *, fold=None,
+                         ring=None):
         from actors.training import train_task
 
         picks = [self.index[p] for p in sampled]
-        seeds = [party_seed(self.spec.seed, round_, p) for p in sampled]
+        if self.spec.training.deterministic_seeds:  # non-private reproducible runs (tests) only
+            seeds = [public_party_seed(self.spec.seed, round_, p) for p in sampled]
+        else:
+            seeds = [party_seed() for _ in sampled]  # secret: drawn here from the OS, never logged
         task = train_task.options(**self.task_options)
         return task.remote(self.spec, self.n_features, self.n_classes, params_box[0],
-                           self.data_ref, picks, seeds, fold=fold)
+                           self.data_ref, picks, seeds, fold=fold, ring=ring)
 
-    def train(self, round_: int, params_box: list, sampled: list[int], rule) -> tuple[StageReport, PartialSum]:
+    def train(self, round_: int, params_box: list, sampled: list[int], rule,
+              ring=None) -> tuple[StageReport, PartialSum]:
         """Plaintext path: train ``sampled`` from the global parameters in ``params_box[0]``
         (an ObjectRef, boxed so Ray hands it on without fetching it); return the sum of their
-        update vectors under ``rule`` (an ``UpdateRule``)."""
+        update vectors under ``rule`` (an ``UpdateRule``). ``ring`` (central DP):
+        ``(quantization, rounding bound)``: the vectors are conditionally rounded into the
+        ring and summed there, so the coordinator can add integer noise to the ring sum."""
         silent = [p for p in sampled if self._goes_silent(round_, p)]
         sampled = [p for p in sampled if p not in silent]
         if not sampled:  # every party of this host went silent: an empty partial sum
             width = rule.width(len(ray.get(params_box[0])))
-            empty = PartialSum(total=np.zeros(width), parties=0)
+            if ring is None:
+                empty = PartialSum(total=np.zeros(width), parties=0)
+            else:
+                from lepton_ray.crypto.prg import ring_dtype
+
+                empty = PartialSum(total=np.zeros(width, dtype=ring_dtype(ring[0].modulus_bits)),
+                                   parties=0)
             return StageReport(host=self.host, parties=(),
                                failed=tuple((p, "simulated dropout") for p in silent)), empty
         (partial, clipped, losses, examples, bad), device = ray.get(
-            self._launch_training(round_, params_box, sampled, fold=rule))
+            self._launch_training(round_, params_box, sampled, fold=rule, ring=ring))
         dropped = {sampled[i] for i in bad}
         report = StageReport(
             host=self.host, parties=tuple(p for p in sampled if p not in dropped),
@@ -190,6 +205,7 @@ class PartyHost:
         row = {p: i for i, p in enumerate(state.order)}
         if state.plan.skellam is None:  # every party's vector in one vectorised pass
             batch = encode_ring_batch(result.deltas, result.examples, rule, quant,
+                                      norm_bound_sq=state.plan.rounding_bound_sq,
                                       out=self._ring_buffer(result.deltas.shape[0],
                                                             rule.width(result.deltas.shape[1]),
                                                             quant.modulus_bits))

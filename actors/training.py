@@ -58,7 +58,7 @@ def choose_trainer(spec: JobSpec):
 
 @ray.remote
 def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarray,
-               datasets: list, picks: list[int], seeds: list[int], *, fold=None):
+               datasets: list, picks: list[int], seeds: list[int], *, fold=None, ring=None):
     """Train ``datasets[i]`` for ``i`` in ``picks``. Returns ``(result, device)``. With
     ``fold`` (an ``UpdateRule``; the plaintext path) the result is ``(PartialSum, clipped,
     losses, examples)``: the parties' update vectors summed here, so the per-party deltas
@@ -84,6 +84,18 @@ def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarra
         device=device,
         **({"dp_sgd": spec.privacy.dp_sgd} if spec.privacy.dp_sgd.enabled else {}),
     )
+    if fold is not None and ring is not None:
+        # central DP: conditionally rounded into the ring and summed there (mod 2^b)
+        from lepton_ray.learning.party_update import encode_ring_batch
+
+        quant, bound = ring
+        batch = encode_ring_batch(result.deltas, result.examples, fold, quant, norm_bound_sq=bound)
+        bad = list(batch.bad)
+        good = np.setdiff1d(np.arange(len(picks)), bad)
+        total = batch.rings[good].sum(axis=0, dtype=batch.rings.dtype)
+        partial = PartialSum(total=total, parties=int(good.size))
+        return (partial, int(batch.clipped[good].sum()), result.losses[good], result.examples[good],
+                bad), _where(device)
     if fold is not None:
         # a party whose training diverged (NaN/inf delta) drops out; the others are folded
         finite = np.isfinite(result.deltas).all(axis=1)

@@ -96,6 +96,11 @@ def _skellam_args(args) -> dict:
                 min_survivors=survivors, colluding=args.colluding)
 
 
+def _discrete_rdp_only(args) -> None:
+    if args.accountant != "rdp":
+        raise LeptonError("--mechanism discrete_gaussian is accounted with RDP only (--accountant rdp)")
+
+
 def cmd_epsilon(args) -> int:
     from lepton_ray.privacy.accountants import AccountantKind
     from lepton_ray.privacy.calibration import compute_epsilon
@@ -116,8 +121,16 @@ def cmd_epsilon(args) -> int:
                   f"{kw['colluding']} of them colluding; scale gamma = "
                   f"{p.gamma:.4g}, wrap-around probability <= {p.wraparound_probability:.2g})")
         return 0
-    eps = compute_epsilon(sampling_rate=args.sampling_rate, noise_multiplier=args.noise_multiplier,
-                          steps=args.steps, delta=args.delta, accountant=AccountantKind(args.accountant))
+    if args.mechanism == "discrete_gaussian":
+        from lepton_ray.privacy.discrete_gaussian import discrete_gaussian_epsilon
+
+        _discrete_rdp_only(args)
+        eps = discrete_gaussian_epsilon(sampling_rate=args.sampling_rate, steps=args.steps,
+                                        noise_multiplier=args.noise_multiplier, delta=args.delta)
+    else:
+        eps = compute_epsilon(sampling_rate=args.sampling_rate, noise_multiplier=args.noise_multiplier,
+                              steps=args.steps, delta=args.delta,
+                              accountant=AccountantKind(args.accountant))
     print(json.dumps({"epsilon": eps}) if args.json else
           f"epsilon = {eps:.6g} at delta = {args.delta:g} ({args.accountant.upper()}; q = "
           f"{args.sampling_rate:g}, z = {args.noise_multiplier:g}, {args.steps} steps)")
@@ -140,8 +153,16 @@ def cmd_calibrate(args) -> int:
             print(f"noise multiplier = {p.noise_multiplier:.6g} (distributed Skellam, {args.bits} bits; "
                   f"gamma = {p.gamma:.4g}, wrap-around probability <= {p.wraparound_probability:.2g})")
         return 0
-    z = calibrate_noise(target_epsilon=args.epsilon, delta=args.delta, sampling_rate=args.sampling_rate,
-                        steps=args.steps, accountant=AccountantKind(args.accountant))
+    if args.mechanism == "discrete_gaussian":
+        from lepton_ray.privacy.discrete_gaussian import calibrate_discrete_gaussian
+
+        _discrete_rdp_only(args)
+        z = calibrate_discrete_gaussian(target_epsilon=args.epsilon, delta=args.delta,
+                                        sampling_rate=args.sampling_rate, steps=args.steps)
+    else:
+        z = calibrate_noise(target_epsilon=args.epsilon, delta=args.delta,
+                            sampling_rate=args.sampling_rate, steps=args.steps,
+                            accountant=AccountantKind(args.accountant))
     print(json.dumps({"noise_multiplier": z}) if args.json else
           f"noise multiplier = {z:.6g}: the smallest whose epsilon <= {args.epsilon:g} at delta = "
           f"{args.delta:g} ({args.accountant.upper()}; q = {args.sampling_rate:g}, {args.steps} steps)")
@@ -234,8 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--accountant", choices=["rdp", "pld"], default="rdp")
         p.add_argument("--json", action="store_true")
         g = p.add_argument_group("distributed DP (--mechanism skellam)")
-        g.add_argument("--mechanism", choices=["gaussian", "skellam"], default="gaussian",
-                       help="gaussian: central noise; skellam: distributed noise inside SecAgg")
+        g.add_argument("--mechanism", choices=["gaussian", "discrete_gaussian", "skellam"],
+                       default="gaussian",
+                       help="gaussian: the continuous reference; discrete_gaussian: the central "
+                            "noise jobs add (the bound their ledger charges); skellam: "
+                            "distributed noise inside SecAgg")
         g.add_argument("--bits", type=int, help="bit width of the Skellam ring")
         g.add_argument("--parties", type=int, help="parties per round")
         g.add_argument("--min-survivors", type=int, help="parties that must survive (default: all)")

@@ -268,6 +268,9 @@ class TrainingSpec:
     memory_mb: int | None = None  # memory Ray reserves for each training task
     device: Device = Device.AUTO
     vectorised: bool = True
+    # public per-(seed, round, party) training seeds, for reproducible non-private runs and
+    # tests only; default: secret OS seeds per party and round. Refused under any DP.
+    deterministic_seeds: bool = False
 
     def problems(self, path: str) -> list[str]:
         out = _positive(self, path, "lr", "epochs", "batch_size")
@@ -450,6 +453,10 @@ class PrivacySpec:
             out.append(f"{path}.accountant: 'pld' cannot account for distributed (Skellam) "
                        "noise: dp-accounting has no PLD for it; use 'rdp' (Agarwal et al. "
                        "2021's RDP bound)")
+        elif self.enabled and self.accountant is AccountantChoice.PLD:
+            out.append(f"{path}.accountant: 'pld' cannot account for central noise, a "
+                       "multi-dimensional discrete Gaussian (dp-accounting's PLD has none); "
+                       "use 'rdp'")
         if self.enabled and self.noise is NoisePlacement.DISTRIBUTED and self.adaptive_clipping.enabled:
             out.append(f"{path}.adaptive_clipping: not available with noise 'distributed' (use a fixed clip_norm)")
         out += self.adaptive_clipping.problems(f"{path}.adaptive_clipping")
@@ -534,6 +541,9 @@ class JobSpec:
                     f"privacy.colluding_parties: {p.colluding_parties} colluders would leave no "
                     f"honest share among the {n_min} survivors a round of ~{n} sampled parties "
                     f"needs (min_survivor_fraction {p.min_survivor_fraction}); must be < {n_min}")
+        if self.training.deterministic_seeds and (self.privacy.enabled or self.privacy.dp_sgd.enabled):
+            out.append("training.deterministic_seeds: public training seeds let anyone re-run a "
+                       "party's training and reproduce DP-SGD's batches; not allowed with privacy")
         if self.privacy.enabled and self.sampling.kind is SamplingKind.FIXED:
             out.append("sampling.kind: 'fixed' has no privacy amplification the accountant can "
                        "count; use 'poisson' (rate = sampling.fraction) or 'all' with privacy")

@@ -172,3 +172,15 @@ def test_colluding_parties_must_leave_an_honest_survivor():
     assert "must be < 90" in msg
     assert "colluding_parties: must be >= 0" in _problems(
         privacy=dict(DISTRIBUTED, colluding_parties=-1))
+
+
+def test_deterministic_training_seeds_are_refused_with_privacy():
+    from lepton_ray.config import load_spec
+    from lepton_ray.errors import ConfigError
+
+    base = {"name": "t", "data": {"source": "digits"}, "parties": {"count": 6},
+            "training": {"deterministic_seeds": True}}
+    load_spec(base)  # fine without privacy (reproducible tests)
+    with pytest.raises(ConfigError, match="training.deterministic_seeds"):
+        load_spec(dict(base, privacy={"mode": "user_level", "epsilon": 3, "delta": 1e-5,
+                                      "clip_norm": 1.0}))

@@ -17,7 +17,9 @@ from lepton_ray.learning.party_update import (
 )
 from lepton_ray.privacy.accountants import AccountantKind
 from lepton_ray.privacy.calibration import compute_epsilon
+from lepton_ray.privacy.discrete_gaussian import discrete_gaussian_epsilon
 from lepton_ray.privacy.dpfedavg import DpFedAvg
+from lepton_ray.privacy.events import DiscreteGaussian
 from lepton_ray.privacy.events import Gaussian, PoissonSampled
 
 rng = np.random.default_rng(0)
@@ -125,9 +127,9 @@ def test_fixed_scale_that_can_overflow_is_rejected():
 def test_dpfedavg_event_noise_and_fixed_denominator():
     dp = DpFedAvg.create(n_parties=100, sampling_rate=0.1, rounds=10, epsilon=5, delta=1e-5,
                          clip_norm=0.5, noise_multiplier=1.2, accountant=AccountantKind.RDP)
-    assert dp.event() == PoissonSampled(sampling_probability=0.1, event=Gaussian(noise_multiplier=1.2))
+    assert dp.event() == DiscreteGaussian(noise_multiplier=1.2, sampling_probability=0.1)
     noise = dp.noise(7)
-    assert noise.dim == 7 and noise.delta_std == pytest.approx(0.6) and noise.bits_std is None
+    assert noise.dim == 7 and noise.delta_multiplier == 1.2 and noise.bits_multiplier is None
     np.testing.assert_allclose(dp.mean(np.full(3, 20.0)), np.full(3, 2.0))  # / (q N) = 10
     assert dp.after_round(None) is dp
 
@@ -135,8 +137,12 @@ def test_dpfedavg_event_noise_and_fixed_denominator():
 def test_dpfedavg_calibrates_within_the_budget():
     dp = DpFedAvg.create(n_parties=1000, sampling_rate=0.05, rounds=200, epsilon=3, delta=1e-5,
                          clip_norm=1.0, noise_multiplier=None, accountant=AccountantKind.RDP)
-    eps = compute_epsilon(sampling_rate=0.05, noise_multiplier=dp.noise_multiplier, steps=200, delta=1e-5)
+    eps = discrete_gaussian_epsilon(sampling_rate=0.05, noise_multiplier=dp.noise_multiplier,
+                                    steps=200, delta=1e-5)
     assert eps <= 3 and eps > 2.9
+    # never cheaper than the continuous sampled Gaussian (dp-accounting) at the same z
+    assert compute_epsilon(sampling_rate=0.05, noise_multiplier=dp.noise_multiplier, steps=200,
+                           delta=1e-5) <= eps
 
 
 def test_adaptive_clipping_split_and_update_direction():
@@ -145,7 +151,7 @@ def test_adaptive_clipping_split_and_update_direction():
                          adaptive=True, target_quantile=0.5, learning_rate=0.2, count_noise_std=5.0)
     # Andrew et al. 2021: z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)
     assert dp.delta_noise_multiplier == pytest.approx((1.0 - (2 * 5.0) ** -2) ** -0.5)
-    assert dp.noise(4).bits_std == 5.0
+    assert dp.noise(4).bits_multiplier == 10.0
     grown = dp.after_round(-50.0)  # every party clipped: fraction 0 < 0.5 -> C grows
     shrunk = dp.after_round(50.0)  # none clipped: fraction 1 > 0.5 -> C shrinks
     assert grown.clip_norm == pytest.approx(math.exp(0.2 * 0.5))
@@ -198,3 +204,48 @@ def test_fold_equals_the_sum_of_encoded_vectors(rule):
         bad = deltas.copy()
         bad[7, 3] = np.inf
         fold(bad, examples, rule)
+
+
+def test_conditional_rounding_bounds_the_ring_norm_at_5000_parties_1e7_coordinates():
+    """Attack (issue 13, finding 4): plain stochastic rounding lets a clipped update's rounded
+    norm exceed C s (here by ~+15 %: sqrt(d) / s against C), so noise calibrated to C s
+    under-protects. With ``norm_bound_sq`` the rounded delta block always fits the KLS21 bound,
+    which is within 0.5 % of C s, and the accounting uses that bound."""
+    from lepton_ray.learning.party_update import encode_ring_batch, rounding_bound_sq
+
+    d, C = 10_000_000, 0.1
+    rule = UpdateRule(clip_norm=C, weight_cap=None)
+    quant = quantization_for(n_parties=5000, rule=rule, modulus_bits=32, dim=d)
+    rng = np.random.default_rng(0)
+    delta = rng.standard_normal((1, d)).astype(np.float32)
+    delta *= 2 * C / np.linalg.norm(delta)  # clipped to C by the encoder
+    bound = rounding_bound_sq(rule, quant, d)
+    cs = C * quant.scale
+    assert math.sqrt(bound) <= cs * 1.005
+
+    def norm(batch):
+        v = batch.rings[0, :d].view(np.int32).astype(np.float64)
+        return math.sqrt(float(v @ v))
+
+    plain = norm(encode_ring_batch(delta, np.ones(1), rule, quant))
+    assert plain > cs  # the attack: unconditioned rounding leaves the sensitivity C s behind
+    x = delta[0].astype(np.float64) * (C / np.linalg.norm(delta[0].astype(np.float64))) * quant.scale
+    away = np.where(x > 0, np.ceil(x), np.floor(x))  # in the rounding's support (P > 0)
+    assert np.linalg.norm(away) > cs * 1.05  # ... and its worst case (the true sensitivity) by 5 %+
+    held = encode_ring_batch(delta, np.ones(1), rule, quant, norm_bound_sq=bound)
+    assert held.bad == () and norm(held) ** 2 <= bound
+
+
+def test_conditional_rounding_retries_until_the_bound_holds():
+    from lepton_ray.learning.party_update import encode_ring_batch
+    from lepton_ray.secagg.quantize import QuantizationSpec
+
+    rule = UpdateRule(clip_norm=2.0, weight_cap=None)
+    quant = QuantizationSpec(clip_norm=rule.norm_bound, scale=4.0, modulus_bits=32)
+    delta = np.full((50, 40), 0.5 / 4.0, dtype=np.float32)  # x_i = 1/2: each rounds to 0 or 1
+    out = encode_ring_batch(delta, np.ones(50), rule, quant, norm_bound_sq=20)
+    ints = out.rings[:, :40].view(np.int32).astype(np.int64)
+    sq = (ints * ints).sum(axis=1)
+    assert out.bad == () and sq.max() <= 20  # unconditioned, about half the rows exceed 20
+    plain = encode_ring_batch(delta, np.ones(50), rule, quant).rings[:, :40].view(np.int32)
+    assert ((plain.astype(np.int64) ** 2).sum(axis=1) > 20).sum() > 5

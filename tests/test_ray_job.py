@@ -41,8 +41,9 @@ def test_job_end_to_end_outputs_and_predict(ray_session, small_job, tmp_path):
 
 
 def test_same_seed_same_history(ray_session, small_job, tmp_path):
-    a = lepton_ray.run(small_job, output__dir=str(tmp_path / "a")).history
-    b = lepton_ray.run(small_job, output__dir=str(tmp_path / "b")).history
+    same = {"training__deterministic_seeds": True}  # opt-in: training seeds are secret by default
+    a = lepton_ray.run(small_job, output__dir=str(tmp_path / "a"), **same).history
+    b = lepton_ray.run(small_job, output__dir=str(tmp_path / "b"), **same).history
     cols = ["test_loss", "test_accuracy", "train_loss"]
     assert a[cols].equals(b[cols])
     c = lepton_ray.run(small_job, seed=1, output__dir=str(tmp_path / "c")).history
@@ -53,7 +54,8 @@ def test_hosts_only_carry_parties(ray_session, small_job, tmp_path):
     """The same job on 1, 2 or 6 hosts trains the same model (up to float summation order)."""
     losses = []
     for per_host in (6, 3, 1):
-        r = lepton_ray.run(small_job, parties__per_host=per_host, output__dir=str(tmp_path / str(per_host)))
+        r = lepton_ray.run(small_job, parties__per_host=per_host, output__dir=str(tmp_path / str(per_host)),
+                           training__deterministic_seeds=True)
         assert r.summary["hosts"] == 6 // per_host
         losses.append(r.history["test_loss"].to_numpy())
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)

@@ -30,6 +30,7 @@ class KeyPurpose(Enum):
     SELF_MASK = b"lepton-ray/v1/secagg/self-mask"
     PUBLIC_RANDOMNESS = b"lepton-ray/v1/public-randomness"
     STOCHASTIC_ROUNDING = b"lepton-ray/v1/quantize/stochastic-rounding"
+    DP_SGD_BATCHES = b"lepton-ray/v1/dp-sgd/poisson-batches"
 
 
 def derive_key(secret: bytes, purpose: KeyPurpose, *context: Field,

@@ -25,9 +25,39 @@ class LocalResult:
     losses: np.ndarray  # (k,) float64: mean training loss over the last epoch
 
 
-def party_seed(job_seed: int, round_: int, party: int) -> int:
-    """Shuffling seed of one party in one round (not secret: public training randomness)."""
+def party_seed() -> int:
+    """A party's secret training seed for one round: 256 bits from ``os.urandom``, drawn by
+    its host (per party, per round), never derived from the spec, never logged. Public seeds
+    let anyone re-run a round and reproduce a party's delta (issue 14) and, with DP-SGD, its
+    Poisson batches (issue 13)."""
+    import os
+
+    return int.from_bytes(os.urandom(32), "little")
+
+
+def public_party_seed(job_seed: int, round_: int, party: int) -> int:
+    """The public seed ``training.deterministic_seeds`` selects (reproducible non-private runs
+    and tests; refused with DP): anyone with the spec can recompute it."""
     return int(np.random.SeedSequence([job_seed, round_, party, 0x7A1]).generate_state(1)[0])
+
+
+def torch_seed(seed: int) -> int:
+    """The 64 bits of ``seed`` that seed a ``torch.Generator`` for shuffling (non-DP
+    training). Mersenne Twister is not cryptographic, but nothing DP relies on the shuffle:
+    record-level DP-SGD draws its batches from :func:`dp_batch_stream` instead, and the
+    seed's 64 secret bits keep the order unpredictable to anyone who sees only the spec."""
+    return seed & ((1 << 64) - 1)
+
+
+def dp_batch_stream(seed: int):
+    """DP-SGD's batch randomness: an AES-256-CTR keystream keyed by HKDF of the secret
+    256-bit seed (a cryptographic PRG; the Poisson batch membership that DP-SGD's
+    amplification relies on is unpredictable without the seed)."""
+    from lepton_ray.crypto.kdf import KeyPurpose, derive_key
+    from lepton_ray.crypto.prg import _encryptor
+
+    enc = _encryptor(derive_key(seed.to_bytes(32, "little"), KeyPurpose.DP_SGD_BATCHES))
+    return lambda n: enc.update(bytes(n))
 
 
 def train_parties(
@@ -73,7 +103,7 @@ def _train_one(model: nn.Module, start: torch.Tensor, X, y, training: TrainingSp
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=training.lr, momentum=training.momentum)
     else:
         opt = torch.optim.Adam(params, lr=training.lr)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(torch_seed(seed))
     n = len(y_t)
     mu = training.proximal_mu
     anchors = _split_like(start, params) if mu > 0 else None
@@ -110,8 +140,9 @@ def _split_like(vector: torch.Tensor, params: list[torch.Tensor]) -> list[torch.
 def _train_one_dp(model: nn.Module, X, y, training: TrainingSpec, dp, seed: int,
                   device: torch.device) -> float:
     """DP-SGD: ``epochs * ceil(n / B)`` steps, each on a Poisson batch (every row with
-    probability q = B / n, as the accountant assumes), per-sample clipped and noised. The
-    sampling uses the public training seed; the noise comes from an OS-seeded generator."""
+    probability q' = floor(q 2^64)/2^64 <= q = B / n, as the accountant assumes), per-sample
+    clipped and noised. Batch membership comes from an AES-CTR stream keyed by the party's
+    secret seed (:func:`dp_batch_stream`); the noise from an OS-seeded generator."""
     from lepton_ray.privacy.dpsgd import dp_sgd_step, os_seeded_generator
 
     X_t = torch.tensor(np.asarray(X, dtype=np.float32), device=device)
@@ -123,13 +154,15 @@ def _train_one_dp(model: nn.Module, X, y, training: TrainingSpec, dp, seed: int,
         opt: torch.optim.Optimizer = torch.optim.SGD(params.values(), lr=training.lr, momentum=training.momentum)
     else:
         opt = torch.optim.Adam(params.values(), lr=training.lr)
-    sampler = torch.Generator().manual_seed(seed)
+    from lepton_ray.learning.sampling import bernoulli_mask
+
+    batches = dp_batch_stream(seed)  # Poisson membership from AES-CTR, not torch's MT
     noise = os_seeded_generator(device)
     loss_fn = nn.functional.cross_entropy
     steps = training.epochs * -(-n // training.batch_size)
     total, count = 0.0, 0
     for _ in range(steps):
-        mask = torch.rand(n, generator=sampler) < q
+        mask = torch.from_numpy(bernoulli_mask(n, q, batches))
         idx = torch.nonzero(mask).flatten().to(device)
         step = dp_sgd_step(model, {k: v.detach() for k, v in params.items()}, {},
                            X_t[idx], y_t[idx], loss_fn, clip_norm=dp.clip_norm,

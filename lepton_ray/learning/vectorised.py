@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lepton_ray.config import ModelSpec, OptimizerKind, TrainingSpec
-from lepton_ray.learning.local import LocalResult
+from lepton_ray.learning.local import LocalResult, torch_seed
 from lepton_ray.learning.models import build_model
 
 ADAM_BETAS = (0.9, 0.999)
@@ -49,7 +49,7 @@ def schedule(sizes: list[int], seeds: list[int], epochs: int, batch: int) -> np.
     out = np.full((len(sizes), max(steps), batch), -1, dtype=np.int64)
     gen = torch.Generator()
     for i, (n, seed) in enumerate(zip(sizes, seeds)):
-        gen.manual_seed(seed)
+        gen.manual_seed(torch_seed(seed))
         per_epoch = math.ceil(n / batch)
         for e in range(epochs):
             out[i, e * per_epoch : (e + 1) * per_epoch].reshape(-1)[:n] = torch.randperm(n, generator=gen).numpy()

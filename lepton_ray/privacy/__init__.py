@@ -35,6 +35,7 @@ from lepton_ray.privacy.adaptive_clipping import (
     split_noise_multiplier,
 )
 from lepton_ray.privacy import skellam as _skellam  # noqa: F401  registers the Skellam RDP
+from lepton_ray.privacy import discrete_gaussian as _discrete_gaussian  # noqa: F401  its RDP
 from lepton_ray.privacy.budget import PrivacyBudget
 from lepton_ray.privacy.calibration import (
     calibrate_noise,

@@ -4,16 +4,24 @@ state object the driver consults each round. Pure: no Ray, no I/O, no torch.
 
 Per round with sampling rate q over N parties (expected m = qN parties):
 
-* each party clips its delta to L2 norm C and weighs 1 (so one party moves the sum by <= C);
-* the coordinator adds N(0, (z_delta C)^2) to each coordinate of the sum;
+* each party clips its delta to L2 norm C, weighs 1, and is quantised into Z_{2^b} with
+  *conditional* stochastic rounding (its rounded delta block has norm <= Delta ring units,
+  :func:`lepton_ray.learning.party_update.rounding_bound_sq`), so one party moves the integer
+  sum by at most Delta (in L2) whatever the rounding did;
+* the coordinator adds discrete Gaussian noise N_Z(0, sigma^2) with the integer
+  sigma = ceil(z_delta Delta) to each coordinate of the sum *in the ring*, before dequantising
+  (:class:`CentralNoise`, :mod:`lepton_ray.privacy.discrete_gaussian`): no floating-point noise;
 * the server update is sum / m (the fixed-denominator estimator: its sensitivity does not
   depend on how many parties happened to take part);
-* the accountant charges ``PoissonSampled(q, Gaussian(z))`` (``Gaussian(z)`` when q = 1).
+* the accountant charges ``DiscreteGaussian(z, q)`` (CKS20 closed form unsampled, a proven
+  amplification bound sampled; see :mod:`lepton_ray.privacy.discrete_gaussian`).
 
 With adaptive clipping each party also contributes b_i = +-1/2 (its norm within C or not);
-the coordinator adds N(0, sigma_b^2) to their sum and the clip norm follows the target
-quantile geometrically. The total multiplier z is split so that the round still costs
-exactly Gaussian(z): z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 2021, Thm. 1).
+scaled and rounded, |b_i| <= ceil(s/2) ring units; the coordinator adds its own discrete
+Gaussian, sigma_b' = ceil(2 sigma_b ceil(s/2)), to their sum and the clip norm follows the
+target quantile geometrically. The total multiplier z is split so that the round still costs
+exactly z: z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 2021, Thm. 1); for the
+discrete Gaussian the blocks compose the same way (CKS20: sum_j Delta_j^2 / sigma_j^2).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import numpy as np
 from lepton_ray.errors import PrivacyError
 from lepton_ray.privacy.accountants import AccountantKind
 from lepton_ray.privacy.adaptive_clipping import AdaptiveClipping
-from lepton_ray.privacy.events import Event, Gaussian, PoissonSampled, SkellamAmplification
+from lepton_ray.privacy.events import DiscreteGaussian, Event, SkellamAmplification
 
 DEFAULT_COLLUDING_FRACTION = 0.1
 """Default share of a round's sampled parties assumed to collude with the server under
@@ -35,12 +43,56 @@ distributed noise (``privacy.colluding_parties: null``); see :class:`Distributed
 
 @dataclass(frozen=True)
 class CentralNoise:
-    """Gaussian noise the coordinator adds to the released sum: std ``delta_std`` on the
-    ``dim`` delta coordinates, ``bits_std`` on the adaptive-clipping bit (if any)."""
+    """The noise the coordinator adds to the released sum, as multipliers of the sensitivity:
+    ``delta_multiplier`` z_delta on the ``dim`` delta coordinates, ``bits_multiplier`` 2 sigma_b
+    on the adaptive-clipping bit (if any). :meth:`in_ring` turns them into integer ring sigmas
+    for a round's quantisation."""
 
     dim: int
-    delta_std: float
-    bits_std: float | None = None
+    delta_multiplier: float
+    bits_multiplier: float | None = None
+
+    def in_ring(self, quantization, rounding_bound_sq: int) -> "RingNoise":
+        """Integer sigmas for the ring: sigma = ceil(z_delta * Delta) with Delta =
+        sqrt(rounding_bound_sq) (the conditional-rounding bound of a party's delta block), and
+        ceil(2 sigma_b * ceil(s/2)) for the bit (|round(+-s/2)| <= ceil(s/2)). Rounding up
+        only adds noise, so sum_j (Delta_j / sigma_j)^2 <= z^-2: the charged event holds."""
+        from lepton_ray.privacy.discrete_gaussian import ring_sigma
+
+        delta_sigma = ring_sigma(self.delta_multiplier, math.sqrt(rounding_bound_sq))
+        bits_sigma = None
+        if self.bits_multiplier is not None:
+            bits_sigma = ring_sigma(self.bits_multiplier, math.ceil(quantization.scale / 2))
+        return RingNoise(dim=self.dim, delta_sigma=delta_sigma, bits_sigma=bits_sigma,
+                         quantization=quantization)
+
+
+@dataclass(frozen=True)
+class RingNoise:
+    """Discrete Gaussian sigmas in ring units (integers) and the quantisation they belong to:
+    what the coordinator needs to noise a ring sum and dequantise it."""
+
+    dim: int
+    delta_sigma: int
+    bits_sigma: int | None
+    quantization: object  # lepton_ray.secagg.quantize.QuantizationSpec
+
+    def add_to(self, ring_sum: np.ndarray, randbytes=None) -> np.ndarray:
+        """``ring_sum`` + N_Z(0, delta_sigma^2) on the delta coordinates and N_Z(0, bits_sigma^2)
+        on the bit (coordinate dim + 1), mod 2^b, a new array; randomness from ``randbytes``
+        (default ``os.urandom``)."""
+        import os
+
+        from lepton_ray.privacy.discrete_gaussian import sample_discrete_gaussian
+
+        rb = os.urandom if randbytes is None else randbytes
+        out = np.array(ring_sum, copy=True)
+        noise = np.zeros(out.shape, dtype=np.int64)
+        noise[: self.dim] = sample_discrete_gaussian(self.dim, self.delta_sigma, rb)
+        if self.bits_sigma is not None:
+            noise[self.dim + 1] = sample_discrete_gaussian(1, self.bits_sigma, rb)[0]
+        out += noise.view(np.uint64).astype(out.dtype)  # two's complement: wraps mod 2^b
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,8 +155,6 @@ class DpFedAvg:
                distributed: DistributedNoise | None = None) -> "DpFedAvg":
         """Calibrate z for (epsilon, delta) over ``rounds`` rounds if not given; refuse
         settings whose first round alone exceeds the budget."""
-        from lepton_ray.privacy.calibration import calibrate_noise
-
         if not 0 < sampling_rate <= 1:
             raise PrivacyError(f"sampling rate q must be in (0, 1], got {sampling_rate}")
         m = sampling_rate * n_parties
@@ -118,10 +168,15 @@ class DpFedAvg:
                 min_survivors=distributed.min_survivors(n),
                 amplification=distributed.amplification,
                 colluding=distributed.colluding(n)).noise_multiplier
+        if distributed is None and accountant is not AccountantKind.RDP:
+            raise PrivacyError("privacy.accountant: central noise is a discrete Gaussian, which only "
+                               "the RDP accountant covers (dp-accounting's PLD has no "
+                               "multi-dimensional discrete Gaussian); use accountant 'rdp'")
         if noise_multiplier is None:
-            noise_multiplier = calibrate_noise(target_epsilon=epsilon, delta=delta,
-                                               sampling_rate=sampling_rate, steps=rounds,
-                                               accountant=accountant)
+            from lepton_ray.privacy.discrete_gaussian import calibrate_discrete_gaussian
+
+            noise_multiplier = calibrate_discrete_gaussian(
+                target_epsilon=epsilon, delta=delta, sampling_rate=sampling_rate, steps=rounds)
         clipping = None
         if adaptive:
             sigma_b = count_noise_std if count_noise_std is not None else max(m / 20.0, 1e-3)
@@ -145,19 +200,16 @@ class DpFedAvg:
         if skellam is not None:
             return skellam.event(sampling_probability=self.sampling_rate,
                                  amplification=self.distributed.amplification)
-        if self.clipping is not None:
-            return self.clipping.round_event(noise_multiplier=self.noise_multiplier,
-                                             sampling_probability=self.sampling_rate)
-        base = Gaussian(noise_multiplier=self.noise_multiplier)
-        if self.sampling_rate >= 1.0:
-            return base
-        return PoissonSampled(sampling_probability=self.sampling_rate, event=base)
+        # central: the discrete Gaussian at the total z (with adaptive clipping z_delta and
+        # 2 sigma_b compose to exactly z, see the module docstring)
+        return DiscreteGaussian(noise_multiplier=self.noise_multiplier,
+                                sampling_probability=self.sampling_rate)
 
     def noise(self, dim: int) -> CentralNoise:
         return CentralNoise(
             dim=dim,
-            delta_std=self.delta_noise_multiplier * self.clip_norm,
-            bits_std=self.clipping.count_noise_std if self.clipping is not None else None,
+            delta_multiplier=self.delta_noise_multiplier,
+            bits_multiplier=2 * self.clipping.count_noise_std if self.clipping is not None else None,
         )
 
     def mean(self, weighted_sum: np.ndarray) -> np.ndarray:

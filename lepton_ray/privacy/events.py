@@ -28,6 +28,7 @@ from lepton_ray.errors import PrivacyError
 
 __all__ = [
     "Composed",
+    "DiscreteGaussian",
     "Event",
     "EventKind",
     "Gaussian",
@@ -49,6 +50,7 @@ class EventKind(enum.Enum):
     SELF_COMPOSED = "self_composed"
     COMPOSED = "composed"
     SKELLAM = "skellam"
+    DISCRETE_GAUSSIAN = "discrete_gaussian"
 
 
 _EVENT_TYPES: dict[EventKind, type[Event]] = {}
@@ -290,6 +292,34 @@ class Skellam(Event):
             sampling_probability=fields["sampling_probability"],
             amplification=amplification,
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiscreteGaussian(Event):
+    """Discrete Gaussian noise N_Z(0, sigma^2) per coordinate added to an integer query
+    (Canonne, Kamath and Steinke 2020) with ``noise_multiplier`` z: 1/z^2 = sum over
+    coordinate blocks of (Delta_j / sigma_j)^2, Delta_j the block's L2 sensitivity in integer
+    units; run on a Poisson sample with rate ``sampling_probability`` (1: no sampling). RDP:
+    :mod:`lepton_ray.privacy.discrete_gaussian` (closed form unsampled; Zhu-Wang sampled)."""
+
+    kind: ClassVar[EventKind] = EventKind.DISCRETE_GAUSSIAN
+    noise_multiplier: float
+    sampling_probability: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive_finite("DiscreteGaussian noise_multiplier", self.noise_multiplier)
+        q = _positive_finite("DiscreteGaussian sampling_probability", self.sampling_probability)
+        if q > 1:
+            raise PrivacyError(f"DiscreteGaussian sampling_probability must be in (0, 1], got {q!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind.value, "noise_multiplier": self.noise_multiplier,
+                "sampling_probability": self.sampling_probability}
+
+    @classmethod
+    def _from_fields(cls, fields: Mapping[str, Any]) -> Event:
+        return cls(noise_multiplier=fields["noise_multiplier"],
+                   sampling_probability=fields["sampling_probability"])
 
 
 def event_from_dict(data: Mapping[str, Any]) -> Event:

@@ -3,7 +3,8 @@
 
 * :func:`clip_to_norm` runs at each party, before its update enters secure aggregation,
   bounding one party's L2 contribution (sensitivity) by C;
-* :func:`add_gaussian_noise` runs once on the (dequantised) aggregate: std = z * C.
+* :func:`add_gaussian_noise`: float noise on an aggregate, std = z * C (not used under DP
+  any more: see "Status" below).
 
 Randomness for noise comes from :class:`SecureNormalSource`, an AES-256-CTR keystream
 keyed with 32 bytes from ``os.urandom``, turned into standard normals by Box-Muller.
@@ -17,11 +18,16 @@ output is computationally indistinguishable from uniform and reveals nothing abo
 (An ``np.random.Generator`` seeded with 256 bits from ``os.urandom`` would be unpredictable
 in practice too, but PCG64 carries no cryptographic claim; we take the one that does.)
 
-Caveat: like Opacus and TF-Privacy we sample floating-point Gaussians; textbook
-floating-point samplers leak through the low-order bits (Mironov 2012; Jin et al. 2022).
-Box-Muller on 53-bit uniforms also truncates the Gaussian at |x| <= 8.57 (u1 >= 2^-53),
-a tail mass of about 1e-17, negligible beside any delta we use. Distributed integer noise
-(Skellam / discrete Gaussian, Kairouz et al. 2021) is the robust fix, for a later issue.
+Status: the runtime no longer uses :func:`add_gaussian_noise` or :class:`SecureNormalSource`
+under DP. Central DP-FedAvg adds *discrete* Gaussian noise to the quantised sum in the ring
+(:mod:`lepton_ray.privacy.discrete_gaussian`, exact integer sampler, CSPRNG bits), and
+distributed DP adds Skellam shares (:mod:`lepton_ray.privacy.skellam`), which resolves the
+caveat this module used to carry: floating-point samplers leak through their low-order bits
+(Mironov 2012, "On Significance of the Least Significant Bits for Differential Privacy";
+Jin et al. 2022), and Box-Muller on 53-bit uniforms truncates at |x| <= 8.57. The two are kept
+as a library API and for tests; do not use them for a release that DP relies on.
+(Record-level DP-SGD's per-step noise inside a party is still torch's float Gaussian; see
+:mod:`lepton_ray.privacy.dpsgd`.)
 """
 
 from __future__ import annotations

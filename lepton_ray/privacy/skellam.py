@@ -144,6 +144,7 @@ __all__ = [
     "skellam_event",
     "skellam_noise",
     "skellam_params",
+    "rounded_norm_bound_sq",
     "skellam_rdp",
     "subsampled_rdp",
     "wraparound_bound",
@@ -342,6 +343,12 @@ def _log_tail(level: float, subgauss: float, skellam_var: float) -> float:
     t = 0.5 * (lo + hi)
     value = -t * level + t * t * subgauss / 2 + skellam_var * (math.cosh(t) - 1)
     return min(0.0, value)
+
+
+def rounded_norm_bound_sq(c: float, n: int, beta: float) -> int:
+    """floor(B^2) of KLS21's conditional rounding for a vector of norm <= c in n dimensions,
+    per-attempt failure probability <= beta (the module docstring's B)."""
+    return _rounded_norm_bound_sq(c, n, beta)
 
 
 def _l2_from_norm_sq(norm_sq: int) -> float:
