@@ -154,7 +154,9 @@ def test_attack_pld_with_distributed_noise_fails_at_validation():
     msg = _problems(privacy=dict(DISTRIBUTED, accountant="pld"))
     assert "privacy.accountant: 'pld' cannot account for distributed (Skellam) noise" in msg
     load_spec("jobs/synthetic_dp.yaml", privacy=dict(DISTRIBUTED, accountant="rdp"))
-    load_spec("jobs/synthetic_dp.yaml", privacy={"mode": "user_level", "accountant": "pld"})
+    # central noise is a discrete Gaussian: PLD has none either, refused at validation too
+    assert "'pld' cannot account for central noise" in _problems(
+        privacy={"mode": "user_level", "accountant": "pld"})
 
 
 def test_zhu_wang_amplification_is_refused_as_unsound():
