@@ -384,7 +384,7 @@ class Federation:
         else:  # no status detail either: it may hold counts ("only 3 survivors")
             row["status"] = "ok" if outcome.released is not None else "not released"
         self.devices.update(d.split("@")[0] for d in outcome.devices)
-        if self.placement:
+        if self.placement and self.dp is None:  # under DP: which party trained is secret
             for h, node in outcome.train_nodes.items():
                 self.placement[self.spec.parties.deploy[self.blocks[h][0]].id]["train_node"] = node
         load_flat(self.model, self.params)
