@@ -148,7 +148,9 @@ def test_attack_driver_reads_a_single_hosts_loss_and_example_count(ray_session, 
     # what reaches the coordinator at stage 3 is one masked ring sum per host, nothing beside it
     from lepton_ray.secagg.messages import MaskedSum
 
-    masked = [ray_get(p) for stage, _, p in seen if stage == "masked_input"]
+    import ray
+
+    masked = [ray.get(p) for stage, _, p in seen if stage == "masked_input"]
     for batch in masked:
         assert all(type(m) is MaskedSum for m in batch)
         for m in batch:
@@ -156,12 +158,6 @@ def test_attack_driver_reads_a_single_hosts_loss_and_example_count(ray_session, 
                       if isinstance(getattr(m, f.name), float)]
             assert floats == [], floats
     assert r.history["train_loss"].notna().all()  # the total still arrives, from the sum
-
-
-def ray_get(ref):
-    import ray
-
-    return ray.get(ref)
 
 
 def test_train_loss_without_dp_is_the_example_weighted_mean_from_the_sum(ray_session, small_job, tmp_path):
