@@ -35,9 +35,11 @@ from lepton_ray.outputs import (
     HISTORY,
     LEDGER,
     MODEL,
+    PARTICIPANTS,
     SUMMARY,
     AuditLog,
     HistoryWriter,
+    ParticipantsLog,
     atomic_write_json,
     output_path,
     read_audit,
@@ -50,7 +52,13 @@ from lepton_ray.result import RunResult
 log = logging.getLogger("lepton_ray.driver")
 
 OUTPUT_FILES = (HISTORY, SUMMARY, MODEL, CHECKPOINT, MODEL + ".enc", CHECKPOINT + ".enc", LEDGER,
-                AUDIT, "history.png", "audit.md")
+                AUDIT, "history.png", "audit.md", PARTICIPANTS)
+
+PARTICIPANTS_WARNING = (
+    "WARNING output.record_participants is true: {path} lists the party ids sampled, completed "
+    "and dropped in every round. It is confidential (under DP the guarantee relies on the "
+    "sample staying secret): never publish it or store it with the released outputs."
+)
 
 
 DROPOUT_ERRORS = (
@@ -152,12 +160,17 @@ class Federation:
         self.key = _encryption_key(spec)  # checked before anything runs
         self.history = HistoryWriter(self.out / HISTORY)
         self.audit = AuditLog(self.out / AUDIT)
+        self.participants = None
+        if spec.output.record_participants:
+            self.participants = ParticipantsLog(self.out / PARTICIPANTS)
+            print(PARTICIPANTS_WARNING.format(path=self.out / PARTICIPANTS), file=sys.stderr, flush=True)
         self.first_round = 1
+        self.round_now = 0  # the round being run (a host started in it counts all before it)
         self.dp = None  # DpFedAvg state when user-level DP is on
         self.accountant = None
         self.ledger_lock = None  # the job's held LedgerLock (run_job takes it)
         self.epsilon: float | None = None
-        self.participation = np.zeros(spec.parties.count, dtype=np.int64)
+        self.record_level_max: float | None = None  # largest per-party DP-SGD epsilon (hosts')
         self.placement: dict[str, dict] = {}
         self.hosts: list[Any] = []
         self.blocks: list[list[int]] = []
@@ -318,6 +331,9 @@ class Federation:
 
     def _new_host(self, h: int):
         block = self.blocks[h]
+        # rounds this job ran before the host existed (resume, restart): the host counts its
+        # parties in all of them for record-level DP-SGD accounting (over-count, never under)
+        prior = {"prior_rounds": max(self.round_now, self.first_round) - 1}
         if self.spec.parties.deploy:  # one host per party, pinned to the party's node
             import dataclasses
 
@@ -325,10 +341,10 @@ class Federation:
             stats = dataclasses.replace(self.data, X_test=self.data.X_test[:0], y_test=self.data.y_test[:0])
             return ray.remote(PartyHost).options(
                 num_cpus=0, resources={party.node_resource: 0.001}, name=None).remote(
-                h, self.spec, block, None, self.data.n_features, self.data.n_classes, stats)
+                h, self.spec, block, None, self.data.n_features, self.data.n_classes, stats, **prior)
         return ray.remote(PartyHost).options(num_cpus=0).remote(
             h, self.spec, block, [self.parties[p] for p in block],
-            self.data.n_features, self.data.n_classes)
+            self.data.n_features, self.data.n_classes, **prior)
 
     def _check_placement_feasible(self) -> None:
         """A party whose node resource no node offers would wait forever: say so instead."""
@@ -359,6 +375,8 @@ class Federation:
         self.dead.clear()
 
     def stop(self) -> None:
+        if self.spec.privacy.dp_sgd.enabled and self.hosts:
+            self.record_level_max = self._record_level_max()
         if self.accountant is not None:
             self.accountant.close()
         for actor in [*self.hosts, self.coordinator]:
@@ -379,6 +397,7 @@ class Federation:
         # execution even if it dies before its history row (lepton_ray.privacy.resume)
         self.audit.write(ROUND_START, round=r)
         self._lost = set()  # parties lost at any stage of this round (why: on stderr)
+        self.round_now = r
         self._clock = StageClock()
         self.restart_dead_hosts()
         sampled = sample_parties(self.spec.sampling, self.spec.parties.count)  # OS CSPRNG: secret
@@ -402,7 +421,8 @@ class Federation:
                 f"z={self.dp.noise_multiplier:.4g} C={self.dp.clip_norm:.4g} q={self.dp.sampling_rate:g}")
         else:
             clip = self.spec.secure_aggregation.clip_norm if self.secure else None
-            rule = UpdateRule(clip_norm=clip, weight_cap=self.weight_cap)
+            # no DP: the hosts' loss and clip counts travel inside the sum (only totals seen)
+            rule = UpdateRule(clip_norm=clip, weight_cap=self.weight_cap, stats=True)
         params_ref = ray.put(self.params)
         if not by_host:
             outcome = RoundOutcome(status="no_parties")
@@ -412,10 +432,10 @@ class Federation:
             outcome = self._secure_round(r, by_host, params_ref, rule, noise, plan)
         else:
             outcome = self._plain_round(r, by_host, params_ref, rule, noise)
+        agg = None
         if outcome.released is not None and self.dp is not None and self.dp.distributed is not None:
             mean = self.dp.mean(outcome.released.total)  # Skellam: the decoded, noised sum
             self.params = self.optimizer.step(self.params, mean)
-            self.participation[list(outcome.participants)] += 1
         elif outcome.released is not None:
             agg = Aggregate.split(outcome.released.total, len(self.params), rule)
             if self.dp is not None:
@@ -427,18 +447,18 @@ class Federation:
                 mean = None
             if mean is not None:
                 self.params = self.optimizer.step(self.params, mean)
-            self.participation[list(outcome.participants)] += 1
-        row: dict[str, Any] = {
-            "round": r,
-            "status": outcome.status,
-            "parties_sampled": len(sampled),
-            "parties_completed": outcome.completed,
-            "parties_clipped": outcome.clipped,
-            "train_loss": outcome.train_loss,
-            "epsilon": self.epsilon,
-        }
+        if self.participants is not None:
+            self.participants.write(r, sampled=sampled, completed=outcome.participants,
+                                    dropped=outcome.dropped)
+        row: dict[str, Any] = {"round": r, "status": outcome.status, "epsilon": self.epsilon}
+        if self.dp is None:  # totals from the sum; under DP none is released (not charged)
+            row.update(parties_sampled=len(sampled), parties_completed=outcome.completed,
+                       parties_clipped=agg.clipped_count if agg is not None else None,
+                       train_loss=agg.mean_loss if agg is not None else float("nan"))
+        else:  # no status detail either: it may hold counts ("only 3 survivors")
+            row["status"] = "ok" if outcome.released is not None else "not released"
         self.devices.update(d.split("@")[0] for d in outcome.devices)
-        if self.placement:
+        if self.placement and self.dp is None:  # under DP: which party trained is secret
             for h, node in outcome.train_nodes.items():
                 self.placement[self.spec.parties.deploy[self.blocks[h][0]].id]["train_node"] = node
         load_flat(self.model, self.params)
@@ -446,9 +466,7 @@ class Federation:
         self._clock.lap("evaluate")
         row["round_seconds"] = time.perf_counter() - t0
         self.stage_seconds.append(self._clock.laps)
-        self.audit.write("round", round=r, status=outcome.status, sampled=len(sampled),
-                         completed=outcome.completed, dropped=sorted(outcome.dropped),
-                         rejections=outcome.rejections, clipped=outcome.clipped,
+        self.audit.write("round", **_audit_round(row, outcome, dp=self.dp is not None),
                          clip_norm=rule.clip_norm, epsilon=self.epsilon)
         self.history.write(row)
         if r % self.spec.output.checkpoint_every == 0 or r == self.spec.rounds:
@@ -477,8 +495,7 @@ class Federation:
         participants = {p for rep in reports for p in rep.parties}
         return RoundOutcome(
             status="ok", released=released, calls=calls + 1, completed=len(participants),
-            participants=participants, dropped=set(self._lost), clipped=sum(rep.clipped for rep in reports),
-            train_loss=_weighted_loss(reports), devices={rep.device for rep in reports},
+            participants=participants, dropped=set(self._lost), devices={rep.device for rep in reports},
             train_nodes={h: rep.device.split("@")[-1] for h, (rep, _) in live.items()},
         )
 
@@ -557,7 +574,6 @@ class Federation:
         return RoundOutcome(
             status="ok", released=released, calls=calls, completed=len(survivors),
             participants=survivors, dropped=set(released.dropped) | self._lost,
-            clipped=sum(t.clipped for t in trained), train_loss=_weighted_loss(trained),
             devices={t.device for t in trained}, rejections=self._rejections,
             train_nodes={t.host: t.device.split("@")[-1] for t in trained},
         )
@@ -693,7 +709,6 @@ class Federation:
             "params": self.params,
             "server_state": self.optimizer.state,
             "dp": self.dp,
-            "participation": self.participation,
             "spec": self.spec.to_dict(),
         }
         buf = io.BytesIO()
@@ -776,7 +791,7 @@ class Federation:
 
     def summary(self, last: dict[str, Any], status: str, seconds: float) -> dict[str, Any]:
         after_first = self.round_seconds[1:] or self.round_seconds
-        return {
+        out = {
             "name": self.spec.name,
             "status": status,
             "rounds_completed": len(self.round_seconds),
@@ -802,6 +817,11 @@ class Federation:
             **({"placement": self.placement} if self.placement else {}),
             "spec": self.spec.to_dict(),
         }
+        if self.dp is not None:
+            # Exact statistics of party data outside the accountant: the party sizes, and the
+            # Ray calls per round (they grow with the hosts sampled: one per party deployed).
+            del out["party_sizes"], out["ray_calls_per_round"]
+        return out
 
     def privacy_summary(self) -> dict[str, Any]:
         p = self.spec.privacy
@@ -818,33 +838,31 @@ class Federation:
         return out
 
     def record_level_epsilons(self) -> dict[str, Any]:
-        """Each party's record-level (epsilon, delta) from local DP-SGD: its DP-SGD run in one
-        round (Poisson batches, q = B/n_i) composed over the rounds it took part in."""
-        from lepton_ray.privacy.accountants import AccountantKind, make_accountant
-        from lepton_ray.privacy.calibration import record_level_event
-        from lepton_ray.privacy.events import SelfComposed
-
-        d, t = self.spec.privacy.dp_sgd, self.spec.training
-        kind = AccountantKind(self.spec.privacy.accountant.value)
-        cache: dict[tuple[int, int], float] = {}
-        per_party: dict[str, float] = {}
-        for party, (n, times) in enumerate(zip(self.data.party_sizes, self.participation)):
-            if times == 0:
-                per_party[str(party)] = 0.0
-                continue
-            key = (int(n), int(times))
-            if key not in cache:
-                batch = min(t.batch_size, int(n))
-                one = record_level_event(n_local=int(n), batch_size=batch, epochs=t.epochs,
-                                         noise_multiplier=d.noise_multiplier)
-                event = one if times == 1 else SelfComposed(event=one, count=int(times))
-                cache[key] = make_accountant(kind).composed(event).epsilon(d.delta)
-            per_party[str(party)] = cache[key]
-        values = list(per_party.values())
+        """Record-level (epsilon, delta) of local DP-SGD: only the largest over the parties.
+        Each party's own epsilon (it reveals how often the party was sampled) is written by
+        its host to the host's own log, for that party alone."""
+        d = self.spec.privacy.dp_sgd
         return {"noise_multiplier": d.noise_multiplier, "clip_norm": d.clip_norm, "delta": d.delta,
-                "epsilon_max": max(values), "epsilon_median": float(np.median(values)),
-                "per_party": per_party}
+                "epsilon_max": self.record_level_max}
 
+    def _record_level_max(self) -> float | None:
+        """The hosts' largest per-party record-level epsilon. A host that cannot answer (it
+        died) is replaced by the bound for its parties had they trained in every round run."""
+        from lepton_ray.privacy.accountants import AccountantKind
+        from lepton_ray.privacy.calibration import record_level_epsilon_over_rounds
+
+        worst = 0.0
+        for h, ref in enumerate([host.record_level_epsilon_max.remote() for host in self.hosts]):
+            try:
+                worst = max(worst, float(ray.get(ref, timeout=60)))
+            except ray.exceptions.RayError:
+                d, t = self.spec.privacy.dp_sgd, self.spec.training
+                n = int(min(self.data.party_sizes[p] for p in self.blocks[h]))
+                worst = max(worst, record_level_epsilon_over_rounds(
+                    n_local=n, rounds=self.round_now, batch_size=t.batch_size, epochs=t.epochs,
+                    noise_multiplier=d.noise_multiplier, delta=d.delta,
+                    accountant=AccountantKind(self.spec.privacy.accountant.value)))
+        return worst
 
 def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
             num_cpus: int | None = None, on_round=None,
@@ -956,8 +974,6 @@ class RoundOutcome:
     completed: int = 0
     participants: set = field(default_factory=set)
     dropped: set = field(default_factory=set)
-    clipped: int = 0
-    train_loss: float = float("nan")
     devices: set = field(default_factory=set)
     rejections: list = field(default_factory=list)
     train_nodes: dict = field(default_factory=dict)  # host -> node its training task ran on
@@ -986,8 +1002,20 @@ def _payloads(live: dict) -> list:
     return [payload for _, payload in live.values()]
 
 
-def _weighted_loss(reports: list[StageReport]) -> float:
-    weights = np.array([rep.examples for rep in reports], dtype=float)
-    if not len(weights) or weights.sum() <= 0:
-        return float("nan")
-    return float(np.average([rep.train_loss for rep in reports], weights=weights))
+def _audit_round(row: dict[str, Any], outcome: RoundOutcome, *, dp: bool) -> dict[str, Any]:
+    """A round's record in ``audit.jsonl``. Never a party id sampled or dropped (those go to
+    ``participants.jsonl`` only when asked). Without DP: the round's counts (totals, from the
+    sum) and rejected messages naming the party (the protocol needs to say whom it refused).
+    Under DP nothing the accountant did not charge: no count of the sample, of survivors or
+    of clipped parties, and rejections only as counts by stage and reason (a named party is
+    a member of the secret sample)."""
+    if not dp:
+        return {"round": row["round"], "status": row["status"], "sampled": row["parties_sampled"],
+                "completed": row["parties_completed"], "dropped": len(outcome.dropped),
+                "rejections": outcome.rejections, "clipped": row["parties_clipped"]}
+    counts: dict[tuple[str, str], int] = {}
+    for rej in outcome.rejections:
+        key = (rej["stage"], rej["reason"])
+        counts[key] = counts.get(key, 0) + 1
+    return {"round": row["round"], "status": row["status"],
+            "rejections": [{"stage": st, "reason": why, "count": n} for (st, why), n in sorted(counts.items())]}

@@ -15,6 +15,7 @@ object store without fetching it.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,14 +29,16 @@ from lepton_ray.learning.local import party_seed, public_party_seed
 
 @dataclass(frozen=True)
 class StageReport:
-    """Small per-stage metadata the driver reads (the messages travel separately)."""
+    """Small per-stage metadata the driver reads (the messages travel separately): only what
+    the protocol needs (who answered, who failed and why), where the work ran, and how many
+    Ray calls it took. Nothing computed from party data: a host's example count, loss or
+    clip count would be one party's own values in a deployment (one host per party), so
+    they travel as coordinates of the summed vector (:mod:`lepton_ray.learning.party_update`)
+    and the coordinator and driver see only their totals."""
 
     host: int
     parties: tuple[int, ...]  # parties that sent this stage's message
     failed: tuple[tuple[int, str], ...] = ()  # (party, reason) that could not
-    examples: int = 0
-    train_loss: float = float("nan")
-    clipped: int = 0
     device: str = ""
     ray_calls: int = 0
 
@@ -56,7 +59,7 @@ class PartyHost:
     the party's node resource, so the raw data never leaves that node."""
 
     def __init__(self, host: int, spec: JobSpec, party_ids: list[int], datasets: list | None,
-                 n_features: int, n_classes: int, server=None):
+                 n_features: int, n_classes: int, server=None, *, prior_rounds: int = 0):
         from lepton_ray.crypto.identity import IdentityKey
         from lepton_ray.secagg.keys import PartyKeyring
 
@@ -92,6 +95,11 @@ class PartyHost:
         self.keyring = PartyKeyring()
         self.round: _Round | None = None
         self._rings: np.ndarray | None = None  # quantised updates, reused across rounds
+        # How often each party ran local DP-SGD (record-level accounting). It never leaves the
+        # host (it would reveal who was sampled): the host tells each party its own epsilon and
+        # the driver only the maximum. A host started on a resume or after a crash does not know
+        # the rounds before, so it counts every party in all of them: over-count, never under.
+        self.participation = dict.fromkeys(self.party_ids, int(prior_rounds))
 
     def ready(self) -> int:
         return len(self.party_ids)
@@ -123,6 +131,8 @@ class PartyHost:
         from actors.training import train_task
 
         picks = [self.index[p] for p in sampled]
+        for p in sampled:  # counted when its training starts: a later drop over-counts
+            self.participation[p] += 1
         if self.spec.training.deterministic_seeds:  # non-private reproducible runs (tests) only
             seeds = [public_party_seed(self.spec.seed, round_, p) for p in sampled]
         else:
@@ -151,17 +161,38 @@ class PartyHost:
                                    parties=0)
             return StageReport(host=self.host, parties=(),
                                failed=tuple((p, "simulated dropout") for p in silent)), empty
-        (partial, clipped, losses, examples, bad), device = ray.get(
+        (partial, _clipped, _losses, _examples, bad), device = ray.get(
             self._launch_training(round_, params_box, sampled, fold=rule, ring=ring))
         dropped = {sampled[i] for i in bad}
         report = StageReport(
             host=self.host, parties=tuple(p for p in sampled if p not in dropped),
             failed=tuple((p, "its update has non-finite values (training diverged)") for p in sorted(dropped))
             + tuple((p, "simulated dropout") for p in silent),
-            examples=int(examples.sum()), train_loss=_mean_loss(losses, examples), clipped=clipped,
             device=device, ray_calls=1,
         )
         return report, partial
+
+    def record_level_epsilon_max(self) -> float:
+        """Each of this host's parties' record-level DP-SGD epsilon, written to this host's own
+        log (in a deployment: on the party's node) and reported to no one else; returns only
+        their maximum, for the job summary."""
+        from lepton_ray.privacy.accountants import AccountantKind
+        from lepton_ray.privacy.calibration import record_level_epsilon_over_rounds
+
+        d, t = self.spec.privacy.dp_sgd, self.spec.training
+        kind = AccountantKind(self.spec.privacy.accountant.value)
+        cache: dict[tuple[int, int], float] = {}
+        worst = 0.0
+        for p, n in zip(self.party_ids, self.sizes):
+            key = (int(n), self.participation[p])
+            if key not in cache:
+                cache[key] = record_level_epsilon_over_rounds(
+                    n_local=key[0], rounds=key[1], batch_size=t.batch_size, epochs=t.epochs,
+                    noise_multiplier=d.noise_multiplier, delta=d.delta, accountant=kind)
+            print(f"party {p}: record-level DP-SGD epsilon {cache[key]:.4g} at delta {d.delta:g} "
+                  f"({key[1]} rounds of local training)", file=sys.stderr, flush=True)
+            worst = max(worst, cache[key])
+        return worst
 
     # ------------------------------------------------------------------ SecAgg+ stages
     def advertise(self, round_: int, plan, params_box: list, sampled: list[int]):
@@ -208,7 +239,8 @@ class PartyHost:
                                       norm_bound_sq=state.plan.rounding_bound_sq,
                                       out=self._ring_buffer(result.deltas.shape[0],
                                                             rule.width(result.deltas.shape[1]),
-                                                            quant.modulus_bits))
+                                                            quant.modulus_bits),
+                                      losses=result.losses if rule.stats else None)
             diverged = set(batch.bad)
 
             def encode(i):
@@ -237,13 +269,7 @@ class PartyHost:
                 cohort.drop(p)
         messages, more = cohort.masked_sum(inboxes, vectors)
         sent = messages[0].parties if messages else ()
-        idx = np.array([row[p] for p in sent], dtype=int)
-        report = StageReport(
-            host=self.host, parties=sent, failed=tuple(failed + more),
-            examples=int(result.examples[idx].sum()) if len(idx) else 0,
-            train_loss=_mean_loss(result.losses[idx], result.examples[idx]) if len(idx) else float("nan"),
-            clipped=sum(clipped[p] for p in sent), device=device,
-        )
+        report = StageReport(host=self.host, parties=sent, failed=tuple(failed + more), device=device)
         return report, messages
 
     def unmask(self, round_: int, request):
@@ -294,6 +320,3 @@ class PartyHost:
 
         time.sleep(seconds)
 
-
-def _mean_loss(losses: np.ndarray, examples: np.ndarray) -> float:
-    return float(np.average(losses, weights=examples)) if len(losses) else float("nan")

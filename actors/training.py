@@ -61,8 +61,9 @@ def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarra
                datasets: list, picks: list[int], seeds: list[int], *, fold=None, ring=None):
     """Train ``datasets[i]`` for ``i`` in ``picks``. Returns ``(result, device)``. With
     ``fold`` (an ``UpdateRule``; the plaintext path) the result is ``(PartialSum, clipped,
-    losses, examples)``: the parties' update vectors summed here, so the per-party deltas
-    never leave the task. Otherwise it is the ``LocalResult`` with every party's delta."""
+    losses, examples, bad)``: the parties' update vectors (with their loss and clip-flag
+    coordinates when ``fold.stats``) summed here, so the per-party deltas never leave the
+    task; the other values stay on the host. Otherwise it is the ``LocalResult`` with every party's delta."""
     import torch
 
     from lepton_ray.learning.aggregation import PartialSum
@@ -99,7 +100,8 @@ def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarra
     if fold is not None:
         # a party whose training diverged (NaN/inf delta) drops out; the others are folded
         finite = np.isfinite(result.deltas).all(axis=1)
-        total, clipped = fold_updates(result.deltas[finite], result.examples[finite], fold)
+        total, clipped = fold_updates(result.deltas[finite], result.examples[finite], fold,
+                                      result.losses[finite] if fold.stats else None)
         partial = PartialSum(total=total, parties=int(finite.sum()))
         bad = [picks_i for picks_i, ok in enumerate(finite) if not ok]
         return (partial, clipped, result.losses[finite], result.examples[finite], bad), _where(device)

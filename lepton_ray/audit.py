@@ -85,6 +85,11 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _count(value: Any) -> str:
+    """A count, or the length of a list of ids (audit logs before ids were dropped)."""
+    return str(len(value)) if isinstance(value, list) else _fmt(value)
+
+
 def build_report(out: Path) -> str:
     out = Path(out)
     events = read_audit(out)
@@ -165,22 +170,31 @@ def build_report(out: Path) -> str:
         rec = summary.get("privacy", {}).get("record_level", {})
         lines += [f"Record-level DP-SGD inside every party (Abadi et al. 2016): noise multiplier "
                   f"{_fmt(d['noise_multiplier'])}, per-sample clip {_fmt(d['clip_norm'])}, delta "
-                  f"{_fmt(d['delta'])}; largest per-party epsilon {_fmt(rec.get('epsilon_max'))}, "
-                  f"median {_fmt(rec.get('epsilon_median'))} (per party in summary.json).", ""]
-    lines += ["## Rounds", "",
-              "| round | status | parties sampled | completed | dropped | clipped | clip norm | rejected messages | epsilon |",
+                  f"{_fmt(d['delta'])}; largest per-party epsilon {_fmt(rec.get('epsilon_max'))} "
+                  "(each party's own epsilon is written only to its host's log: it reveals how "
+                  "often the party was sampled).", ""]
+    lines += ["## Rounds", ""]
+    if dp:
+        lines += ["Under differential privacy no count of the parties sampled, completed, dropped or "
+                  "clipped is released (the accountant charges none of them: the size of the secret "
+                  "sample is itself not covered), and rejected messages are counted by stage and "
+                  "reason, never named. Who took part is in no released file.", ""]
+    lines += ["| round | status | parties sampled | completed | dropped | clipped | clip norm | rejected messages | epsilon |",
               "|---|---|---|---|---|---|---|---|---|"]
     for e in rounds:
-        dropped = e.get("dropped") or []
-        shown = ", ".join(map(str, dropped[:8])) + (" ..." if len(dropped) > 8 else "")
-        lines.append(f"| {e['round']} | {e['status']} | {e['sampled']} | {e['completed']} | "
-                     f"{len(dropped)}{' (' + shown + ')' if dropped else ''} | {e['clipped']} | "
-                     f"{_fmt(e.get('clip_norm'))} | {len(e.get('rejections') or [])} | {_fmt(e.get('epsilon'))} |")
+        rej = e.get("rejections") or []
+        n_rej = sum(r.get("count", 1) for r in rej)
+        lines.append(f"| {e['round']} | {e['status']} | {_fmt(e.get('sampled'))} | "
+                     f"{_fmt(e.get('completed'))} | {_count(e.get('dropped'))} | {_fmt(e.get('clipped'))} | "
+                     f"{_fmt(e.get('clip_norm'))} | {n_rej} | {_fmt(e.get('epsilon'))} |")
     rejected = [(e["round"], r) for e in rounds for r in (e.get("rejections") or [])]
     lines += ["", "## Messages rejected", ""]
-    if rejected:
+    if rejected and all("count" in r for _, r in rejected):  # under DP: counts only
+        lines += ["| round | stage | reason | messages |", "|---|---|---|---|"]
+        lines += [f"| {rnd} | {r['stage']} | {r['reason']} | {r['count']} |" for rnd, r in rejected]
+    elif rejected:
         lines += ["| round | party | stage | reason | detail |", "|---|---|---|---|---|"]
-        lines += [f"| {rnd} | {r['party']} | {r['stage']} | {r['reason']} | {r['detail']} |"
+        lines += [f"| {rnd} | {r.get('party', '')} | {r['stage']} | {r['reason']} | {r.get('detail', '')} |"
                   for rnd, r in rejected]
     else:
         lines.append("None.")

@@ -488,6 +488,8 @@ class OutputSpec:
     checkpoint_every: int = 1
     progress: bool = True
     encryption: EncryptionSpec = field(default_factory=EncryptionSpec)
+    # write who was sampled/completed/dropped each round to participants.jsonl (confidential)
+    record_participants: bool = False
 
     def problems(self, path: str) -> list[str]:
         return _positive(self, path, "checkpoint_every") + self.encryption.problems(f"{path}.encryption")

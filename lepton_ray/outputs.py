@@ -39,6 +39,14 @@ AUDIT = "audit.jsonl"
 SUMMARY = "summary.json"
 MODEL = "model.pt"
 CHECKPOINT = "checkpoint.pt"
+PARTICIPANTS = "participants.jsonl"
+
+PARTICIPANTS_BANNER = {
+    "confidential": True,
+    "warning": "CONFIDENTIAL: who was sampled, completed and dropped in each round. Under "
+               "differential privacy the guarantee relies on this staying secret (amplification "
+               "by sampling); never publish this file or store it with the released outputs.",
+}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -168,6 +176,29 @@ class AuditLog:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+
+
+class ParticipantsLog:
+    """``participants.jsonl`` (``output.record_participants``): a first line marking the file
+    confidential, then one fsynced JSON object per round with the party ids sampled,
+    completed and dropped. Kept out of every released file (history, summary, audit, model)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            self._append(PARTICIPANTS_BANNER)
+
+    def write(self, round_: int, *, sampled, completed, dropped) -> None:
+        self._append({"round": round_, "sampled": sorted(map(int, sampled)),
+                      "completed": sorted(map(int, completed)), "dropped": sorted(map(int, dropped))})
+
+    def _append(self, record: Mapping[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(self.path, 0o600)  # confidential: the job's user only
 
 
 def read_audit(out_dir: Path) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ def plot_history(out: Path) -> Path:
     axes[0].set(xlabel="round", title="test accuracy", ylim=(0, 1))
     axes[0].legend()
     axes[1].plot(h["round"], h["test_loss"], marker=".", label="test")
-    if "train_loss" in h:
+    if "train_loss" in h and h["train_loss"].notna().any():  # blank under DP
         axes[1].plot(h["round"], h["train_loss"], marker=".", label="train")
     axes[1].set(xlabel="round", title="loss")
     axes[1].legend()

@@ -249,3 +249,73 @@ def test_conditional_rounding_retries_until_the_bound_holds():
     assert out.bad == () and sq.max() <= 20  # unconditioned, about half the rows exceed 20
     plain = encode_ring_batch(delta, np.ones(50), rule, quant).rings[:, :40].view(np.int32)
     assert ((plain.astype(np.int64) ** 2).sum(axis=1) > 20).sum() > 5
+
+
+# ---------------------------------------------------------------- host statistics in the sum
+def _stats_oracle(deltas, examples, losses, rule):
+    """Brute force, party by party: the totals a host's statistics should sum to."""
+    loss_sum = clipped = weight = 0.0
+    for d, n, loss in zip(deltas, examples, losses):
+        w = min(float(n), rule.weight_cap) / rule.weight_cap
+        weight += w
+        loss_sum += w * min(max(float(loss), 0.0), rule.loss_bound)
+        clipped += float(np.linalg.norm(d.astype(np.float64)) > rule.clip_norm)
+    return weight, loss_sum, clipped
+
+
+@pytest.mark.parametrize("path", ["fold", "ring32", "ring64", "float"])
+def test_host_statistics_recovered_from_the_sum_equal_the_direct_totals(path):
+    rule = UpdateRule(clip_norm=1.0, weight_cap=120.0, stats=True)
+    k, d = 40, 30
+    deltas = (rng.normal(size=(k, d)) * rng.uniform(0.05, 0.5, size=(k, 1))).astype(np.float32)
+    examples = rng.integers(1, 200, k)  # some above the cap W = 120
+    losses = rng.uniform(0.0, 3.0, k)
+    losses[3], losses[5] = 500.0, -1.0  # clamped to [0, L]
+    weight, loss_sum, clipped = _stats_oracle(deltas, examples, losses, rule)
+    assert 0 < clipped < k  # the test exercises both flags
+    if path == "fold":
+        total, _ = fold(deltas, examples, rule, losses)
+        tol = 1e-9
+    elif path == "float":
+        total = np.sum([encode_float(dl, int(n), rule, loss)[0]
+                        for dl, n, loss in zip(deltas, examples, losses)], axis=0)
+        tol = 1e-9
+    else:
+        bits = 32 if path == "ring32" else 64
+        quant = quantization_for(n_parties=k, rule=rule, modulus_bits=bits, dim=d)
+        rings = encode_ring_batch(deltas, examples, rule, quant, losses=losses).rings
+        ring = rings.astype(np.uint64).sum(axis=0, dtype=np.uint64)
+        if bits == 32:
+            ring = (ring % 2**32).astype(np.uint32)
+        total = ring_to_float(ring, quant)
+        tol = k / quant.scale  # one rounding step per party and coordinate
+    agg = Aggregate.split(total, d, rule)
+    assert agg.weight == pytest.approx(weight, abs=tol)
+    assert agg.loss_sum == pytest.approx(loss_sum, abs=tol * rule.loss_bound)
+    assert agg.clipped_count == clipped
+    assert agg.mean_loss == pytest.approx(loss_sum / weight, rel=1e-3)
+
+
+def test_mean_loss_equals_fedavg_example_weighted_loss():
+    """Without DP and with the default cap (largest party), the loss from the sum is exactly the
+    example-weighted mean the hosts used to report: sum n_i loss_i / sum n_i."""
+    examples = rng.integers(1, 90, 12)
+    losses = rng.uniform(0.1, 2.5, 12)
+    rule = UpdateRule(clip_norm=None, weight_cap=float(examples.max()), stats=True)
+    total, _ = fold(rng.normal(size=(12, 5)), examples, rule, losses)
+    assert Aggregate.split(total, 5, rule).mean_loss == pytest.approx(
+        float(np.average(losses, weights=examples)), rel=1e-12)
+
+
+def test_statistics_keep_every_vector_within_the_norm_bound():
+    rule = UpdateRule(clip_norm=0.5, weight_cap=10.0, clip_bit=True, stats=True)
+    assert rule.width(7) == 7 + 1 + 3
+    for _ in range(200):
+        delta = rng.normal(size=7) * rng.uniform(0.01, 10)
+        vec, _ = encode_float(delta, int(rng.integers(1, 50)), rule, float(rng.uniform(-5, 1e4)))
+        assert np.linalg.norm(vec) <= rule.norm_bound + 1e-12
+    # the worst case reaches it: clipped, full weight, loss at the bound, bit -1/2, flag 1
+    vec, _ = encode_float(np.full(7, 9.0), 10, rule, 1e9)
+    assert np.linalg.norm(vec) == pytest.approx(rule.norm_bound)
+    with pytest.raises(ValueError, match="losses"):
+        fold(np.zeros((2, 7)), [1, 1], rule)

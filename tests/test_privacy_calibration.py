@@ -119,3 +119,16 @@ def test_record_level_epsilon_uses_batch_over_n_and_ceil_steps():
         record_level_event(n_local=10, batch_size=11, epochs=1, noise_multiplier=1.0)
     with pytest.raises(PrivacyError, match="epochs"):
         record_level_event(n_local=10, batch_size=5, epochs=0, noise_multiplier=1.0)
+
+
+def test_record_level_epsilon_over_rounds_composes_the_one_round_event():
+    from lepton_ray.privacy.calibration import record_level_epsilon_over_rounds
+
+    kw = dict(n_local=300, batch_size=32, epochs=2, noise_multiplier=1.1, delta=1e-5)
+    assert record_level_epsilon_over_rounds(rounds=0, **kw) == 0.0
+    # oracle: RDP of 5 rounds x 2 epochs x ceil(300/32) Poisson steps at q = 32/300
+    assert record_level_epsilon_over_rounds(rounds=5, **kw) == pytest.approx(
+        compute_epsilon(sampling_rate=32 / 300, noise_multiplier=1.1, steps=5 * 2 * 10, delta=1e-5), rel=1e-9)
+    # a batch larger than the party is capped at its size (q = 1)
+    assert record_level_epsilon_over_rounds(**dict(kw, n_local=20), rounds=1) == pytest.approx(
+        compute_epsilon(sampling_rate=1.0, noise_multiplier=1.1, steps=2, delta=1e-5), rel=1e-9)

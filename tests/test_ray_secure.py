@@ -114,7 +114,8 @@ def test_late_host_is_dropped_at_the_stage_timeout(ray_session, small_job, monke
 
 
 def test_a_lost_host_drops_only_its_parties_of_the_round(ray_session, small_job, monkeypatch):
-    """With a sampled subset, the audit names exactly the lost host's sampled parties."""
+    """With a sampled subset, the audit counts exactly the lost host's sampled parties and
+    names none; participants.jsonl (output.record_participants) names them."""
     import json
 
     import numpy as np
@@ -122,7 +123,8 @@ def test_a_lost_host_drops_only_its_parties_of_the_round(ray_session, small_job,
     import actors.driver
 
     fed = _federation(dict(small_job, parties={"count": 12, "per_host": 4},
-                           sampling={"kind": "fixed", "fraction": 0.75}))
+                           sampling={"kind": "fixed", "fraction": 0.75}),
+                      output__record_participants=True)
     try:
         # the sample is secret (OS CSPRNG) and nothing can reproduce it: fix it for the test
         sampled = {0, 1, 2, 4, 5, 6, 7, 8, 10}
@@ -134,7 +136,9 @@ def test_a_lost_host_drops_only_its_parties_of_the_round(ray_session, small_job,
         row = fed.run_round(1)
         assert row["status"] == "ok" and row["parties_completed"] == 9 - len(expected)
         audit = [json.loads(x) for x in (fed.out / "audit.jsonl").read_text().splitlines()]
-        assert [e["dropped"] for e in audit if e["event"] == "round"] == [expected]
+        assert [e["dropped"] for e in audit if e["event"] == "round"] == [len(expected)]
+        rounds = [json.loads(x) for x in (fed.out / "participants.jsonl").read_text().splitlines()][1:]
+        assert [e["dropped"] for e in rounds] == [expected]
     finally:
         fed.stop()
 

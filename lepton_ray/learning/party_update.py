@@ -2,7 +2,7 @@
 
 Both aggregation paths sum the same per-party vector of length ``d + 1 + e``::
 
-    [ w_i * clip_C(delta_i),  w_i,  b_i ]
+    [ w_i * clip_C(delta_i),  w_i,  b_i,  w_i * min(loss_i, L) / L,  c_i ]
 
 * ``clip_C`` bounds the L2 norm by C: at the party, before secure aggregation (the
   sensitivity that differential privacy needs, and the range that quantisation needs).
@@ -14,10 +14,20 @@ Both aggregation paths sum the same per-party vector of length ``d + 1 + e``::
   Models", the fixed-denominator estimator), so one party changes the sum by at most C.
 * ``b_i`` (only with adaptive clipping): +1/2 if ``||delta_i|| <= C`` else -1/2 (Andrew et
   al. 2021, "Differentially Private Learning with Adaptive Clipping").
+* host statistics (only with ``stats``, i.e. without DP): the party's training loss weighted
+  by ``w_i`` and clamped to the public bound ``L`` (:data:`LOSS_BOUND`), divided by ``L`` so
+  the coordinate lies in [0, 1]; and ``c_i`` = 1 if its delta was clipped, else 0. Their sums
+  give the round's training loss (``L * sum / sum w_i``: FedAvg's example-weighted mean when
+  ``W`` is the largest party's count) and the number of clipped parties, so the
+  coordinator and driver see only totals, never one party's (or one host's) loss, example
+  count or clip flag. The example count needs no coordinate of its own: ``W * sum w_i``.
+  Under DP they are not appended: released unnoised they would be exact statistics of party
+  data outside the accountant, and noised they would enlarge the sensitivity.
 
 Secure aggregation only reveals sums, so this is what makes FedAvg, DP-FedAvg and adaptive
-clipping work through SecAgg+. The vector's norm is at most ``sqrt(C^2 + 1 + e/4)``, the
-bound the quantiser's overflow check uses.
+clipping work through SecAgg+. The vector's norm is at most ``sqrt(C^2 + 1 + b/4 + 2s)``
+(``b``: the clip bit, ``s``: the two statistics), the bound the quantiser's overflow check
+uses: every extra coordinate lies in [-1/2, 1/2] or [0, 1].
 """
 
 from __future__ import annotations
@@ -38,28 +48,51 @@ from lepton_ray.secagg.quantize import (
 )
 
 
+LOSS_BOUND = 64.0
+"""Public bound L (nats) a party's training loss is clamped to before it enters the sum: it
+keeps the loss coordinate in [0, 1], so the quantiser's norm bound holds whatever the data.
+Cross-entropy at a random start is log(classes) (< 10 for any realistic task); a loss above
+64 nats means training diverged, and the clamp only biases the reported mean of such a round."""
+
+
 @dataclass(frozen=True)
 class UpdateRule:
     clip_norm: float | None  # None: no clipping (plaintext path without privacy only)
     weight_cap: float | None = None  # None: every party weighs 1 (user-level DP)
     clip_bit: bool = False  # append the adaptive-clipping bit
+    stats: bool = False  # append the loss and clip-flag coordinates (never under DP)
+    loss_bound: float = LOSS_BOUND
 
     @property
     def extras(self) -> int:
-        return 1 if self.clip_bit else 0
+        return (1 if self.clip_bit else 0) + (2 if self.stats else 0)
 
     @property
     def norm_bound(self) -> float:
         if self.clip_norm is None:
             raise ValueError("an unclipped update has no norm bound (secure aggregation needs one)")
-        return math.sqrt(self.clip_norm**2 + 1.0 + 0.25 * self.extras)
+        return math.sqrt(self.clip_norm**2 + 1.0 + (0.25 if self.clip_bit else 0.0)
+                         + (2.0 if self.stats else 0.0))
+
+    def loss_coordinate(self, losses, weights) -> np.ndarray:
+        """``w_i * clamp(loss_i, 0, L) / L`` (a non-finite loss counts as L)."""
+        v = np.nan_to_num(np.asarray(losses, dtype=np.float64), nan=self.loss_bound,
+                          posinf=self.loss_bound, neginf=0.0)
+        return np.asarray(weights, dtype=np.float64) * np.clip(v, 0.0, self.loss_bound) / self.loss_bound
+
+    def _need_losses(self, losses):
+        if self.stats and losses is None:
+            raise ValueError("an UpdateRule with stats needs the parties' losses")
 
     def width(self, dim: int) -> int:
         return dim + 1 + self.extras
 
 
-def encode_float(delta: np.ndarray, examples: int, rule: UpdateRule) -> tuple[np.ndarray, bool]:
-    """The party's vector (float64, length ``d + 1 + e``) and whether its delta was clipped."""
+def encode_float(delta: np.ndarray, examples: int, rule: UpdateRule,
+                 loss: float | None = None) -> tuple[np.ndarray, bool]:
+    """The party's vector (float64, length ``d + 1 + e``) and whether its delta was clipped.
+    ``loss``: its training loss (needed when ``rule.stats``)."""
+    rule._need_losses(loss)
     clipped = _clip(delta, rule.clip_norm)
     w = 1.0 if rule.weight_cap is None else min(float(examples), rule.weight_cap) / rule.weight_cap
     out = np.empty(rule.width(len(clipped.vector)), dtype=np.float64)
@@ -68,6 +101,9 @@ def encode_float(delta: np.ndarray, examples: int, rule: UpdateRule) -> tuple[np
     out[d] = w
     if rule.clip_bit:
         out[d + 1] = 0.5 if rule.clip_norm is None or clipped.norm <= rule.clip_norm else -0.5
+    if rule.stats:
+        out[-2] = rule.loss_coordinate([loss], [w])[0]
+        out[-1] = 1.0 if clipped.clipped else 0.0
     return out, clipped.clipped
 
 
@@ -81,10 +117,13 @@ def _clip(delta: np.ndarray, clip_norm: float | None) -> ClipResult:
     return ClipResult(v, float(np.linalg.norm(v)), False)
 
 
-def fold(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule) -> tuple[np.ndarray, int]:
+def fold(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule,
+         losses: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Local accumulation on a host (plaintext path): the sum of the parties' vectors (the
     same as summing :func:`encode_float` of each, in one matrix product), and how many were
-    clipped."""
+    clipped (for the host's own use: what leaves the host is the sum, in which the count
+    travels as a coordinate when ``rule.stats``)."""
+    rule._need_losses(losses)
     deltas = np.asarray(deltas)
     k, d = deltas.shape
     if not np.isfinite(deltas).all():
@@ -105,6 +144,9 @@ def fold(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule) -> tuple[np
     total[d] = w.sum()
     if rule.clip_bit:
         total[d + 1] = np.where(~clipped, 0.5, -0.5).sum()
+    if rule.stats:
+        total[-2] = rule.loss_coordinate(losses, w).sum()
+        total[-1] = float(clipped.sum())
     return total, int(clipped.sum())
 
 
@@ -143,8 +185,8 @@ def rounding_bound_sq(rule: UpdateRule, quant: QuantizationSpec, dim: int) -> in
 
 def encode_ring_batch(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule,
                       quant: QuantizationSpec, *, key: bytes | None = None,
-                      out: np.ndarray | None = None,
-                      norm_bound_sq: int | None = None) -> EncodedBatch:
+                      out: np.ndarray | None = None, norm_bound_sq: int | None = None,
+                      losses: np.ndarray | None = None) -> EncodedBatch:
     """The rows of ``deltas`` as secure-aggregation inputs, all at once: each party's
     :func:`encode_float` vector ``[w_i clip_C(delta_i), w_i, b_i]`` scaled and stochastically
     rounded into Z_{2^b}.
@@ -168,7 +210,11 @@ def encode_ring_batch(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule
     C s + sqrt(d) (+15 % at n = 5000, d = 1e7, C = 0.1). The check is one extra pass over
     the chunk (exact integers in float64; a sum within 1e-9 of the bound is redone in
     Python integers). A row that fails :data:`MAX_ROUNDING_ATTEMPTS` times (probability
-    < 1e-700) is zeroed and reported in ``bad``: it sends nothing."""
+    < 1e-700) is zeroed and reported in ``bad``: it sends nothing.
+
+    ``losses``: the parties' training losses (needed when ``rule.stats``: the loss and
+    clip-flag coordinates)."""
+    rule._need_losses(losses)
     from lepton_ray.crypto.kdf import KeyPurpose, derive_key
     from lepton_ray.crypto.prg import KeystreamReader, ring_dtype
 
@@ -190,6 +236,9 @@ def encode_ring_batch(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule
     tail[:, 0] = w * quant.scale
     if rule.clip_bit:
         tail[:, 1] = np.where(clipped, -0.5, 0.5) * quant.scale
+    if rule.stats:
+        tail[:, -2] = rule.loss_coordinate(losses, w) * quant.scale
+        tail[:, -1] = np.where(clipped, 1.0, 0.0) * quant.scale
     tail[~finite] = 0.0
     wide = quant.modulus_bits == 64
     ring = ring_dtype(quant.modulus_bits)
@@ -303,11 +352,30 @@ class Aggregate:
     weighted: np.ndarray  # sum of w_i clip(delta_i)
     weight: float  # sum of w_i
     clip_bits: float | None  # sum of b_i (adaptive clipping)
+    loss_sum: float | None = None  # sum of w_i * clamp(loss_i, 0, L) (rule.stats)
+    clipped: float | None = None  # number of clipped parties (rule.stats)
 
     @classmethod
     def split(cls, total: np.ndarray, dim: int, rule: UpdateRule) -> Aggregate:
+        stats = {}
+        if rule.stats:
+            end = rule.width(dim)
+            stats = {"loss_sum": float(total[end - 2]) * rule.loss_bound,
+                     "clipped": float(total[end - 1])}
         return cls(weighted=total[:dim], weight=float(total[dim]),
-                   clip_bits=float(total[dim + 1]) if rule.clip_bit else None)
+                   clip_bits=float(total[dim + 1]) if rule.clip_bit else None, **stats)
+
+    @property
+    def mean_loss(self) -> float:
+        """The weighted mean training loss of the parties in the sum (NaN without stats)."""
+        if self.loss_sum is None or self.weight <= 0:
+            return float("nan")
+        return self.loss_sum / self.weight
+
+    @property
+    def clipped_count(self) -> int | None:
+        """The number of clipped parties, rounded (quantisation noise is far below 1/2)."""
+        return None if self.clipped is None else int(round(self.clipped))
 
 
 @dataclass(frozen=True)

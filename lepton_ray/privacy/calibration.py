@@ -19,6 +19,7 @@ __all__ = [
     "calibrate_noise",
     "compute_epsilon",
     "record_level_epsilon",
+    "record_level_epsilon_over_rounds",
     "record_level_event",
     "sampled_gaussian_event",
 ]
@@ -208,4 +209,28 @@ def record_level_epsilon(
     event = record_level_event(
         n_local=n_local, batch_size=batch_size, epochs=epochs, noise_multiplier=noise_multiplier
     )
+    return make_accountant(accountant).composed(event).epsilon(delta)
+
+
+def record_level_epsilon_over_rounds(
+    *,
+    n_local: int,
+    rounds: int,
+    batch_size: int,
+    epochs: int,
+    noise_multiplier: float,
+    delta: float,
+    accountant: AccountantKind = AccountantKind.RDP,
+) -> float:
+    """Record-level epsilon at ``delta`` of a party that ran local DP-SGD in ``rounds``
+    rounds: its one-round event (:func:`record_level_event`, with the batch capped at
+    ``n_local``) composed ``rounds`` times (0 rounds: epsilon 0). ``rounds`` is how often the
+    party took part, so the result is the party's own to know (its host reports it to it)."""
+    from lepton_ray.privacy.events import SelfComposed
+
+    if rounds <= 0:
+        return 0.0
+    one = record_level_event(n_local=n_local, batch_size=min(batch_size, n_local), epochs=epochs,
+                             noise_multiplier=noise_multiplier)
+    event = one if rounds == 1 else SelfComposed(event=one, count=int(rounds))
     return make_accountant(accountant).composed(event).epsilon(delta)

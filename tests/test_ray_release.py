@@ -1,0 +1,210 @@
+"""What a job releases (issue 13, "nothing about party data leaves outside the secure sum and
+the accountant"): a DP job's every output file holds no exact per-round count or loss of
+party data and no participant id; the driver and coordinator see only totals of the hosts'
+statistics; without DP the training loss comes from the sum and equals the direct
+example-weighted mean (marked ``ray``)."""
+
+import dataclasses
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import lepton_ray
+from actors.party_host import StageReport
+from lepton_ray.audit import write_report
+
+pytestmark = pytest.mark.ray
+
+DP = {"mode": "user_level", "epsilon": 50.0, "delta": 1e-5, "noise_multiplier": 1.0, "clip_norm": 1.0,
+      "dp_sgd": {"noise_multiplier": 1.1, "clip_norm": 1.0},
+      "adaptive_clipping": {"enabled": True, "target_quantile": 0.5, "learning_rate": 0.2,
+                            "count_noise_std": 2.0}}
+PARTY_COLUMNS = ("parties_sampled", "parties_completed", "parties_clipped", "train_loss")
+# keys that would carry a per-round or per-party count/loss of party data, or party ids
+FORBIDDEN_KEYS = {"per_party", "epsilon_median", "party_sizes", "ray_calls_per_round", "sampled",
+                  "completed", "dropped", "clipped", "participants", "participation", "train_loss",
+                  "survivors", "party", "examples", "losses"}
+
+
+def _keys(obj, path=""):
+    """Every key of a JSON-like value, recursively, with its path."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield str(k), f"{path}.{k}"
+            yield from _keys(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _keys(v, f"{path}[{i}]")
+
+
+def _assert_no_forbidden(obj, where):
+    bad = [p for k, p in _keys(obj) if k in FORBIDDEN_KEYS]
+    assert not bad, f"{where} releases {bad}"
+
+
+def test_a_dp_job_releases_no_party_statistics_and_no_participant_ids(ray_session, small_job, tmp_path):
+    out = tmp_path / "dp"
+    r = lepton_ray.run(small_job, rounds=2, privacy=DP, sampling={"kind": "poisson", "fraction": 0.8},
+                       output__dir=str(out))
+    write_report(out)  # audit.md, as `lepton-ray audit` makes it
+    files = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert files <= {"history.csv", "summary.json", "audit.jsonl", "audit.md", "model.pt",
+                     "checkpoint.pt", "ledger.jsonl", "history.png"}, files  # no participants.jsonl
+
+    history = pd.read_csv(out / "history.csv")
+    assert len(history) == 2
+    for col in PARTY_COLUMNS:  # blank: exact statistics of party data, charged to no one
+        assert history[col].isna().all(), (col, history[col].tolist())
+    assert set(history["status"]) <= {"ok", "not released"}  # no detail that may hold counts
+    assert history["epsilon"].notna().all()
+
+    summary = json.loads((out / "summary.json").read_text())
+    _assert_no_forbidden(summary, "summary.json")
+    rec = summary["privacy"]["record_level"]
+    assert set(rec) == {"noise_multiplier", "clip_norm", "delta", "epsilon_max"} and rec["epsilon_max"] > 0
+
+    events = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()]
+    rounds = [e for e in events if e["event"] == "round"]
+    assert len(rounds) == 2
+    for e in rounds:
+        assert set(e) <= {"event", "time", "round", "status", "rejections", "clip_norm", "epsilon"}, e
+        assert all(set(rej) == {"stage", "reason", "count"} for rej in e["rejections"])
+    for e in events:
+        _assert_no_forbidden({k: v for k, v in e.items() if k != "event"}, f"audit.jsonl {e['event']}")
+
+    md = (out / "audit.md").read_text()
+    table = md.split("## Rounds")[1].split("## Messages rejected")[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2
+    for cells in rows:  # round, status, sampled, completed, dropped, clipped: blank counts
+        assert [c.strip() for c in cells[2:6]] == ["", "", "", ""], cells
+    assert "per party in summary.json" not in md and "median" not in md
+
+    model = torch.load(io.BytesIO((out / "model.pt").read_bytes()), weights_only=False)
+    assert set(model) == {"state_dict", "spec", "n_features", "classes", "feature_names", "mean", "scale"}
+    assert not model["spec"]["output"]["record_participants"]
+    ckpt = torch.load(io.BytesIO((out / "checkpoint.pt").read_bytes()), weights_only=False)
+    assert set(ckpt) == {"round", "params", "server_state", "dp", "spec"}  # no participation vector
+    assert r.summary == summary
+
+
+def test_record_participants_writes_a_confidential_separate_file(ray_session, small_job, tmp_path, capfd):
+    out = tmp_path / "rp"
+    lepton_ray.run(small_job, rounds=2, privacy={k: v for k, v in DP.items() if k != "dp_sgd"},
+                   sampling={"kind": "poisson", "fraction": 0.5},
+                   output={"dir": str(out), "progress": False, "record_participants": True})
+    assert "record_participants is true" in capfd.readouterr().err
+    lines = [json.loads(x) for x in (out / "participants.jsonl").read_text().splitlines()]
+    assert lines[0]["confidential"] is True and "CONFIDENTIAL" in lines[0]["warning"]
+    assert [x["round"] for x in lines[1:]] == [1, 2]
+    for x in lines[1:]:
+        assert set(x["completed"]) <= set(x["sampled"]) <= set(range(6))
+        assert set(x["dropped"]) <= set(x["sampled"])
+    assert (out / "participants.jsonl").stat().st_mode & 0o077 == 0
+    # the ids stay there: the released files are as without the option
+    history = pd.read_csv(out / "history.csv")
+    assert history["parties_sampled"].isna().all()
+
+
+def test_attack_driver_reads_a_single_hosts_loss_and_example_count(ray_session, small_job, tmp_path,
+                                                                  monkeypatch):
+    """One party per host (a deployment): the driver/coordinator tries to read each host's,
+    i.e. each party's, exact example count, loss and clip flag from what the host sends.
+    Before issue 13 StageReport carried them in plaintext and this attack recovered every
+    party's exact size; now only the summed vector carries them."""
+    from actors import driver as drv
+
+    seen = []
+    real = drv.Federation._gather
+
+    def spy(self, r, stage, outs, timeout):
+        live = real(self, r, stage, outs, timeout)
+        seen.extend((stage, rep, payload) for rep, payload in live.values())
+        return live
+
+    monkeypatch.setattr(drv.Federation, "_gather", spy)
+    r = lepton_ray.run(small_job, rounds=1, parties={"count": 6, "per_host": 1},
+                       secure_aggregation__mode="secagg+", output__dir=str(tmp_path / "a"))
+    from lepton_ray.config import load_spec
+    from lepton_ray.learning.data import load_federated
+
+    spec = load_spec(small_job)
+    sizes = sorted(int(n) for n in load_federated(spec.data, 6, spec.seed).party_sizes)
+    learned = {}
+    for stage, rep, _ in seen:
+        if stage not in ("train", "masked_input"):  # the stages at which a host has trained
+            continue
+        for attr in ("examples", "train_loss", "clipped"):
+            if getattr(rep, attr, None) is not None and rep.parties:
+                learned.setdefault(attr, []).append(getattr(rep, attr))
+    assert sorted(learned.get("examples", [])) != sizes, "the driver learned every party's exact size"
+    assert learned == {}, f"stage reports carry party statistics: {learned}"
+    fields = {f.name for f in dataclasses.fields(StageReport)}
+    assert fields == {"host", "parties", "failed", "device", "ray_calls"}
+    # what reaches the coordinator at stage 3 is one masked ring sum per host, nothing beside it
+    from lepton_ray.secagg.messages import MaskedSum
+
+    import ray
+
+    masked = [ray.get(p) for stage, _, p in seen if stage == "masked_input"]
+    for batch in masked:
+        assert all(type(m) is MaskedSum for m in batch)
+        for m in batch:
+            floats = [f.name for f in dataclasses.fields(m)
+                      if isinstance(getattr(m, f.name), float)]
+            assert floats == [], floats
+    assert r.history["train_loss"].notna().all()  # the total still arrives, from the sum
+
+
+def test_train_loss_without_dp_is_the_example_weighted_mean_from_the_sum(ray_session, small_job, tmp_path):
+    """Oracle: the parties trained directly (same seeds, same start) and their losses averaged
+    with their example counts; the job's train_loss comes from the (secure) sum."""
+    from actors.training import choose_trainer
+    from lepton_ray.config import load_spec
+    from lepton_ray.learning.data import as_float32, load_federated
+    from lepton_ray.learning.local import party_seed
+    from lepton_ray.learning.models import build_model, flat_parameters
+
+    spec = load_spec(small_job, rounds=1)
+    data = load_federated(spec.data, spec.parties.count, spec.seed)
+    model = build_model(spec.model, data.n_features, data.n_classes, seed=spec.seed)
+    torch.set_num_threads(1)
+    res = choose_trainer(spec)(model_spec=spec.model, training=spec.training, n_features=data.n_features,
+                               n_classes=data.n_classes, global_params=flat_parameters(model),
+                               datasets=list(as_float32(data.parties)),
+                               seeds=[party_seed(spec.seed, 1, p) for p in range(6)],
+                               device=torch.device("cpu"))
+    expected = float(np.average(res.losses, weights=res.examples))
+    for mode in ("none", "secagg+"):
+        r = lepton_ray.run(small_job, rounds=1, secure_aggregation__mode=mode,
+                           output__dir=str(tmp_path / mode))
+        assert r.history["train_loss"].iloc[0] == pytest.approx(expected, rel=1e-4), mode
+        assert r.history["parties_clipped"].iloc[0] == 0
+
+
+def test_a_host_tells_each_party_its_own_epsilon_and_the_driver_only_the_maximum(ray_session, small_job,
+                                                                                 capfd):
+    from actors.party_host import PartyHost
+    from lepton_ray.config import load_spec
+    from lepton_ray.learning.data import as_float32, load_federated
+    from lepton_ray.privacy.calibration import compute_epsilon
+
+    spec = load_spec(small_job, privacy={"dp_sgd": {"noise_multiplier": 1.1, "clip_norm": 1.0}})
+    data = load_federated(spec.data, 6, spec.seed)
+    host = PartyHost(0, spec, [0, 1], list(as_float32(data.parties[:2])), data.n_features,
+                     data.n_classes, prior_rounds=1)
+    host.participation[1] += 2  # party 1 trained in two more rounds
+    worst = host.record_level_epsilon_max()
+    err = capfd.readouterr().err
+    n = int(data.party_sizes[1])  # oracle: RDP of 3 rounds of ceil(n/32) Poisson steps each
+    expected = compute_epsilon(sampling_rate=32 / n, noise_multiplier=1.1, steps=3 * -(-n // 32), delta=1e-5)
+    assert "party 0: record-level DP-SGD epsilon" in err and "party 1: record-level" in err
+    assert "(3 rounds" in err and "(1 rounds" in err
+    assert worst >= expected * (1 - 1e-6)
+    assert worst == pytest.approx(max(expected, compute_epsilon(
+        sampling_rate=32 / int(data.party_sizes[0]), noise_multiplier=1.1,
+        steps=-(-int(data.party_sizes[0]) // 32), delta=1e-5)), rel=1e-6)
