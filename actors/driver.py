@@ -28,7 +28,7 @@ from lepton_ray.errors import (BudgetExhaustedError, ConfigError, LeptonError, P
                                ResumeError, user_message)
 from lepton_ray.learning.data import FederatedData, as_float32, load_federated
 from lepton_ray.learning.sampling import sample_parties
-from lepton_ray.privacy.resume import ROUND_START, executions_after, participation_bound
+from lepton_ray.privacy.resume import ROUND_START, executions_after, prior_executions
 from lepton_ray.outputs import (
     AUDIT,
     CHECKPOINT,
@@ -166,6 +166,9 @@ class Federation:
             print(PARTICIPANTS_WARNING.format(path=self.out / PARTICIPANTS), file=sys.stderr, flush=True)
         self.first_round = 1
         self.round_now = 0  # the round being run (a host started in it counts all before it)
+        # DP-SGD executions before this driver's first round (resume: the checkpoint's rounds
+        # and every execution after it that may have released; lepton_ray.privacy.resume)
+        self.prior_executions = 0
         self.dp = None  # DpFedAvg state when user-level DP is on
         self.accountant = None
         self.ledger_lock = None  # the job's held LedgerLock (run_job takes it)
@@ -333,7 +336,8 @@ class Federation:
         block = self.blocks[h]
         # rounds this job ran before the host existed (resume, restart): the host counts its
         # parties in all of them for record-level DP-SGD accounting (over-count, never under)
-        prior = {"prior_rounds": max(self.round_now, self.first_round) - 1}
+        prior = {"prior_rounds": self.prior_executions
+                 + max(self.round_now, self.first_round) - self.first_round}
         if self.spec.parties.deploy:  # one host per party, pinned to the party's node
             import dataclasses
 
@@ -706,6 +710,9 @@ class Federation:
 
         state = {
             "round": r,
+            # round executions so far, re-runs included (a count, no party id): a resume
+            # counts every party in all of them (record-level DP-SGD; over-count, never under)
+            "executions": self.prior_executions + r - self.first_round + 1,
             "params": self.params,
             "server_state": self.optimizer.state,
             "dp": self.dp,
@@ -730,7 +737,7 @@ class Federation:
             # (an --overwrite would need --discard-privacy-ledger) and counting what ran
             lost = executions_after(0, audit_events=read_audit(self.out) if (self.out / AUDIT)
                                     .exists() else [], ledger_rounds=self._ledger_rounds())
-            self.participation = participation_bound(self.participation, lost)
+            self.prior_executions = prior_executions(0, lost)
             cut = truncate_history(self.out, 0)
             self.audit.write("resume", from_round=0, history_rows_cut=cut, executions_recounted=lost)
             return 0
@@ -757,7 +764,7 @@ class Federation:
         # rounds stay charged and are charged again when they re-run
         lost = executions_after(r, audit_events=read_audit(self.out) if (self.out / AUDIT).exists()
                                 else [], ledger_rounds=self._ledger_rounds())
-        self.participation = participation_bound(state["participation"], lost)
+        self.prior_executions = prior_executions(int(state.get("executions", r)), lost)
         cut = truncate_history(self.out, r)
         self.first_round = r + 1
         self.audit.write("resume", from_round=r, history_rows_cut=cut, executions_recounted=lost)
@@ -859,7 +866,8 @@ class Federation:
                 d, t = self.spec.privacy.dp_sgd, self.spec.training
                 n = int(min(self.data.party_sizes[p] for p in self.blocks[h]))
                 worst = max(worst, record_level_epsilon_over_rounds(
-                    n_local=n, rounds=self.round_now, batch_size=t.batch_size, epochs=t.epochs,
+                    n_local=n, rounds=self.prior_executions + max(0, self.round_now - self.first_round + 1),
+                    batch_size=t.batch_size, epochs=t.epochs,
                     noise_multiplier=d.noise_multiplier, delta=d.delta,
                     accountant=AccountantKind(self.spec.privacy.accountant.value)))
         return worst

@@ -32,7 +32,7 @@ from lepton_ray.privacy.accountants import RdpAccountant
 from lepton_ray.privacy.budget import PrivacyBudget
 from lepton_ray.privacy.events import Gaussian, PoissonSampled
 from lepton_ray.privacy.ledger import Ledger, LedgerLock, read_ledger
-from lepton_ray.privacy.resume import ROUND_START, executions_after, participation_bound
+from lepton_ray.privacy.resume import ROUND_START, executions_after, prior_executions
 
 EVENT = PoissonSampled(sampling_probability=0.3, event=Gaussian(noise_multiplier=2.0))
 BUDGET = PrivacyBudget(epsilon=1e6, delta=1e-5)
@@ -69,6 +69,7 @@ class Disk:
         self.audit = root / "audit.jsonl"
         self.checkpoint: dict | None = None
         self.history: list[int] = []
+        self.participation: np.ndarray | None = None
 
 
 class Oracle:
@@ -89,15 +90,17 @@ def run_once(disk: Disk, oracle: Oracle, *, rounds: int, every: int, crash, samp
             led = Ledger.open(disk.ledger, budget=BUDGET, lock=lock, discard_unparseable_tail=True)
         audit = AuditLog(disk.audit)
         if disk.checkpoint is None:
-            first, participation = 1, np.zeros(PARTIES, dtype=np.int64)
+            first = 1
             lost = executions_after(0, audit_events=read_audit(disk.root) if disk.audit.exists()
                                     else [], ledger_rounds=[r.round for r in read_ledger(disk.ledger)])
-            participation = participation_bound(participation, lost)
+            participation = np.full(PARTIES, prior_executions(0, lost), dtype=np.int64)
         else:
             r0 = disk.checkpoint["round"]
             lost = executions_after(r0, audit_events=read_audit(disk.root),
                                     ledger_rounds=[r.round for r in read_ledger(disk.ledger)])
-            participation = participation_bound(disk.checkpoint["participation"], lost)
+            # hosts count every party in every earlier execution (sampling is never persisted)
+            participation = np.full(PARTIES, prior_executions(disk.checkpoint["executions"], lost),
+                                    dtype=np.int64)
             first = r0 + 1
         disk.history = [h for h in disk.history if h < first]  # truncate_history
 
@@ -108,6 +111,7 @@ def run_once(disk: Disk, oracle: Oracle, *, rounds: int, every: int, crash, samp
                 writer()  # dies inside the write
             raise Crash(f"before {step} of round {r}")
 
+        executed = int(participation[0])  # executions counted so far (a scalar, no ids)
         for r in range(first, rounds + 1):
             def torn_audit(r=r):
                 with open(disk.audit, "ab") as f:
@@ -124,6 +128,7 @@ def run_once(disk: Disk, oracle: Oracle, *, rounds: int, every: int, crash, samp
 
             point(r, "charge", torn_charge)
             led.charge(round=r, event=EVENT)
+            executed += 1
             point(r, "release")
             sampled = samples[r % len(samples)]
             oracle.released_rounds.append(r)
@@ -135,8 +140,9 @@ def run_once(disk: Disk, oracle: Oracle, *, rounds: int, every: int, crash, samp
             audit.write("round", round=r)
             point(r, "checkpoint")
             if r % every == 0 or r == rounds:
-                disk.checkpoint = {"round": r, "participation": participation.copy()}
+                disk.checkpoint = {"round": r, "executions": executed}
         led.close()
+        disk.participation = participation.copy()  # the last lifetime's hosts' counts
     finally:
         lock.release()  # a dead process's flock is dropped by the kernel
 
@@ -178,17 +184,16 @@ def test_random_crash_points_never_under_count(tmp_path_factory, crash_points, e
         truth.compose(EVENT)
     with Ledger.open(disk.ledger, budget=BUDGET) as led:
         assert led.spent_epsilon >= truth.epsilon(BUDGET.delta) * (1 - 1e-12)
-    final = disk.checkpoint["participation"]
+    final = disk.participation
     assert np.all(final >= oracle.participation), (final, oracle.participation)
 
 
 def test_the_model_catches_the_old_restore():
-    """The property has teeth: restoring the checkpoint's participation alone (the code before
-    issue 13) under-counts in the simplest crash - round 3 released, then died before its
-    checkpoint."""
+    """The property has teeth: counting only the checkpoint's rounds (the code before issue 13)
+    under-counts in the simplest crash - round 3 released, then died before its checkpoint."""
     saved = np.array([2, 2])  # checkpoint of round 2: both parties in rounds 1 and 2
     events = [{"event": ROUND_START, "round": r} for r in (1, 2, 3)]
     lost = executions_after(2, audit_events=events, ledger_rounds=[1, 2, 3])
     true_after_rerun = np.array([4, 4])  # rounds 1, 2, 3 and 3 again
     assert np.any(saved + 1 < true_after_rerun)  # old: resume with [2, 2], re-run 3 -> [3, 3]
-    assert np.all(participation_bound(saved, lost) + 1 >= true_after_rerun)
+    assert np.all(prior_executions(2, lost) + 1 >= true_after_rerun)

@@ -88,7 +88,7 @@ def test_a_dp_job_releases_no_party_statistics_and_no_participant_ids(ray_sessio
     assert set(model) == {"state_dict", "spec", "n_features", "classes", "feature_names", "mean", "scale"}
     assert not model["spec"]["output"]["record_participants"]
     ckpt = torch.load(io.BytesIO((out / "checkpoint.pt").read_bytes()), weights_only=False)
-    assert set(ckpt) == {"round", "params", "server_state", "dp", "spec"}  # no participation vector
+    assert set(ckpt) == {"round", "executions", "params", "server_state", "dp", "spec"}  # no participation vector
     assert r.summary == summary
 
 

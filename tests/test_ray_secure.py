@@ -161,20 +161,26 @@ def test_simulated_dropouts_go_silent_after_sharing_keys(ray_session, small_job,
     assert_stage_timings(secure, plain)
 
 
-def test_two_runs_of_one_spec_sample_different_parties(ray_session, small_job):
+def test_two_runs_of_one_spec_sample_different_parties(ray_session, small_job, tmp_path):
     """Attack (issue 13, finding 1): with the sample drawn from (spec.seed, round), two runs
     of one spec trained the same parties, and anyone holding the spec reproduced them. Now
     the driver samples from the OS CSPRNG: the runs differ and the reconstruction fails."""
-    job = dict(small_job, parties={"count": 24, "per_host": 12},
-               sampling={"kind": "poisson", "fraction": 0.5}, rounds=1)
+    import json
+
     picked = []
-    for _ in range(2):
+    for run in range(2):
+        out = tmp_path / f"run{run}"
+        job = dict(small_job, parties={"count": 24, "per_host": 12},
+                   sampling={"kind": "poisson", "fraction": 0.5}, rounds=1,
+                   output={"dir": str(out), "progress": False, "record_participants": True})
+        out.mkdir()
         fed = _federation(job)
         try:
             assert fed.run_round(1)["status"] == "ok"
-            picked.append(np.flatnonzero(fed.participation))
         finally:
             fed.stop()
+        rows = [json.loads(line) for line in (out / "participants.jsonl").read_text().splitlines()]
+        picked.append(np.array(sorted(rows[-1]["sampled"])))
     attacker = np.flatnonzero(np.random.default_rng([fed.spec.seed, 1, 0x5A]).random(24) < 0.5)
     assert not np.array_equal(picked[0], picked[1])  # equal with probability 2^-24
     assert not np.array_equal(picked[0], attacker) and not np.array_equal(picked[1], attacker)

@@ -11,10 +11,11 @@ or the process died after the sum left. Two books are kept for those rounds:
   re-run after a resume is charged again (:class:`~lepton_ray.privacy.ledger.Ledger`). Nothing
   to do here; :func:`executions_after` only reads it as one more witness.
 * **Record-level (DP-SGD inside each party)**: a party's record-level epsilon composes its
-  local DP-SGD run over the rounds it took part in (``Federation.participation``). A round
-  executed after the checkpoint and then re-run after the resume is *two* executions of the
-  party's mechanism on its records: a party sampled both times has spent twice. Restoring the
-  checkpoint's counts alone counts it once (the bug this module fixes).
+  local DP-SGD run over the rounds it took part in (each ``PartyHost`` counts its own parties;
+  the counts never leave it). A round executed after the checkpoint and then re-run after the
+  resume is *two* executions of the party's mechanism on its records: a party sampled both
+  times has spent twice. Counting only the checkpoint's rounds counts it once (the bug this
+  module fixes); :func:`prior_executions` is what a resumed job's hosts start from.
 
 Who was sampled in a lost execution is not known, and must not be: sampling is secret and never
 persisted (so no file could let anyone reproduce it). So the bound assumes the worst: *every*
@@ -33,11 +34,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import numpy as np
-
 from lepton_ray.errors import ResumeError
 
-__all__ = ["ROUND_START", "executions_after", "participation_bound"]
+__all__ = ["ROUND_START", "executions_after", "prior_executions"]
 
 ROUND_START = "round_start"
 """The audit-log event a driver writes (fsynced) before a round samples or trains anyone."""
@@ -64,12 +63,14 @@ def executions_after(checkpoint_round: int, *, audit_events: Iterable[Mapping[st
     return max(starts, ends, charged)
 
 
-def participation_bound(saved: np.ndarray, executions: int) -> np.ndarray:
-    """Per-party participation counts to resume with: the checkpoint's counts plus
-    ``executions`` for every party (each may have taken part in each lost execution)."""
-    saved = np.asarray(saved)
-    if saved.ndim != 1 or saved.dtype.kind not in "iu" or np.any(saved < 0):
-        raise ResumeError("checkpoint participation must be a 1-d array of counts >= 0")
-    if isinstance(executions, bool) or not isinstance(executions, int) or executions < 0:
-        raise ResumeError(f"lost executions must be an integer >= 0, got {executions!r}")
-    return saved.astype(np.int64) + executions
+def prior_executions(checkpoint_executions: int, executions: int) -> int:
+    """Round executions a resumed job's hosts count every party in (record-level DP-SGD
+    accounting): the ``checkpoint_executions`` the checkpoint records (its rounds, and any
+    re-run of them in an earlier resume) plus the ``executions`` after it that may have
+    released something. Who was sampled is secret and never written, so each
+    party is counted in every one of them: over-count, never under-count."""
+    for name, value in (("checkpoint executions", checkpoint_executions),
+                        ("lost executions", executions)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ResumeError(f"{name} must be an integer >= 0, got {value!r}")
+    return checkpoint_executions + executions
