@@ -75,15 +75,57 @@ def is_dropout(exc: BaseException) -> bool:
     return False
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the Ray instance already initialised, or start an embedded local one."""
+def ensure_ray(num_cpus: int | None = None, *, dashboard: bool = False) -> bool:
+    """Join the Ray instance already initialised, or start an embedded local one. Returns
+    True when this call started an embedded local instance (ours to configure and to fall
+    back on: see :func:`check_gpu_request`). With ``dashboard`` the embedded instance runs
+    Ray's dashboard and its URL is printed."""
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
-    else:  # "local": always a fresh embedded instance, never a stale cluster left on the machine
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 logging_level=logging.WARNING)
+        ctx = ray.init(logging_level=logging.WARNING)
+        if dashboard:
+            _say_dashboard(ctx, joined=True)
+        return False
+    # "local": always a fresh embedded instance, never a stale cluster left on the machine.
+    # Ray enables token authentication for a new local instance and warns that it did on
+    # every start; for our own instance that is the setting we want, so only that one
+    # warning is held back, only while this instance starts (a user's cluster settings and
+    # every other Ray message are left alone).
+    with _quiet_token_auth_notice():
+        ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                       logging_level=logging.WARNING)
+    if dashboard:
+        _say_dashboard(ctx, joined=False)
+    return True
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+class _quiet_token_auth_notice:
+    """Scoped: a filter on Ray's token-setup logger for the duration of ``ray.init``."""
+
+    LOGGER = "ray._private.authentication.authentication_token_setup"
+
+    def __enter__(self):
+        self._filter = _DropTokenAuthNotice()
+        logging.getLogger(self.LOGGER).addFilter(self._filter)
+
+    def __exit__(self, *exc):
+        logging.getLogger(self.LOGGER).removeFilter(self._filter)
+
+
+def _say_dashboard(ctx, *, joined: bool) -> None:
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        url = url if "://" in url else f"http://{url}"
+        print(f"Ray dashboard: {url}" + (" (the cluster's)" if joined else ""),
+              file=sys.stderr, flush=True)
+    else:
+        print("Ray dashboard: not available (is ray[default] installed?)", file=sys.stderr, flush=True)
 
 
 def prepare_output_dir(out: Path, *, overwrite: bool) -> None:
@@ -128,6 +170,7 @@ class Federation:
         self.history = HistoryWriter(self.out / HISTORY)
         self.audit = AuditLog(self.out / AUDIT)
         self.first_round = 1
+        self.resumed = False  # a resume that changed files (see commit_resume)
         self.dp = None  # DpFedAvg state when user-level DP is on
         self.accountant = None
         self.epsilon: float | None = None
@@ -211,6 +254,11 @@ class Federation:
         self.epsilon = ray.get(self.accountant.spent.remote())
         skellam = self._expected_skellam() if self.dp.distributed is not None else None
         first = ray.get(self.accountant.epsilon_if_charged.remote(self.dp.event(skellam)))
+        if first > p.epsilon and self.first_round > 1:  # a resume asking for more rounds
+            raise BudgetExhaustedError(
+                f"rounds: {self.spec.rounds} asked, but the privacy budget allows no round after "
+                f"round {self.first_round - 1}: epsilon spent {self.epsilon:.4g}, the next round "
+                f"would take it to {first:.4g} > privacy.epsilon {p.epsilon:g}; no file changed")
         if first > p.epsilon:
             from lepton_ray.errors import PrivacyError
 
@@ -546,6 +594,7 @@ class Federation:
                 report = ray.get(ref)
             except ray.exceptions.RayError as exc:
                 if not is_dropout(exc):
+                    _collect(outs)  # so Ray reports no "unhandled error" for the stage's others
                     raise  # a bug or a bad input: surface it, never hide it
                 if isinstance(exc, HOST_DEATH):
                     self.dead.add(h)
@@ -591,39 +640,35 @@ class Federation:
         torch.save(state, buf)
         write_output(self.out, CHECKPOINT, buf.getvalue(), self.key)
 
-    def restore(self) -> int:
-        """Resume from ``checkpoint.pt``: parameters, server-optimiser and DP state. History
-        rows after the checkpoint are cut (those rounds run again, so no row is duplicated);
-        the privacy ledger is only ever replayed, never cut. Returns the checkpoint's round."""
-        import torch
+    def restore(self, state: dict | None = None) -> int:
+        """Resume from ``checkpoint.pt`` (``state``: as :func:`read_checkpoint` returns it):
+        parameters, server-optimiser and DP state. Read-only; :meth:`commit_resume` cuts the
+        history once the job has started. Returns the checkpoint's round."""
+        from lepton_ray.learning.models import load_flat
 
-        from lepton_ray.config import load_spec
-        from lepton_ray.outputs import truncate_history
-
-        path = output_path(self.out, CHECKPOINT, encrypted=self.key is not None)
-        if not path.exists():
-            raise ResumeError(f"--resume {self.out}: no {path.name} there; nothing to resume")
-        raw = read_output(self.out, CHECKPOINT, self.key)  # a wrong key is a clear LeptonError
-        try:
-            state = torch.load(io.BytesIO(raw), weights_only=False)
-        except Exception as exc:  # a checkpoint is written atomically, so this is not ours
-            raise ResumeError(f"--resume {self.out}: cannot read {CHECKPOINT}: {exc}") from None
-        saved = load_spec(state["spec"])
-        if saved.to_dict() | {"rounds": 0} != self.spec.to_dict() | {"rounds": 0}:
-            raise ResumeError(f"--resume {self.out}: the spec differs from the one the job "
-                              "started with (only rounds may change)")
+        if state is None:
+            state = read_checkpoint(self.spec, self.key)
         if state["params"].shape != self.params.shape:
             raise ResumeError(f"--resume {self.out}: checkpoint parameters have shape "
                               f"{state['params'].shape}, the model {self.params.shape}")
         self.params = state["params"]
+        load_flat(self.model, self.params)  # the model written if no round runs is the checkpoint's
         self.optimizer.state = state["server_state"]
         self.dp = state["dp"]
         self.participation = state["participation"]
         r = int(state["round"])
-        cut = truncate_history(self.out, r)
         self.first_round = r + 1
-        self.audit.write("resume", from_round=r, history_rows_cut=cut)
         return r
+
+    def commit_resume(self) -> None:
+        """History rows after the checkpoint are cut (those rounds run again, so no row is
+        duplicated); the privacy ledger is only ever replayed, never cut."""
+        from lepton_ray.outputs import truncate_history
+
+        r = self.first_round - 1
+        cut = truncate_history(self.out, r)
+        self.audit.write("resume", from_round=r, history_rows_cut=cut)
+        self.resumed = True
 
     def write_model(self) -> None:
         import torch
@@ -648,7 +693,9 @@ class Federation:
         return {
             "name": self.spec.name,
             "status": status,
-            "rounds_completed": len(self.round_seconds),
+            # rounds in history.csv: those before the checkpoint a resumed job started from,
+            # and those run now
+            "rounds_completed": self.first_round - 1 + len(self.round_seconds),
             "rounds_planned": self.spec.rounds,
             "parties": self.spec.parties.count,
             "hosts": len(self.blocks),
@@ -716,28 +763,44 @@ class Federation:
 
 
 def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
-            num_cpus: int | None = None, on_round=None) -> RunResult:
+            num_cpus: int | None = None, on_round=None, dashboard: bool = False) -> RunResult:
     """Run (or with ``resume`` continue) a job; see the module docstring. ``on_round(row)``
     is called with each round's history row (for notebooks and benchmarks)."""
+    from actors.resources import check_cluster, check_local, local_gpu_count
+
     out = Path(spec.output.dir)
+    embedded = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    if embedded and (spec.training.gpus_per_party > 0 or spec.parties.deploy):
+        # the GPUs asked for against this machine, before any file or Ray process
+        spec = check_local(spec, local_gpu_count(),
+                           say=lambda m: print(m, file=sys.stderr, flush=True))
     if spec.parties.deploy:  # the parties' data stays on their nodes: load only the test set
         from lepton_ray.learning.data import load_server_data
 
         data = load_server_data(spec.data)
     else:
         data = load_federated(spec.data, spec.parties.count, spec.seed)  # data errors before Ray
-    if not resume:
+    state = None
+    if resume:  # read-only until the job has started: a resume that fails changes no file
+        state = read_checkpoint(spec, _encryption_key(spec))
+        if int(state["round"]) >= spec.rounds and (out / SUMMARY).exists():
+            return _already_finished(spec, out, int(state["round"]))
+    else:
         prepare_output_dir(out, overwrite=overwrite)
-    ensure_ray(num_cpus)
+    ensure_ray(num_cpus, dashboard=dashboard)
+    if not embedded:  # a cluster we joined: its GPUs (or its autoscaler's) against the job's
+        spec = check_cluster(spec, embedded=False)
     fed = Federation(spec, data)
     if resume:
-        fed.restore()
+        fed.restore(state)
     t0 = time.perf_counter()
     last: dict[str, Any] = {}
     status, reason = "failed", ""
     bar = None
     try:
         fed.start()
+        if resume:
+            fed.commit_resume()
         bar = _progress(spec, fed.first_round)
         for r in range(fed.first_round, spec.rounds + 1):
             try:
@@ -758,12 +821,15 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         if bar is not None:
             bar.close()
         fed.stop()
-        summary = fed.summary(last, status, time.perf_counter() - t0)
-        if reason:
-            summary["reason"] = reason
-        fed.audit.write("job_end", status=status, reason=reason, epsilon=fed.epsilon)
-        fed.write_model()
-        atomic_write_json(out / SUMMARY, summary)
+        if not resume or fed.resumed:  # a resume that never started leaves every file as it was
+            if not last and resume:
+                last = _last_history_row(out)
+            summary = fed.summary(last, status, time.perf_counter() - t0)
+            if reason:
+                summary["reason"] = reason
+            fed.audit.write("job_end", status=status, reason=reason, epsilon=fed.epsilon)
+            fed.write_model()
+            atomic_write_json(out / SUMMARY, summary)
     return RunResult(
         history=read_history(out),
         summary=summary,
@@ -773,6 +839,49 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         mean=data.mean,
         scale=data.scale,
     )
+
+
+def read_checkpoint(spec: JobSpec, key: bytes | None) -> dict[str, Any]:
+    """The checkpoint in ``spec.output.dir`` for ``--resume``, checked to belong to the same
+    job (:mod:`lepton_ray.resume` names what differs). Reads only."""
+    import torch
+
+    from lepton_ray.config import load_spec
+    from lepton_ray.resume import check_same_job
+
+    out = Path(spec.output.dir)
+    path = output_path(out, CHECKPOINT, encrypted=key is not None)
+    if not path.exists():
+        raise ResumeError(f"--resume {out}: no {path.name} there; nothing to resume")
+    raw = read_output(out, CHECKPOINT, key)  # a wrong key is a clear LeptonError
+    try:
+        state = torch.load(io.BytesIO(raw), weights_only=False)
+    except Exception as exc:  # a checkpoint is written atomically, so this is not ours
+        raise ResumeError(f"--resume {out}: cannot read {CHECKPOINT}: {exc}") from None
+    check_same_job(load_spec(state["spec"]).to_dict(), spec.to_dict(), out)
+    return state
+
+
+def _already_finished(spec: JobSpec, out: Path, done: int) -> RunResult:
+    """``--resume`` of a job whose checkpoint is its last round: say so, touch nothing, and
+    return the outputs as they are."""
+    import json
+
+    from lepton_ray.result import load_result
+
+    s = json.loads((out / SUMMARY).read_text())
+    print(f"{spec.name}: already finished ({s.get('status')}, {done} rounds, "
+          f"{spec.rounds} asked); nothing to resume, no file changed", file=sys.stderr, flush=True)
+    return load_result(out, key=_encryption_key(spec))
+
+
+def _last_history_row(out: Path) -> dict[str, Any]:
+    try:
+        h = read_history(out)
+    except LeptonError:
+        return {}
+    return {} if h.empty else {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                               for k, v in h.iloc[-1].to_dict().items()}
 
 
 def _encryption_key(spec: JobSpec) -> bytes | None:
@@ -828,6 +937,18 @@ def _mean_laps(rounds: list[dict[str, float]]) -> dict[str, float]:
     stages = {s for laps in rounds for s in laps}
     return {s: round(float(np.mean([laps.get(s, 0.0) for laps in rounds])), 4)
             for s in sorted(stages)} if rounds else {}
+
+
+def _collect(outs: dict, timeout: float = 30.0) -> None:
+    """Read (and drop) every result of a stage that is being abandoned. An object ref whose
+    task failed and that is freed unread makes Ray print an "Unhandled error" traceback at
+    exit; after a clean error the user should see the error, once."""
+    for refs in outs.values():
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=timeout)
+            except Exception:  # noqa: BLE001 - already reported by the error being raised
+                pass
 
 
 def _payloads(live: dict) -> list:
