@@ -102,7 +102,8 @@ def ensure_ray(num_cpus: int | None = None, *, dashboard: bool = False) -> bool:
 
 class _DropTokenAuthNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+        notice = "Token authentication is enabled for this Ray cluster"
+        return not record.getMessage().startswith(notice)
 
 
 class _quiet_token_auth_notice:
@@ -125,7 +126,8 @@ def _say_dashboard(ctx, *, joined: bool) -> None:
         print(f"Ray dashboard: {url}" + (" (the cluster's)" if joined else ""),
               file=sys.stderr, flush=True)
     else:
-        print("Ray dashboard: not available (is ray[default] installed?)", file=sys.stderr, flush=True)
+        print("Ray dashboard: not available (is ray[default] installed?)", file=sys.stderr,
+              flush=True)
 
 
 def prepare_output_dir(out: Path, *, overwrite: bool) -> None:
@@ -782,8 +784,11 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         data = load_federated(spec.data, spec.parties.count, spec.seed)  # data errors before Ray
     state = None
     if resume:  # read-only until the job has started: a resume that fails changes no file
-        state = read_checkpoint(spec, _encryption_key(spec))
-        if int(state["round"]) >= spec.rounds and (out / SUMMARY).exists():
+        key = _encryption_key(spec)
+        state = read_checkpoint(spec, key)
+        finished = ((out / SUMMARY).exists()
+                    and output_path(out, MODEL, encrypted=key is not None).exists())
+        if int(state["round"]) >= spec.rounds and finished:  # else: write the missing final files
             return _already_finished(spec, out, int(state["round"]))
     else:
         prepare_output_dir(out, overwrite=overwrite)

@@ -106,8 +106,8 @@ def cmd_simulate(args) -> int:
         spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, dir=args.resume))
     if args.quiet:
         spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, progress=False))
-    result = run_job(spec, overwrite=args.overwrite, resume=bool(args.resume), num_cpus=args.num_cpus,
-                     dashboard=args.dashboard)
+    result = run_job(spec, overwrite=args.overwrite, resume=bool(args.resume),
+                     num_cpus=args.num_cpus, dashboard=args.dashboard)
     print(summary_line(result.summary, result.output_dir))
     return 0
 

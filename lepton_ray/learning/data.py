@@ -151,7 +151,9 @@ def _split_within_groups(y: np.ndarray, groups: np.ndarray, test_fraction: float
         tr, te = train_test_split(rows, test_size=n_test, random_state=seed, stratify=stratify)
         train.append(tr)
         test.append(te)
-    cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)  # noqa: E731
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+
     return cat(train), cat(test)
 
 
