@@ -76,3 +76,22 @@ def test_resume_asking_more_rounds_than_the_budget_allows(ray_session, small_job
     assert "rounds: 3 asked, but the privacy budget allows no round after round 2" in err
     assert "Traceback" not in err
     assert _fingerprint(r.output_dir) == before
+
+
+def test_resume_after_a_crash_before_the_final_files_writes_them(ray_session, small_job, tmp_path):
+    """The driver died after the last checkpoint but before summary.json and model.pt: the
+    resume runs no round, keeps history.csv, and writes the final files from it."""
+    r = lepton_ray.run(small_job, rounds=2)
+    out = r.output_dir
+    history = (out / "history.csv").read_bytes()
+    (out / "summary.json").unlink()
+    (out / "model.pt").unlink()
+    again = lepton_ray.run(small_job, rounds=2, resume=out)
+    assert (out / "history.csv").read_bytes() == history
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "completed" and s["rounds_completed"] == 2
+    assert s["final"]["test_accuracy"] == pytest.approx(r.summary["final"]["test_accuracy"], abs=1e-6)
+    from sklearn.datasets import load_digits
+
+    X, _ = load_digits(return_X_y=True)
+    assert (again.predict(X) == r.predict(X)).all()  # the checkpoint's model, not a fresh one
