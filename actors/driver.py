@@ -86,15 +86,59 @@ def is_dropout(exc: BaseException) -> bool:
     return False
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the Ray instance already initialised, or start an embedded local one."""
+def ensure_ray(num_cpus: int | None = None, *, dashboard: bool = False) -> bool:
+    """Join the Ray instance already initialised, or start an embedded local one. Returns
+    True when this call started an embedded local instance (ours to configure and to fall
+    back on: see :func:`check_gpu_request`). With ``dashboard`` the embedded instance runs
+    Ray's dashboard and its URL is printed."""
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
-    else:  # "local": always a fresh embedded instance, never a stale cluster left on the machine
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 logging_level=logging.WARNING)
+        ctx = ray.init(logging_level=logging.WARNING)
+        if dashboard:
+            _say_dashboard(ctx, joined=True)
+        return False
+    # "local": always a fresh embedded instance, never a stale cluster left on the machine.
+    # Ray enables token authentication for a new local instance and warns that it did on
+    # every start; for our own instance that is the setting we want, so only that one
+    # warning is held back, only while this instance starts (a user's cluster settings and
+    # every other Ray message are left alone).
+    with _quiet_token_auth_notice():
+        ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                       logging_level=logging.WARNING)
+    if dashboard:
+        _say_dashboard(ctx, joined=False)
+    return True
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        notice = "Token authentication is enabled for this Ray cluster"
+        return not record.getMessage().startswith(notice)
+
+
+class _quiet_token_auth_notice:
+    """Scoped: a filter on Ray's token-setup logger for the duration of ``ray.init``."""
+
+    LOGGER = "ray._private.authentication.authentication_token_setup"
+
+    def __enter__(self):
+        self._filter = _DropTokenAuthNotice()
+        logging.getLogger(self.LOGGER).addFilter(self._filter)
+
+    def __exit__(self, *exc):
+        logging.getLogger(self.LOGGER).removeFilter(self._filter)
+
+
+def _say_dashboard(ctx, *, joined: bool) -> None:
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        url = url if "://" in url else f"http://{url}"
+        print(f"Ray dashboard: {url}" + (" (the cluster's)" if joined else ""),
+              file=sys.stderr, flush=True)
+    else:
+        print("Ray dashboard: not available (is ray[default] installed?)", file=sys.stderr,
+              flush=True)
 
 
 def prepare_output_dir(out: Path, *, overwrite: bool, discard_privacy_ledger: bool = False,
@@ -169,6 +213,8 @@ class Federation:
         # DP-SGD executions before this driver's first round (resume: the checkpoint's rounds
         # and every execution after it that may have released; lepton_ray.privacy.resume)
         self.prior_executions = 0
+        self.resumed = False  # a resume that changed files (see commit_resume)
+        self._recounted = 0  # executions after the checkpoint counted again on resume
         self.dp = None  # DpFedAvg state when user-level DP is on
         self.accountant = None
         self.ledger_lock = None  # the job's held LedgerLock (run_job takes it)
@@ -256,6 +302,11 @@ class Federation:
         self.epsilon = self.accountant.spent()
         skellam = self._expected_skellam() if self.dp.distributed is not None else None
         first = self.accountant.epsilon_if_charged(self.dp.event(skellam))
+        if first > p.epsilon and self.first_round > 1:  # a resume asking for more rounds
+            raise BudgetExhaustedError(
+                f"rounds: {self.spec.rounds} asked, but the privacy budget allows no round after "
+                f"round {self.first_round - 1}: epsilon spent {self.epsilon:.4g}, the next round "
+                f"would take it to {first:.4g} > privacy.epsilon {p.epsilon:g}; no file changed")
         if first > p.epsilon:
             from lepton_ray.errors import PrivacyError
 
@@ -675,6 +726,7 @@ class Federation:
                 report = ray.get(ref)
             except ray.exceptions.RayError as exc:
                 if not is_dropout(exc):
+                    _collect(outs)  # so Ray reports no "unhandled error" for the stage's others
                     raise  # a bug or a bad input: surface it, never hide it
                 if isinstance(exc, HOST_DEATH):
                     self.dead.add(h)
@@ -722,40 +774,23 @@ class Federation:
         torch.save(state, buf)
         write_output(self.out, CHECKPOINT, buf.getvalue(), self.key)
 
-    def restore(self) -> int:
-        """Resume from ``checkpoint.pt``: parameters, server-optimiser and DP state. History
-        rows after the checkpoint are cut (those rounds run again, so no row is duplicated);
-        the privacy ledger is only ever replayed, never cut. Returns the checkpoint's round."""
-        import torch
+    def restore(self, state: dict | None = None) -> int:
+        """Resume from ``checkpoint.pt`` (``state``: as :func:`read_checkpoint` returns it):
+        parameters, server-optimiser and DP state. Read-only; :meth:`commit_resume` cuts the
+        history once the job has started. Returns the checkpoint's round."""
+        from lepton_ray.learning.models import load_flat
 
-        from lepton_ray.config import load_spec
-        from lepton_ray.outputs import truncate_history
-
-        path = output_path(self.out, CHECKPOINT, encrypted=self.key is not None)
-        if not path.exists() and ((self.out / LEDGER).exists() or (self.out / AUDIT).exists()):
-            # died before its first checkpoint: start again from round 1, keeping the ledger
-            # (an --overwrite would need --discard-privacy-ledger) and counting what ran
+        if state is None:  # died before its first checkpoint (run_job checked): from round 1
             lost = executions_after(0, audit_events=read_audit(self.out) if (self.out / AUDIT)
                                     .exists() else [], ledger_rounds=self._ledger_rounds())
             self.prior_executions = prior_executions(0, lost)
-            cut = truncate_history(self.out, 0)
-            self.audit.write("resume", from_round=0, history_rows_cut=cut, executions_recounted=lost)
+            self._recounted = lost
             return 0
-        if not path.exists():
-            raise ResumeError(f"--resume {self.out}: no {path.name} there; nothing to resume")
-        raw = read_output(self.out, CHECKPOINT, self.key)  # a wrong key is a clear LeptonError
-        try:
-            state = torch.load(io.BytesIO(raw), weights_only=False)
-        except Exception as exc:  # a checkpoint is written atomically, so this is not ours
-            raise ResumeError(f"--resume {self.out}: cannot read {CHECKPOINT}: {exc}") from None
-        saved = load_spec(state["spec"])
-        if saved.to_dict() | {"rounds": 0} != self.spec.to_dict() | {"rounds": 0}:
-            raise ResumeError(f"--resume {self.out}: the spec differs from the one the job "
-                              "started with (only rounds may change)")
         if state["params"].shape != self.params.shape:
             raise ResumeError(f"--resume {self.out}: checkpoint parameters have shape "
                               f"{state['params'].shape}, the model {self.params.shape}")
         self.params = state["params"]
+        load_flat(self.model, self.params)  # the model written if no round runs is the checkpoint's
         self.optimizer.state = state["server_state"]
         self.dp = state["dp"]
         r = int(state["round"])
@@ -765,9 +800,8 @@ class Federation:
         lost = executions_after(r, audit_events=read_audit(self.out) if (self.out / AUDIT).exists()
                                 else [], ledger_rounds=self._ledger_rounds())
         self.prior_executions = prior_executions(int(state.get("executions", r)), lost)
-        cut = truncate_history(self.out, r)
+        self._recounted = lost
         self.first_round = r + 1
-        self.audit.write("resume", from_round=r, history_rows_cut=cut, executions_recounted=lost)
         return r
 
     def _ledger_rounds(self) -> list[int]:
@@ -777,6 +811,17 @@ class Federation:
         if not path.exists() or path.stat().st_size == 0:
             return []
         return [row.round for row in read_ledger(path)]
+
+    def commit_resume(self) -> None:
+        """History rows after the checkpoint are cut (those rounds run again, so no row is
+        duplicated); the privacy ledger is only ever replayed, never cut."""
+        from lepton_ray.outputs import truncate_history
+
+        r = self.first_round - 1
+        cut = truncate_history(self.out, r)
+        self.audit.write("resume", from_round=r, history_rows_cut=cut,
+                         executions_recounted=self._recounted)
+        self.resumed = True
 
     def write_model(self) -> None:
         import torch
@@ -801,7 +846,9 @@ class Federation:
         out = {
             "name": self.spec.name,
             "status": status,
-            "rounds_completed": len(self.round_seconds),
+            # rounds in history.csv: those before the checkpoint a resumed job started from,
+            # and those run now
+            "rounds_completed": self.first_round - 1 + len(self.round_seconds),
             "rounds_planned": self.spec.rounds,
             "parties": self.spec.parties.count,
             "hosts": len(self.blocks),
@@ -873,7 +920,7 @@ class Federation:
         return worst
 
 def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
-            num_cpus: int | None = None, on_round=None,
+            num_cpus: int | None = None, on_round=None, dashboard: bool = False,
             discard_privacy_ledger: bool = False) -> RunResult:
     """Run (or with ``resume`` continue) a job; see the module docstring. ``on_round(row)``
     is called with each round's history row (for notebooks and benchmarks).
@@ -882,9 +929,15 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
     (:class:`~lepton_ray.privacy.ledger.LedgerLock`) from before it touches the directory
     until it has ended, also on failure: a second job on the same directory (e.g. a
     ``--resume`` while this one runs) gets ``LedgerLockedError`` naming this pid."""
+    from actors.resources import check_local, local_gpu_count
     from lepton_ray.privacy.ledger import LedgerLock
 
     out = Path(spec.output.dir)
+    embedded = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    if embedded and (spec.training.gpus_per_party > 0 or spec.parties.deploy):
+        # the GPUs asked for against this machine, before any file or Ray process
+        spec = check_local(spec, local_gpu_count(),
+                           say=lambda m: print(m, file=sys.stderr, flush=True))
     if spec.parties.deploy:  # the parties' data stays on their nodes: load only the test set
         from lepton_ray.learning.data import load_server_data
 
@@ -895,27 +948,46 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         raise ResumeError(f"--resume {out}: no such directory; nothing to resume")
     with LedgerLock.acquire(out / LEDGER) as lock:
         return _run_locked(spec, data, lock, overwrite=overwrite, resume=resume,
-                           num_cpus=num_cpus, on_round=on_round,
-                           discard_privacy_ledger=discard_privacy_ledger)
+                           num_cpus=num_cpus, on_round=on_round, dashboard=dashboard,
+                           embedded=embedded, discard_privacy_ledger=discard_privacy_ledger)
 
 
 def _run_locked(spec: JobSpec, data: FederatedData, lock, *, overwrite: bool, resume: bool,
-                num_cpus: int | None, on_round, discard_privacy_ledger: bool) -> RunResult:
+                num_cpus: int | None, on_round, dashboard: bool, embedded: bool,
+                discard_privacy_ledger: bool) -> RunResult:
+    from actors.resources import check_cluster
+
     out = Path(spec.output.dir)
-    if not resume:
+    state = None
+    if resume:  # read-only until the job has started: a resume that fails changes no file
+        key = _encryption_key(spec)
+        if (output_path(out, CHECKPOINT, encrypted=key is not None).exists()
+                or not ((out / LEDGER).exists() or (out / AUDIT).exists())):
+            state = read_checkpoint(spec, key)
+            finished = ((out / SUMMARY).exists()
+                        and output_path(out, MODEL, encrypted=key is not None).exists())
+            if int(state["round"]) >= spec.rounds and finished:  # else: write the missing files
+                return _already_finished(spec, out, int(state["round"]))
+        # else: died before its first checkpoint; start from round 1 keeping the ledger (an
+        # --overwrite would need --discard-privacy-ledger) and counting what ran
+    else:
         prepare_output_dir(out, overwrite=overwrite, discard_privacy_ledger=discard_privacy_ledger,
                            lock=lock)
-    ensure_ray(num_cpus)
+    ensure_ray(num_cpus, dashboard=dashboard)
+    if not embedded:  # a cluster we joined: its GPUs (or its autoscaler's) against the job's
+        spec = check_cluster(spec, embedded=False)
     fed = Federation(spec, data)
     fed.ledger_lock = lock
     if resume:
-        fed.restore()
+        fed.restore(state)
     t0 = time.perf_counter()
     last: dict[str, Any] = {}
     status, reason = "failed", ""
     bar = None
     try:
         fed.start()
+        if resume:
+            fed.commit_resume()
         bar = _progress(spec, fed.first_round)
         for r in range(fed.first_round, spec.rounds + 1):
             try:
@@ -936,12 +1008,15 @@ def _run_locked(spec: JobSpec, data: FederatedData, lock, *, overwrite: bool, re
         if bar is not None:
             bar.close()
         fed.stop()
-        summary = fed.summary(last, status, time.perf_counter() - t0)
-        if reason:
-            summary["reason"] = reason
-        fed.audit.write("job_end", status=status, reason=reason, epsilon=fed.epsilon)
-        fed.write_model()
-        atomic_write_json(out / SUMMARY, summary)
+        if not resume or fed.resumed:  # a resume that never started leaves every file as it was
+            if not last and resume:
+                last = _last_history_row(out)
+            summary = fed.summary(last, status, time.perf_counter() - t0)
+            if reason:
+                summary["reason"] = reason
+            fed.audit.write("job_end", status=status, reason=reason, epsilon=fed.epsilon)
+            fed.write_model()
+            atomic_write_json(out / SUMMARY, summary)
     return RunResult(
         history=read_history(out),
         summary=summary,
@@ -951,6 +1026,49 @@ def _run_locked(spec: JobSpec, data: FederatedData, lock, *, overwrite: bool, re
         mean=data.mean,
         scale=data.scale,
     )
+
+
+def read_checkpoint(spec: JobSpec, key: bytes | None) -> dict[str, Any]:
+    """The checkpoint in ``spec.output.dir`` for ``--resume``, checked to belong to the same
+    job (:mod:`lepton_ray.resume` names what differs). Reads only."""
+    import torch
+
+    from lepton_ray.config import load_spec
+    from lepton_ray.resume import check_same_job
+
+    out = Path(spec.output.dir)
+    path = output_path(out, CHECKPOINT, encrypted=key is not None)
+    if not path.exists():
+        raise ResumeError(f"--resume {out}: no {path.name} there; nothing to resume")
+    raw = read_output(out, CHECKPOINT, key)  # a wrong key is a clear LeptonError
+    try:
+        state = torch.load(io.BytesIO(raw), weights_only=False)
+    except Exception as exc:  # a checkpoint is written atomically, so this is not ours
+        raise ResumeError(f"--resume {out}: cannot read {CHECKPOINT}: {exc}") from None
+    check_same_job(load_spec(state["spec"]).to_dict(), spec.to_dict(), out)
+    return state
+
+
+def _already_finished(spec: JobSpec, out: Path, done: int) -> RunResult:
+    """``--resume`` of a job whose checkpoint is its last round: say so, touch nothing, and
+    return the outputs as they are."""
+    import json
+
+    from lepton_ray.result import load_result
+
+    s = json.loads((out / SUMMARY).read_text())
+    print(f"{spec.name}: already finished ({s.get('status')}, {done} rounds, "
+          f"{spec.rounds} asked); nothing to resume, no file changed", file=sys.stderr, flush=True)
+    return load_result(out, key=_encryption_key(spec))
+
+
+def _last_history_row(out: Path) -> dict[str, Any]:
+    try:
+        h = read_history(out)
+    except LeptonError:
+        return {}
+    return {} if h.empty else {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                               for k, v in h.iloc[-1].to_dict().items()}
 
 
 def _encryption_key(spec: JobSpec) -> bytes | None:
@@ -1004,6 +1122,18 @@ def _mean_laps(rounds: list[dict[str, float]]) -> dict[str, float]:
     stages = {s for laps in rounds for s in laps}
     return {s: round(float(np.mean([laps.get(s, 0.0) for laps in rounds])), 4)
             for s in sorted(stages)} if rounds else {}
+
+
+def _collect(outs: dict, timeout: float = 30.0) -> None:
+    """Read (and drop) every result of a stage that is being abandoned. An object ref whose
+    task failed and that is freed unread makes Ray print an "Unhandled error" traceback at
+    exit; after a clean error the user should see the error, once."""
+    for refs in outs.values():
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=timeout)
+            except Exception:  # noqa: BLE001 - already reported by the error being raised
+                pass
 
 
 def _payloads(live: dict) -> list:

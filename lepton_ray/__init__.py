@@ -43,17 +43,24 @@ def load_spec(spec_or_path: Any, **overrides: Any):
     return _load(spec_or_path, **overrides)
 
 
-def run(spec_or_path: Any, *, overwrite: bool = False, discard_privacy_ledger: bool = False,
-        **overrides: Any) -> "RunResult":
+def run(spec_or_path: Any, *, overwrite: bool = False, resume: Any = None,
+        discard_privacy_ledger: bool = False, **overrides: Any) -> "RunResult":
     """Run a federated job on Ray (an embedded local Ray unless one is already initialised).
 
-    ``overrides`` replace spec fields: ``rounds=5``, ``training__lr=0.05`` (``__`` for a
-    dot), or a nested dict ``training={"lr": 0.05}``. Returns a :class:`RunResult` with
-    ``history`` (a DataFrame), ``summary``, ``model`` and ``predict(X)``. An output
-    directory that already holds a job's outputs is refused unless ``overwrite=True``; its
-    privacy ledger is kept (refused) unless ``discard_privacy_ledger=True`` too.
+    ``spec_or_path`` is a YAML path, a dict with the same sections as the YAML (missing
+    fields take their defaults) or a ``JobSpec``. ``overrides`` replace spec fields:
+    ``rounds=5``, ``training__lr=0.05`` (``__`` for a dot), or a nested dict
+    ``training={"lr": 0.05}``. Returns a :class:`RunResult` with ``history`` (a DataFrame),
+    ``summary``, ``model`` and ``predict(X)``. An output directory that already holds a
+    job's outputs is refused unless ``overwrite=True``; its privacy ledger is kept (refused)
+    unless ``discard_privacy_ledger=True`` too. ``resume=OUT`` continues the job
+    whose checkpoint is in ``OUT`` (as ``lepton-ray simulate SPEC --resume OUT``); a job
+    that already finished is returned as it is, with no file changed.
     """
+    if resume is not None:
+        overrides["output__dir"] = str(resume)
     spec = load_spec(spec_or_path, **overrides)
     from actors.driver import run_job  # lazy: the only door from the library to Ray
 
-    return run_job(spec, overwrite=overwrite, discard_privacy_ledger=discard_privacy_ledger)
+    return run_job(spec, overwrite=overwrite, resume=resume is not None,
+                   discard_privacy_ledger=discard_privacy_ledger)

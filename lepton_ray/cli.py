@@ -38,6 +38,7 @@ def cmd_validate(args) -> int:
     from lepton_ray.learning.data import load_federated
 
     spec = _load(args)
+    _check_gpus(spec)
     if spec.parties.deploy:  # the parties' files live on their own nodes: check the test file
         from lepton_ray.learning.data import load_server_data
 
@@ -58,6 +59,43 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _check_gpus(spec) -> None:
+    """The GPUs a job asks for against the machine ``simulate`` would run it on (an embedded
+    local Ray); on a cluster (``RAY_ADDRESS``) they are checked when the job starts."""
+    import os
+
+    from lepton_ray.config import Device
+
+    asks = spec.training.gpus_per_party > 0 or any((d.gpus or 0) > 0 for d in spec.parties.deploy)
+    if not asks and spec.training.device is not Device.CUDA:
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        print("note: GPUs are checked against the cluster when the job starts", file=sys.stderr)
+        return
+    from actors.resources import check_local, local_gpu_count
+
+    check_local(spec, local_gpu_count(), say=lambda m: print(f"note: {m}", file=sys.stderr))
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+
+
+def summary_line(s: dict, output_dir: Any) -> str:
+    """The one line ``simulate`` prints at the end (metrics a job never reached: ``n/a``)."""
+    final = s.get("final") or {}
+    privacy = s.get("privacy") or {}
+    return (
+        f"{s['name']}: {s['status']}, {s['rounds_completed']} rounds, {s['parties']} parties on "
+        f"{s['hosts']} hosts; test accuracy {_fmt(final.get('test_accuracy'))}, macro F1 "
+        f"{_fmt(final.get('test_f1'))}, loss {_fmt(final.get('test_loss'))}; "
+        f"{_fmt(s.get('seconds_per_round'), '.3f')} s/round; outputs in {output_dir}"
+        + (f"; epsilon {privacy['epsilon_spent']:.3f} of {privacy['epsilon_budget']:g}"
+           if privacy.get("epsilon_spent") is not None else "")
+        + (f"; stopped: {s['reason']}" if s.get("reason") else "")
+    )
+
+
 def cmd_simulate(args) -> int:
     import dataclasses
 
@@ -68,19 +106,10 @@ def cmd_simulate(args) -> int:
         spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, dir=args.resume))
     if args.quiet:
         spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, progress=False))
-    result = run_job(spec, overwrite=args.overwrite, resume=bool(args.resume), num_cpus=args.num_cpus,
+    result = run_job(spec, overwrite=args.overwrite, resume=bool(args.resume),
+                     num_cpus=args.num_cpus, dashboard=args.dashboard,
                      discard_privacy_ledger=args.discard_privacy_ledger)
-    s = result.summary
-    final = s["final"]
-    print(
-        f"{s['name']}: {s['status']}, {s['rounds_completed']} rounds, {s['parties']} parties on "
-        f"{s['hosts']} hosts; test accuracy {final['test_accuracy']:.4f}, macro F1 "
-        f"{final['test_f1']:.4f}, loss {final['test_loss']:.4f}; "
-        f"{s['seconds_per_round']:.3f} s/round; outputs in {result.output_dir}"
-        + (f"; epsilon {s['privacy']['epsilon_spent']:.3f} of {s['privacy']['epsilon_budget']:g}"
-           if s["privacy"].get("epsilon_spent") is not None else "")
-        + (f"; stopped: {s['reason']}" if s.get("reason") else "")
-    )
+    print(summary_line(result.summary, result.output_dir))
     return 0
 
 
@@ -243,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the job whose outputs are in OUT from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray")
+    p.add_argument("--dashboard", action="store_true",
+                   help="start Ray's dashboard with the embedded Ray and print its URL")
     p.set_defaults(func=cmd_simulate)
 
     p = with_spec(sub.add_parser("validate", help="check a job spec and its data"))

@@ -180,6 +180,16 @@ class DataSpec:
             DataSource.PARQUET,
         ):
             out.append(f"{path}.partition.kind: 'column' needs a csv or parquet source")
+        if self.features is not None:
+            if not self.features:
+                out.append(f"{path}.features: empty; list the feature columns or leave it out "
+                           "(every column but the label)")
+            if self.label and self.label in self.features:
+                out.append(f"{path}.features: lists the label '{self.label}'; the model would "
+                           "be given the answer it is asked to predict")
+            dup = sorted({f for f in self.features if self.features.count(f) > 1})
+            if dup:
+                out.append(f"{path}.features: repeated column(s) {', '.join(dup)}")
         if self.source is DataSource.SYNTHETIC:
             out += self.synthetic.problems(f"{path}.synthetic")
         out += self.partition.problems(f"{path}.partition")
@@ -549,6 +559,9 @@ class JobSpec:
         if self.privacy.enabled and self.sampling.kind is SamplingKind.FIXED:
             out.append("sampling.kind: 'fixed' has no privacy amplification the accountant can "
                        "count; use 'poisson' (rate = sampling.fraction) or 'all' with privacy")
+        if self.training.device is Device.CUDA and not _asks_for_gpus(self):
+            out.append("training.device: 'cuda' needs training.gpus_per_party > 0 (Ray gives a "
+                       "training task a GPU only when it asks for one); or use device 'auto'")
         if self.parties.deploy and self.data.source is not DataSource.PARTY_FILES:
             out.append("data.source: must be 'party_files' when parties.deploy lists parties "
                        "(each reads its own file on its node; set data.test_path and data.label)")
@@ -569,6 +582,14 @@ class JobSpec:
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-able dict; ``load_spec(spec.to_dict())`` gives an equal spec."""
         return _to_plain(self)
+
+
+def _asks_for_gpus(spec: "JobSpec") -> bool:
+    """Whether every training task of the job requests a GPU share."""
+    if spec.parties.deploy:
+        return all((d.gpus if d.gpus is not None else spec.training.gpus_per_party) > 0
+                   for d in spec.parties.deploy)
+    return spec.training.gpus_per_party > 0
 
 
 # --------------------------------------------------------------------------- loading

@@ -19,7 +19,13 @@ import numpy as np
 
 from lepton_ray.config import DataSource, DataSpec, PartitionKind
 from lepton_ray.errors import DataError
-from lepton_ray.learning.partition import partition_column, partition_dirichlet, partition_iid
+from lepton_ray.learning.partition import (
+    check_party_sizes,
+    group_codes,
+    partition_column,
+    partition_dirichlet,
+    partition_iid,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,27 +73,50 @@ def load_federated(spec: DataSpec, n_parties: int, seed: int) -> FederatedData:
     if spec.source is DataSource.PARTY_FILES:
         return _load_party_files(spec)
     table = load_table(spec, seed)
-    idx = np.arange(len(table.y))
-    stratify = table.y if np.min(np.bincount(table.y)) >= 2 else None
-    train_idx, test_idx = train_test_split(
-        idx, test_size=spec.test_fraction, random_state=seed, stratify=stratify
-    )
-    if len(train_idx) < n_parties:
+    if len(table.y) < 2:
+        raise DataError(f"data: the source '{spec.source.value}' has {len(table.y)} row(s); "
+                        "need at least 2 (one to train on, one to test on)")
+    part = spec.partition
+    if part.kind is PartitionKind.COLUMN:
+        # one party per value, split *within* each party: every party keeps
+        # n - floor(n * test_fraction) >= 1 of its n rows whatever the seed
+        groups, names = group_codes(table.groups, column=part.column or "")
+        train_idx, test_idx = _split_within_groups(table.y, groups, spec.test_fraction, seed)
+    else:
+        idx = np.arange(len(table.y))
+        stratify = table.y if np.min(np.bincount(table.y)) >= 2 else None
+        try:
+            train_idx, test_idx = train_test_split(
+                idx, test_size=spec.test_fraction, random_state=seed, stratify=stratify
+            )
+        except ValueError as exc:  # too few rows for the split sklearn was asked for
+            raise DataError(f"data.test_fraction: cannot hold out {spec.test_fraction:g} of "
+                            f"{len(idx)} rows: {exc}") from None
+    if len(test_idx) == 0:
+        raise DataError(f"data.test_fraction: {spec.test_fraction:g} of {len(table.y)} rows "
+                        "leaves no test rows; raise it or add rows")
+    if part.kind is not PartitionKind.COLUMN and len(train_idx) < n_parties * part.min_size:
+        need = ("each party needs at least one row" if part.min_size == 1 else
+                f"{n_parties} parties x data.partition.min_size {part.min_size} need "
+                f"{n_parties * part.min_size}")
         raise DataError(
             f"parties.count: {n_parties} parties but only {len(train_idx)} training rows "
-            f"in data.source '{spec.source.value}' (each party needs at least one row)"
+            f"in data.source '{spec.source.value}' ({need})"
         )
     X_train, y_train = table.X[train_idx], table.y[train_idx]
     mean, scale = _standardisation(X_train, spec.standardize)
     X_train = (X_train - mean) / scale
     X_test = (table.X[test_idx] - mean) / scale
-    part = spec.partition
     if part.kind is PartitionKind.IID:
         shards = partition_iid(len(y_train), n_parties, rng)
     elif part.kind is PartitionKind.DIRICHLET:
         shards = partition_dirichlet(y_train, n_parties, part.alpha, rng, min_size=part.min_size)
     else:
-        shards = partition_column(table.groups[train_idx], n_parties, column=part.column or "")
+        shards = partition_column(groups[train_idx], n_parties, column=part.column or "",
+                                  names=names)
+    check_party_sizes([len(s) for s in shards], part.min_size,
+                      names=names if part.kind is PartitionKind.COLUMN else None,
+                      column=part.column)
     return FederatedData(
         parties=tuple((X_train[s], y_train[s]) for s in shards),
         X_test=X_test.astype(np.float32),
@@ -97,6 +126,35 @@ def load_federated(spec: DataSpec, n_parties: int, seed: int) -> FederatedData:
         mean=mean,
         scale=scale,
     )
+
+
+def _split_within_groups(y: np.ndarray, groups: np.ndarray, test_fraction: float,
+                         seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The test split of a column partition, taken inside each party: of a party's n rows,
+    floor(n * test_fraction) go to the test split (stratified by label where the party's
+    classes allow it), the rest stay with the party. So every party keeps at least one
+    row, and how many it keeps depends only on n, never on the seed."""
+    from sklearn.model_selection import train_test_split
+
+    train, test = [], []
+    for g in range(int(groups.max()) + 1 if len(groups) else 0):
+        rows = np.flatnonzero(groups == g)
+        n_test = int(np.floor(len(rows) * test_fraction))
+        if n_test == 0:
+            train.append(rows)
+            continue
+        labels = y[rows]
+        counts = np.bincount(labels)
+        counts = counts[counts > 0]
+        stratify = labels if counts.min() >= 2 and n_test >= len(counts) \
+            and len(rows) - n_test >= len(counts) else None
+        tr, te = train_test_split(rows, test_size=n_test, random_state=seed, stratify=stratify)
+        train.append(tr)
+        test.append(te)
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+
+    return cat(train), cat(test)
 
 
 def load_table(spec: DataSpec, seed: int) -> Table:
@@ -151,6 +209,8 @@ def table_from_frame(frame, spec: DataSpec, *, group_column: str | None, where: 
 
     columns = [str(c) for c in frame.columns]
     frame.columns = columns
+    if len(frame) == 0:
+        raise DataError(f"{where}: no data rows (columns: {', '.join(columns) or 'none'})")
     label = spec.label or ""
     if label not in columns:
         raise DataError(f"data.label: column '{label}' not in {where} (columns: {', '.join(columns)})")
@@ -182,7 +242,17 @@ def table_from_frame(frame, spec: DataSpec, *, group_column: str | None, where: 
     y_raw = frame[label].to_numpy()
     if pd.isna(frame[label]).any():
         raise DataError(f"data.label: column '{label}' has missing values in {where}")
-    groups = frame[group_column].to_numpy() if group_column else None
+    groups = None
+    if group_column:
+        empty = np.flatnonzero(pd.isna(frame[group_column]).to_numpy())
+        if len(empty):
+            shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+            raise DataError(
+                f"data.partition.column: column '{group_column}' has {len(empty)} missing "
+                f"value(s) in {where}, rows {shown} (0-based data rows, header not counted); "
+                "every row must name its party"
+            )
+        groups = frame[group_column].to_numpy()
     return _encode(X, y_raw, tuple(features), groups=groups, classes=classes, where=where)
 
 

@@ -69,14 +69,50 @@ def _rebalance(shards: list[np.ndarray], min_size: int) -> None:
         shards[big] = shards[big][:-1]
 
 
-def partition_column(groups: np.ndarray, n_parties: int, *, column: str) -> list[np.ndarray]:
+def group_codes(groups: np.ndarray, *, column: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Party index per row for a column partition: the distinct values of ``column`` in
+    sorted order (numbers numerically, anything else by its text, so a column that mixes
+    types still has one order) and each row's index into them. Missing values are refused
+    where the file is read (``table_from_frame``), naming the rows."""
+    values = np.asarray(groups)
+    try:
+        names, codes = np.unique(values, return_inverse=True)
+    except TypeError:  # mixed types (e.g. 3 and "north") have no order: sort by their text
+        names, codes = np.unique(values.astype(str), return_inverse=True)
+    if len(values) == 0:
+        raise DataError(f"data.partition.column: column '{column}' has no rows")
+    return codes.reshape(-1).astype(np.int64), tuple(str(v) for v in names)
+
+
+def partition_column(groups: np.ndarray, n_parties: int, *, column: str,
+                     names: tuple[str, ...] | None = None) -> list[np.ndarray]:
     """Natural split: one party per distinct value of ``column`` (e.g. ``hospital``), in
-    sorted order of the values. The number of distinct values must equal ``parties.count``."""
-    values = np.unique(groups)
-    if len(values) != n_parties:
-        shown = ", ".join(map(str, values[:10])) + (" ..." if len(values) > 10 else "")
+    sorted order of the values. The number of distinct values must equal ``parties.count``.
+    ``groups`` holds the values, or with ``names`` their indices (:func:`group_codes`)."""
+    if names is None:
+        groups, names = group_codes(groups, column=column)
+    if len(names) != n_parties:
+        shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
         raise DataError(
             f"parties.count: is {n_parties} but data.partition.column '{column}' has "
-            f"{len(values)} distinct values ({shown}) in the training rows"
+            f"{len(names)} distinct values ({shown})"
         )
-    return [np.flatnonzero(groups == v) for v in values]
+    return [np.flatnonzero(groups == v) for v in range(len(names))]
+
+
+def check_party_sizes(sizes, min_size: int, *, names: tuple[str, ...] | None = None,
+                      column: str | None = None) -> None:
+    """The minimum party size rule: after the test split, every party holds at least
+    ``data.partition.min_size`` training rows (default 1: no party is empty). Checked for
+    every partition kind; the message names each party that falls short."""
+    short = [(p, int(n)) for p, n in enumerate(sizes) if n < min_size]
+    if not short:
+        return
+    def who(p: int) -> str:
+        return f"party {p} ({column} = '{names[p]}')" if names is not None else f"party {p}"
+    shown = "; ".join(f"{who(p)} has {n} training row(s)" for p, n in short[:5])
+    more = f" (and {len(short) - 5} more)" if len(short) > 5 else ""
+    raise DataError(
+        f"data.partition.min_size: every party needs at least {min_size} training row(s) "
+        f"after the test split; {shown}{more}"
+    )

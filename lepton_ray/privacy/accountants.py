@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import logging
 import math
 from collections.abc import Callable
 from functools import lru_cache
@@ -242,13 +243,66 @@ def _rdp_curve(event: Event, orders: tuple[float, ...]) -> np.ndarray | None:
         inner = _dp_accounting.rdp().RdpAccountant(orders=list(orders))
         if not inner.supports(dp):
             return None
-        inner.compose(dp)
+        with _unconverged_orders():
+            inner.compose(dp)
         curve = inner.rdp
     if curve is not None:
         curve = np.array(curve, dtype=np.float64)
         _check_rdp(curve, orders, f"event {event!r}")
         curve.flags.writeable = False
     return curve
+
+
+_CONVERGENCE_NOTICE = "_compute_log_a_frac failed to converge"
+_UNCONVERGED: set[float] = set()  # orders dp-accounting excluded in this process
+_REPORTED: set[tuple[float, ...]] = set()
+log = logging.getLogger("lepton_ray.privacy")
+
+
+class _DropConvergenceNotice(logging.Filter):
+    """Holds back dp-accounting's "failed to converge ... Excluding this order" warning and
+    remembers the order. Excluding an order only removes a candidate from the minimum over
+    orders, so epsilon can only be over-estimated (never under); it matters only when the
+    excluded order is at the optimum, which :func:`_report_if_optimum_excluded` says once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(_CONVERGENCE_NOTICE):
+            alpha = record.args[-1] if isinstance(record.args, tuple) and record.args else None
+            if isinstance(alpha, (int, float)):
+                _UNCONVERGED.add(float(alpha))
+            return False
+        return True
+
+
+class _unconverged_orders:
+    """Scoped to one call into dp-accounting: the filter sits on its ``absl`` logger only
+    while we compose, so no other absl message (and no other caller) is silenced."""
+
+    def __enter__(self):
+        self._filter = _DropConvergenceNotice()
+        logging.getLogger("absl").addFilter(self._filter)
+
+    def __exit__(self, *exc):
+        logging.getLogger("absl").removeFilter(self._filter)
+
+
+def _report_if_optimum_excluded(orders, rdp, best, eps: float, delta: float) -> None:
+    """Say once if an order dp-accounting could not compute sits next to the optimal order
+    (the true optimum may be there, and epsilon is then loose: an over-estimate)."""
+    if not _UNCONVERGED or best is None or not math.isfinite(eps):
+        return
+    i = orders.index(float(best)) if float(best) in orders else None
+    if i is None:
+        return
+    near = [orders[j] for j in (i - 1, i + 1)
+            if 0 <= j < len(orders) and not math.isfinite(rdp[j]) and orders[j] in _UNCONVERGED]
+    key = tuple(near)
+    if near and key not in _REPORTED:
+        _REPORTED.add(key)
+        log.warning("RDP order(s) %s next to the optimal order %g could not be computed "
+                    "(dp-accounting's series did not converge) and were left out: epsilon "
+                    "%.4g at delta %g may be over-estimated (never under)",
+                    ", ".join(f"{a:g}" for a in near), float(best), eps, delta)
 
 
 class RdpAccountant(Accountant):
@@ -293,7 +347,8 @@ class RdpAccountant(Accountant):
     def epsilon(self, delta: float) -> float:
         delta = _check_delta(delta)
         _check_rdp(self._rdp, self._orders, "composed RDP")
-        eps, _ = _dp_accounting.rdp().compute_epsilon(self._orders, self._rdp, delta)
+        eps, best = _dp_accounting.rdp().compute_epsilon(self._orders, self._rdp, delta)
+        _report_if_optimum_excluded(self._orders, self._rdp, best, float(eps), delta)
         return float(eps)
 
     def delta(self, epsilon: float) -> float:
