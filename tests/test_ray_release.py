@@ -53,7 +53,9 @@ def test_a_dp_job_releases_no_party_statistics_and_no_participant_ids(ray_sessio
     write_report(out)  # audit.md, as `lepton-ray audit` makes it
     files = {p.name for p in out.iterdir() if not p.name.startswith(".")}
     assert files <= {"history.csv", "summary.json", "audit.jsonl", "audit.md", "model.pt",
-                     "checkpoint.pt", "ledger.jsonl", "history.png"}, files  # no participants.jsonl
+                     "checkpoint.pt", "ledger.jsonl", "ledger.jsonl.lock", "history.png"}, files
+    # no participants.jsonl; the lock file holds at most the (finished) job's pid and host
+    assert "party" not in (out / "ledger.jsonl.lock").read_text()
 
     history = pd.read_csv(out / "history.csv")
     assert len(history) == 2
@@ -166,7 +168,7 @@ def test_train_loss_without_dp_is_the_example_weighted_mean_from_the_sum(ray_ses
     from actors.training import choose_trainer
     from lepton_ray.config import load_spec
     from lepton_ray.learning.data import as_float32, load_federated
-    from lepton_ray.learning.local import party_seed
+    from lepton_ray.learning.local import public_party_seed
     from lepton_ray.learning.models import build_model, flat_parameters
 
     spec = load_spec(small_job, rounds=1)
@@ -176,12 +178,12 @@ def test_train_loss_without_dp_is_the_example_weighted_mean_from_the_sum(ray_ses
     res = choose_trainer(spec)(model_spec=spec.model, training=spec.training, n_features=data.n_features,
                                n_classes=data.n_classes, global_params=flat_parameters(model),
                                datasets=list(as_float32(data.parties)),
-                               seeds=[party_seed(spec.seed, 1, p) for p in range(6)],
+                               seeds=[public_party_seed(spec.seed, 1, p) for p in range(6)],
                                device=torch.device("cpu"))
     expected = float(np.average(res.losses, weights=res.examples))
     for mode in ("none", "secagg+"):
         r = lepton_ray.run(small_job, rounds=1, secure_aggregation__mode=mode,
-                           output__dir=str(tmp_path / mode))
+                           training__deterministic_seeds=True, output__dir=str(tmp_path / mode))
         assert r.history["train_loss"].iloc[0] == pytest.approx(expected, rel=1e-4), mode
         assert r.history["parties_clipped"].iloc[0] == 0
 
