@@ -51,6 +51,11 @@ class ResumeError(LeptonError):
     """A job cannot be resumed from the given output directory."""
 
 
+class FederationError(LeptonError):
+    """A federation file, startup kit, site policy or wire message is invalid, or a peer
+    failed mutual authentication. The message names the file, field or peer."""
+
+
 def user_message(exc: BaseException) -> str:
     """The text to show a user. An error raised inside a Ray task or actor reaches the driver
     wrapped (``RayTaskError``, also an instance of the original class); show the original."""
