@@ -114,6 +114,9 @@ def _edit_roster(path, edit):
 
     outer["roster_hash"] = hashlib.sha256(outer["document"].encode()).hexdigest()
     (path / "roster.json").write_text(json.dumps(outer))
+    meta = json.loads((path / "kit.json").read_text())  # the attacker rewrites the kit's pin too
+    meta["roster_hash"] = outer["roster_hash"]
+    (path / "kit.json").write_text(json.dumps(meta))
 
 
 def test_attack_coordinator_swaps_a_roster_key_is_refused(fresh):
@@ -131,7 +134,8 @@ def test_attack_coordinator_swaps_a_roster_key_is_refused(fresh):
 
 def test_roster_from_another_federation_is_refused(fresh, tmp_path):
     other = provision(SPEC, tmp_path / "other")
-    (fresh["north"] / "roster.json").write_bytes((other["north"] / "roster.json").read_bytes())
+    for f in ("roster.json", "kit.json"):
+        (fresh["north"] / f).write_bytes((other["north"] / f).read_bytes())
     with pytest.raises(FederationError, match="roster signature does not verify"):
         load_kit(fresh["north"])
 
