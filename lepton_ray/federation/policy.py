@@ -117,11 +117,33 @@ class SitePolicy:
         if spec.data.source is not DataSource.PARTY_FILES:
             out.append(f"data.source: {spec.data.source.value}; a federation job must use "
                        "party_files (each site reads its own data path)")
-        if spec.data.party_paths:
-            out.append("data.party_paths: the coordinator's spec may not name a site's data")
         if spec.parties.deploy:
             out.append("parties.deploy: a trusted-cluster deployment, not a federation job")
         return out
+
+    def accept(self, raw: Any, data_path: str) -> Any:
+        """The ``JobSpec`` this site runs for the coordinator's spec ``raw`` (data, as sent):
+        the spec may not name any site's data; the site puts its own ``data_path`` in (for
+        every party slot, as ``party_files`` validation expects one path per party: the site
+        only ever reads its own), validates it and checks this policy.
+        :class:`FederationError` naming every problem otherwise."""
+        from lepton_ray.config import load_spec
+        from lepton_ray.errors import ConfigError
+
+        if not isinstance(raw, Mapping):
+            raise FederationError("job refused: the spec is not a mapping")
+        data = raw.get("data") or {}
+        if not isinstance(data, Mapping) or data.get("party_paths") or data.get("path"):
+            raise FederationError("job refused by site policy: data.party_paths/data.path: the "
+                                  "coordinator's spec may not name a site's data")
+        count = (raw.get("parties") or {}).get("count", 1)
+        local = {**raw, "data": {**data, "party_paths": [str(data_path)] * int(count)}}
+        try:
+            spec = load_spec(local)
+        except ConfigError as exc:
+            raise FederationError(f"job refused: invalid spec: {exc}") from None
+        self.check(spec)
+        return spec
 
     def check(self, spec) -> None:
         """:class:`FederationError` listing every violation (the site's refusal message)."""

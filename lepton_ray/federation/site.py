@@ -34,7 +34,8 @@ class SiteSecAgg:
     quantised) input; ``record`` keeps, in a test mode, what the site contributed."""
 
     def __init__(self, kit: Kit, inputs: Callable[[int], np.ndarray], *,
-                 policy: SitePolicy | None = None):
+                 policy: SitePolicy | None = None, data_path: str | None = None,
+                 ledger=None):
         from lepton_ray.secagg.keys import PartyKeyring
 
         if kit.identity is None:
@@ -48,14 +49,38 @@ class SiteSecAgg:
         self.state = None
         self.done: set[tuple[str, int]] = set()  # (job, round) already taken part in
         self.record: dict[int, np.ndarray] = {}
+        self.data_path = data_path
+        self.ledger = ledger  # lepton_ray.federation.ledger.SiteLedger, or None
+        self.jobs: dict[str, Any] = {}  # job id -> the JobSpec this site accepted
+        self.require_job = data_path is not None  # a site with data only runs accepted jobs
 
     def __call__(self, message: Any) -> Any:
+        if isinstance(message, wire.JobOffer):
+            return self.offer(message)
         if not isinstance(message, wire.Call):
             return None
         method = getattr(self, "rpc_" + message.method, None)
         if method is None:
             raise FederationError(f"unknown method {message.method!r}")
         return method(*message.args)
+
+    def offer(self, offer: wire.JobOffer) -> wire.JobAnswer:
+        """Accept or refuse a job under this site's policy; the reason goes to the coordinator."""
+        try:
+            self.jobs[offer.job_id] = self.policy.accept(offer.spec, self.data_path or "-")
+        except FederationError as exc:
+            return wire.JobAnswer(job_id=offer.job_id, accepted=False, reason=str(exc))
+        return wire.JobAnswer(job_id=offer.job_id, accepted=True)
+
+    def _charge(self, config) -> None:
+        """Write-ahead: the site's own ledger records the round before the site takes part."""
+        if self.ledger is None:
+            return
+        from lepton_ray.federation.ledger import job_epsilon
+
+        spec = self.jobs[config.job_id]
+        self.ledger.charge(config.job_id, config.round, epsilon=job_epsilon(spec, config.round),
+                           delta=float(spec.privacy.delta) if spec.privacy.enabled else 0.0)
 
     def rpc_advertise(self, config):
         from lepton_ray.secagg import SecAggParty
@@ -69,9 +94,14 @@ class SiteSecAgg:
         if (config.job_id, config.round) in self.done:
             raise FederationError(f"round refused: already took part in {config.job_id} round "
                                   f"{config.round} (never twice with one transcript)")
+        if self.require_job and config.job_id not in self.jobs:
+            raise FederationError(f"round refused: job {config.job_id!r} was not accepted by "
+                                  "this site")
         self.policy.check_round(threshold=config.threshold, secure=True)
         if self.party not in config.participants:
             raise FederationError(f"party {self.party} is not a participant of this round")
+        if self.require_job:
+            self._charge(config)  # BudgetExhaustedError: refused, nothing revealed
         self.done.add((config.job_id, config.round))
         self.state = SecAggParty(party=self.party, identity=self.kit.identity, config=config,
                                  keyring=self.keyring)
@@ -148,3 +178,30 @@ def drive_round(config, sessions: Mapping[str, Any], *, stage_timeout: float = 6
     return RoundOutcome(result=result, dropped=dropped, seconds=time.perf_counter() - start,
                         bytes_out={s: v.bytes_out - out0[s] for s, v in sessions.items()},
                         bytes_in={s: v.bytes_in - in0[s] for s, v in sessions.items()})
+
+
+def offer_job(sessions: Mapping[str, Any], job_id: str, spec: dict, *, timeout: float = 30.0
+              ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Offer a job (its spec as data) to every site; ``(accepted sessions, refusals)`` where a
+    refusal records the site's reason. The job goes on with the sites that accepted."""
+    import queue
+
+    offer = wire.JobOffer(job_id=job_id, spec=spec)
+    for session in sessions.values():
+        session.send(offer)
+    accepted, refused = {}, {}
+    deadline = time.monotonic() + timeout
+    for site, session in sessions.items():
+        while True:
+            try:
+                answer = session.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                refused[site] = f"no answer to the job offer within {timeout} s"
+                break
+            if isinstance(answer, wire.JobAnswer) and answer.job_id == job_id:
+                if answer.accepted:
+                    accepted[site] = session
+                else:
+                    refused[site] = answer.reason
+                break
+    return accepted, refused
