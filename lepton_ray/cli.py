@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lepton_ray import cli_cluster
+from lepton_ray import cli_cluster, cli_federation
 from lepton_ray.errors import LeptonError, user_message
 
 EXIT_USAGE = 2
@@ -324,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="a job's output directory")
     p.set_defaults(func=cmd_plot)
     cli_cluster.register(sub)  # submit, status, logs, decrypt
+    cli_federation.register(sub)  # provision
     return parser
 
 

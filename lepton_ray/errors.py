@@ -56,6 +56,11 @@ class LedgerLockedError(LeptonError):
     same output directory); the message names its pid."""
 
 
+class FederationError(LeptonError):
+    """A federation file, startup kit, site policy or wire message is invalid, or a peer
+    failed mutual authentication. The message names the file, field or peer."""
+
+
 def user_message(exc: BaseException) -> str:
     """The text to show a user. An error raised inside a Ray task or actor reaches the driver
     wrapped (``RayTaskError``, also an instance of the original class); show the original."""
