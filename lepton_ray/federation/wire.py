@@ -462,7 +462,7 @@ def _register_all() -> None:
     register(RoundConfig, {**job, "roster": instance(Roster), "graph": instance(NeighbourGraph),
                            "threshold": INT, "dim": INT, "modulus_bits": INT, "nonce": BYTES})
     register(UpdateRule, {"clip_norm": optional(FLOAT), "weight_cap": optional(FLOAT),
-                          "clip_bit": BOOL})
+                          "clip_bit": BOOL, "stats": BOOL, "loss_bound": FLOAT})
     register(QuantizationSpec, {"clip_norm": FLOAT, "scale": FLOAT, "modulus_bits": INT})
     try:
         from lepton_ray.privacy.skellam import SkellamParams
@@ -474,7 +474,9 @@ def _register_all() -> None:
         skellam = Check(lambda v: v is None, "None")
     register(SecureRoundPlan, {"config": instance(RoundConfig), "rule": instance(UpdateRule),
                                "quantization": optional(instance(QuantizationSpec)),
-                               "skellam": skellam, "rotation_seed": BYTES})
+                               "skellam": skellam, "rotation_seed": BYTES,
+                               # central DP's bound: < 2^63, the ring scale keeps sigma <= 2^24
+                               "rounding_bound_sq": optional(INT)})
     register(PartialSum, {"total": VECTOR, "parties": INT})
     register(Hello, {"federation": STR, "site": STR, "roster_hash": STR, "wire_version": INT})
     register(Welcome, {"session": STR, "roster_hash": STR})
