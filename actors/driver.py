@@ -667,6 +667,7 @@ class Federation:
             "stage_seconds_per_round": _mean_laps(self.stage_seconds[1:] or self.stage_seconds),
             "devices": sorted(self.devices),
             "secure_aggregation": self.spec.secure_aggregation.mode.value,
+            "training_path": getattr(self, "training_path", None),
             "privacy": self.privacy_summary(),
             **({"placement": self.placement} if self.placement else {}),
             "spec": self.spec.to_dict(),
@@ -726,10 +727,12 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         data = load_server_data(spec.data)
     else:
         data = load_federated(spec.data, spec.parties.count, spec.seed)  # data errors before Ray
+    training_path = _check_model(spec, data)  # model errors before Ray too
     if not resume:
         prepare_output_dir(out, overwrite=overwrite)
     ensure_ray(num_cpus)
     fed = Federation(spec, data)
+    fed.training_path = training_path
     if resume:
         fed.restore()
     t0 = time.perf_counter()
@@ -773,6 +776,18 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         mean=data.mean,
         scale=data.scale,
     )
+
+
+def _check_model(spec: JobSpec, data: FederatedData) -> str:
+    """Build the model once and check it against the data (a custom factory's output
+    shape, DP-SGD on a BatchNorm-like model); say once how parties will be trained."""
+    from lepton_ray.learning.custom import validate
+    from lepton_ray.learning.models import build_model
+
+    path = validate(spec, data, build_model(spec.model, data.n_features, data.n_classes, seed=spec.seed))
+    if path != "vectorised":
+        print(f"training {path}", flush=True)
+    return path
 
 
 def _encryption_key(spec: JobSpec) -> bytes | None:

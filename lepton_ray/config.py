@@ -26,6 +26,15 @@ import yaml
 from lepton_ray.errors import ConfigError
 
 
+class Kwargs(dict):
+    """Keyword arguments for a user's factory or loader (``model.kwargs``, ``data.kwargs``):
+    a plain mapping read from YAML, hashable (by its sorted repr) so a spec holding it stays
+    usable as a cache key. Treat it as read-only."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(repr(sorted(self.items(), key=lambda kv: str(kv[0]))))
+
+
 class DataSource(enum.Enum):
     DIGITS = "digits"
     BREAST_CANCER = "breast_cancer"
@@ -34,6 +43,7 @@ class DataSource(enum.Enum):
     CSV = "csv"
     PARQUET = "parquet"
     PARTY_FILES = "party_files"
+    CUSTOM = "custom"  # data.loader: "package.module:function" (lepton_ray.learning.custom)
 
 
 class PartitionKind(enum.Enum):
@@ -45,6 +55,7 @@ class PartitionKind(enum.Enum):
 class ModelKind(enum.Enum):
     LOGISTIC = "logistic"
     MLP = "mlp"
+    CUSTOM = "custom"  # model.factory: "package.module:function" (lepton_ray.learning.custom)
 
 
 class OptimizerKind(enum.Enum):
@@ -151,9 +162,15 @@ class DataSpec:
     test_fraction: float = 0.2
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
     partition: PartitionSpec = field(default_factory=PartitionSpec)
+    loader: str | None = None  # source 'custom': "package.module:function"
+    kwargs: Kwargs = field(default_factory=Kwargs)
 
     def problems(self, path: str) -> list[str]:
         out = []
+        if self.source is DataSource.CUSTOM:
+            out += _callable_ref_problems(self.loader, f"{path}.loader", "source 'custom'")
+        elif self.loader:
+            out.append(f"{path}.loader: only used with source 'custom', got source '{self.source.value}'")
         if not 0.0 < self.test_fraction < 1.0:
             out.append(f"{path}.test_fraction: must be in (0, 1), got {self.test_fraction}")
         if self.source in (DataSource.CSV, DataSource.PARQUET):
@@ -239,11 +256,18 @@ class PartiesSpec:
 class ModelSpec:
     kind: ModelKind = ModelKind.MLP
     hidden: tuple[int, ...] = (128,)
+    factory: str | None = None  # kind 'custom': "package.module:function" -> nn.Module
+    kwargs: Kwargs = field(default_factory=Kwargs)
 
     def problems(self, path: str) -> list[str]:
-        return [
+        out = [
             f"{path}.hidden[{i}]: must be >= 1, got {h}" for i, h in enumerate(self.hidden) if h < 1
         ]
+        if self.kind is ModelKind.CUSTOM:
+            out += _callable_ref_problems(self.factory, f"{path}.factory", "kind 'custom'")
+        elif self.factory:
+            out.append(f"{path}.factory: only used with kind 'custom', got kind '{self.kind.value}'")
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,9 +283,14 @@ class TrainingSpec:
     memory_mb: int | None = None  # memory Ray reserves for each training task
     device: Device = Device.AUTO
     vectorised: bool = True
+    loss: str | None = None  # "package.module:function": (logits, targets) -> per-example losses
+    loop: str | None = None  # "package.module:function": a whole local training loop
 
     def problems(self, path: str) -> list[str]:
         out = _positive(self, path, "lr", "epochs", "batch_size")
+        for name in ("loss", "loop"):
+            if getattr(self, name) is not None:
+                out += _callable_ref_problems(getattr(self, name), f"{path}.{name}", name)
         if not 0.0 <= self.momentum < 1.0:
             out.append(f"{path}.momentum: must be in [0, 1), got {self.momentum}")
         if self.proximal_mu < 0:
@@ -506,6 +535,10 @@ class JobSpec:
         if self.privacy.enabled and self.sampling.kind is SamplingKind.FIXED:
             out.append("sampling.kind: 'fixed' has no privacy amplification the accountant can "
                        "count; use 'poisson' (rate = sampling.fraction) or 'all' with privacy")
+        if self.training.loop and self.privacy.dp_sgd.enabled:
+            out.append("training.loop: record-level DP-SGD (privacy.dp_sgd) needs per-sample "
+                       "clipping inside every step, which a custom loop does not expose; drop "
+                       "privacy.dp_sgd or training.loop (user-level DP, privacy.mode, still applies)")
         if self.parties.deploy and self.data.source is not DataSource.PARTY_FILES:
             out.append("data.source: must be 'party_files' when parties.deploy lists parties "
                        "(each reads its own file on its node; set data.test_path and data.label)")
@@ -621,6 +654,17 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+def _callable_ref_problems(ref: str | None, where: str, needed_for: str) -> list[str]:
+    """Syntax only ("package.module:function"); importing happens at validation of the data
+    and model (lepton_ray.learning.custom), where the error names the reference."""
+    if not ref:
+        return [f"{where}: required for {needed_for} (\"package.module:function\")"]
+    module, sep, name = ref.partition(":")
+    if not sep or not module or not name or not all(p.isidentifier() for p in module.split(".") + name.split(".")):
+        return [f"{where}: expected \"package.module:function\", got {ref!r}"]
+    return []
+
+
 def _positive(obj: Any, path: str, *names: str) -> list[str]:
     return [
         f"{_join(path, n)}: must be > 0, got {getattr(obj, n)}"
@@ -649,6 +693,13 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         if value is None:
             return None
         return _convert(args[0], value, path, problems)
+    if tp is Kwargs:
+        if value is None:
+            return Kwargs()
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            problems.append(f"{where}: expected a mapping of argument names to values, got {_show(value)}")
+            return _MISSING
+        return Kwargs(_deep_copy(value))
     if dataclasses.is_dataclass(tp):
         if value is None:
             return tp()
@@ -738,4 +789,6 @@ def _to_plain(value: Any) -> Any:
         return value.value
     if isinstance(value, tuple):
         return [_to_plain(v) for v in value]
+    if isinstance(value, Kwargs):
+        return _deep_copy(dict(value))
     return value

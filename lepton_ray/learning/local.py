@@ -53,7 +53,11 @@ def train_parties(
     losses = np.empty(len(datasets), dtype=np.float64)
     for i, ((X, y), seed) in enumerate(zip(datasets, seeds)):
         load_flat(model, global_params)
-        if dp_sgd is not None:
+        if training.loop is not None:  # a user's whole loop (lepton_ray.learning.custom)
+            from lepton_ray.learning.custom import train_with_loop
+
+            losses[i] = train_with_loop(model, start, X, y, training, seed, device)
+        elif dp_sgd is not None:
             losses[i] = _train_one_dp(model, X, y, training, dp_sgd, seed, device)
         else:
             losses[i] = _train_one(model, start, X, y, training, seed, device)
@@ -77,7 +81,13 @@ def _train_one(model: nn.Module, start: torch.Tensor, X, y, training: TrainingSp
     n = len(y_t)
     mu = training.proximal_mu
     anchors = _split_like(start, params) if mu > 0 else None
-    loss_fn = nn.CrossEntropyLoss()
+    from lepton_ray.learning.custom import per_example_loss, resolve_loss
+
+    user_loss = resolve_loss(training.loss)
+
+    def loss_fn(logits, targets):  # cross-entropy, or training.loss (mean over the batch)
+        return per_example_loss(user_loss, logits, targets).mean()
+
     last = 0.0
     for _ in range(training.epochs):
         order = torch.randperm(n, generator=gen).to(device)
@@ -125,7 +135,13 @@ def _train_one_dp(model: nn.Module, X, y, training: TrainingSpec, dp, seed: int,
         opt = torch.optim.Adam(params.values(), lr=training.lr)
     sampler = torch.Generator().manual_seed(seed)
     noise = os_seeded_generator(device)
-    loss_fn = nn.functional.cross_entropy
+    from lepton_ray.learning.custom import per_example_loss, resolve_loss
+
+    user_loss = resolve_loss(training.loss)
+
+    def loss_fn(logits, targets):  # cross-entropy, or training.loss, per sample under vmap
+        return per_example_loss(user_loss, logits, targets).mean()
+
     steps = training.epochs * -(-n // training.batch_size)
     total, count = 0.0, 0
     for _ in range(steps):

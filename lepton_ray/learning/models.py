@@ -17,6 +17,10 @@ def build_model(spec: ModelSpec, n_features: int, n_classes: int, *, seed: int =
     """``logistic``: one linear layer (multinomial logistic regression). ``mlp``: linear
     layers of ``spec.hidden`` sizes with ReLU between. Initialised deterministically from
     ``seed`` (torch's default Kaiming-uniform init)."""
+    if spec.kind is ModelKind.CUSTOM:  # factory(**kwargs); see lepton_ray.learning.custom
+        from lepton_ray.learning.custom import build_custom_model
+
+        return build_custom_model(spec, seed=seed)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
