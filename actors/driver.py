@@ -95,6 +95,10 @@ def prepare_output_dir(out: Path, *, overwrite: bool) -> None:
         )
     for f in existing:
         (out / f).unlink()
+    if overwrite and (out / "tensorboard").is_dir():  # output.tensorboard's event files
+        import shutil
+
+        shutil.rmtree(out / "tensorboard")
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -730,7 +734,12 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
     training_path = _check_model(spec, data)  # model errors before Ray too
     if not resume:
         prepare_output_dir(out, overwrite=overwrite)
+    from actors.metrics import RoundGauges
+    from lepton_ray.tracking import Trackers
+
+    trackers = Trackers(spec, out)  # a missing extra fails here, before Ray starts
     ensure_ray(num_cpus)
+    gauges = RoundGauges(spec.name)
     fed = Federation(spec, data)
     fed.training_path = training_path
     if resume:
@@ -745,6 +754,8 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         for r in range(fed.first_round, spec.rounds + 1):
             try:
                 last = fed.run_round(r)
+                trackers.log_round(last, fed.stage_seconds[-1] if fed.stage_seconds else None)
+                gauges.set(last, fed.stage_seconds[-1] if fed.stage_seconds else None)
                 if on_round is not None:
                     on_round(last)
             except BudgetExhaustedError as exc:
@@ -767,6 +778,7 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         fed.audit.write("job_end", status=status, reason=reason, epsilon=fed.epsilon)
         fed.write_model()
         atomic_write_json(out / SUMMARY, summary)
+        trackers.close(out, status, [out / SUMMARY, *sorted(out.glob(f"{MODEL}*"))])
     return RunResult(
         history=read_history(out),
         summary=summary,

@@ -485,14 +485,34 @@ class EncryptionSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MlflowSpec:
+    """Log params, per-round metrics and the final model to MLflow (``pip install
+    lepton-ray[mlflow]``); a local ``file:`` or ``sqlite:`` URI needs no server. Off while
+    ``tracking_uri`` is unset."""
+
+    tracking_uri: str | None = None
+    experiment: str = "lepton-ray"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tracking_uri)
+
+    def problems(self, path: str) -> list[str]:
+        return [] if self.experiment else [f"{path}.experiment: must not be empty"]
+
+
+@dataclass(frozen=True, kw_only=True)
 class OutputSpec:
     dir: str = "runs/job"
     checkpoint_every: int = 1
     progress: bool = True
     encryption: EncryptionSpec = field(default_factory=EncryptionSpec)
+    tensorboard: bool = False  # event files under dir/tensorboard (pip install lepton-ray[tensorboard])
+    mlflow: MlflowSpec = field(default_factory=MlflowSpec)
 
     def problems(self, path: str) -> list[str]:
-        return _positive(self, path, "checkpoint_every") + self.encryption.problems(f"{path}.encryption")
+        return (_positive(self, path, "checkpoint_every") + self.encryption.problems(f"{path}.encryption")
+                + self.mlflow.problems(f"{path}.mlflow"))
 
 
 @dataclass(frozen=True, kw_only=True)
