@@ -43,14 +43,29 @@ def load_spec(spec_or_path: Any, **overrides: Any):
     return _load(spec_or_path, **overrides)
 
 
-def run(spec_or_path: Any, *, overwrite: bool = False, **overrides: Any) -> "RunResult":
+def run(spec_or_path: Any, *, overwrite: bool = False, model: Any = None, data: Any = None,
+        **overrides: Any) -> "RunResult":
     """Run a federated job on Ray (an embedded local Ray unless one is already initialised).
 
     ``overrides`` replace spec fields: ``rounds=5``, ``training__lr=0.05`` (``__`` for a
     dot), or a nested dict ``training={"lr": 0.05}``. Returns a :class:`RunResult` with
     ``history`` (a DataFrame), ``summary``, ``model`` and ``predict(X)``. An output
     directory that already holds a job's outputs is refused unless ``overwrite=True``.
+
+    ``model`` (a callable returning a ``torch.nn.Module``) and ``data`` (a callable returning
+    ``(X, y)`` or ``{"parties": [...], "test": ...}``) stand in for ``model.factory`` and
+    ``data.loader`` (kinds set to ``custom``; ``model.kwargs`` / ``data.kwargs`` still apply),
+    for notebooks: they are pickled by value (cloudpickle) to reach Ray's workers.
     """
+    if model is not None or data is not None:
+        from lepton_ray.learning.custom import register
+
+        if model is not None:
+            overrides["model__kind"] = "custom"
+            overrides["model__factory"] = register(model)
+        if data is not None:
+            overrides["data__source"] = "custom"
+            overrides["data__loader"] = register(data)
     spec = load_spec(spec_or_path, **overrides)
     from actors.driver import run_job  # lazy: the only door from the library to Ray
 

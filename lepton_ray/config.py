@@ -679,6 +679,8 @@ def _callable_ref_problems(ref: str | None, where: str, needed_for: str) -> list
     and model (lepton_ray.learning.custom), where the error names the reference."""
     if not ref:
         return [f"{where}: required for {needed_for} (\"package.module:function\")"]
+    if ref.startswith("__python__:"):  # a callable passed to lepton_ray.run (pickled)
+        return []
     module, sep, name = ref.partition(":")
     if not sep or not module or not name or not all(p.isidentifier() for p in module.split(".") + name.split(".")):
         return [f"{where}: expected \"package.module:function\", got {ref!r}"]

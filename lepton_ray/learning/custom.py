@@ -37,24 +37,44 @@ import numpy as np
 
 from lepton_ray.errors import ConfigError, DataError
 
-# callables registered from Python (lepton_ray.run(model=..., data=...)), by reference string
-_REGISTRY: dict[str, Callable] = {}
+PYTHON_PREFIX = "__python__:"
+_DECODED: dict[str, Callable] = {}
 
 
 def register(fn: Callable) -> str:
-    """Register a Python callable; returns the reference (``"<python>:name@id"``) a spec
-    holds in its place. Only valid in the process that registered it (and Ray workers it
-    pickles the registry to: see ``actors.driver``)."""
-    ref = f"__python__:{getattr(fn, '__name__', 'callable')}_{id(fn):x}"
-    _REGISTRY[ref] = fn
+    """A reference for a Python callable (``lepton_ray.run(spec, model=fn, data=fn)``): the
+    callable pickled by value with cloudpickle, base64 in the string, so Ray workers (and a
+    resumed job) rebuild it without importing the notebook it was defined in. Only for code
+    you trust: resolving the reference runs the pickle."""
+    import base64
+
+    try:
+        import cloudpickle
+    except ImportError:  # Ray vendors it
+        from ray import cloudpickle  # type: ignore[no-redef]
+    blob = base64.b64encode(cloudpickle.dumps(fn)).decode("ascii")
+    ref = f"{PYTHON_PREFIX}{getattr(fn, '__name__', 'callable')}:{blob}"
+    _DECODED[ref] = fn
     return ref
+
+
+def show(ref: str | None) -> str:
+    """A reference for messages: a pickled Python callable by its name only."""
+    if ref and ref.startswith(PYTHON_PREFIX):
+        return f"<python callable {ref.split(':')[1]}>"
+    return str(ref)
 
 
 def resolve(ref: str, field: str) -> Callable:
     """The callable ``"package.module:function"`` names; :class:`ConfigError` naming ``field``
     and ``ref`` when it cannot be imported or is not callable."""
-    if ref in _REGISTRY:
-        return _REGISTRY[ref]
+    if ref.startswith(PYTHON_PREFIX):
+        if ref not in _DECODED:
+            import base64
+            import pickle
+
+            _DECODED[ref] = pickle.loads(base64.b64decode(ref.rsplit(":", 1)[1]))
+        return _DECODED[ref]
     module_name, _, attr = ref.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -89,19 +109,19 @@ def build_custom_model(model_spec, *, seed: int = 0):
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError([f"model.factory: {model_spec.factory}(**{dict(model_spec.kwargs)}) "
+        raise ConfigError([f"model.factory: {show(model_spec.factory)}(**{dict(model_spec.kwargs)}) "
                            f"failed: {type(exc).__name__}: {exc}"]) from None
     finally:
         torch.random.set_rng_state(gen_state)
     if not isinstance(model, nn.Module):
-        raise ConfigError([f"model.factory: {model_spec.factory} returned a "
+        raise ConfigError([f"model.factory: {show(model_spec.factory)} returned a "
                            f"{type(model).__name__}, not a torch.nn.Module"])
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ConfigError([f"model.factory: {model_spec.factory} built a module with no "
+        raise ConfigError([f"model.factory: {show(model_spec.factory)} built a module with no "
                            f"trainable parameters"])
     if any(not p.is_floating_point() for p in params):
-        raise ConfigError([f"model.factory: {model_spec.factory} has non-floating parameters"])
+        raise ConfigError([f"model.factory: {show(model_spec.factory)} has non-floating parameters"])
     return model.float()
 
 
@@ -116,12 +136,12 @@ def check_model_output(model, factory: str, sample: np.ndarray, n_classes: int) 
         with torch.no_grad():
             out = probe(x)
     except Exception as exc:
-        raise ConfigError([f"model.factory: {factory} cannot take input of shape "
+        raise ConfigError([f"model.factory: {show(factory)} cannot take input of shape "
                            f"{tuple(x.shape)} (batch x the data's feature shape): "
                            f"{type(exc).__name__}: {exc}"]) from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.shape[0], n_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError([f"model.factory: {factory} outputs {shape} for input "
+        raise ConfigError([f"model.factory: {show(factory)} outputs {shape} for input "
                            f"{tuple(x.shape)}; the data has {n_classes} classes, so the output "
                            f"must be logits of shape ({x.shape[0]}, {n_classes})"])
 
@@ -196,9 +216,9 @@ def load_custom(spec) -> tuple[Any, Any]:
     except (ConfigError, DataError):
         raise
     except Exception as exc:
-        raise DataError(f"data.loader: {spec.loader}(**{dict(spec.kwargs)}) failed: "
+        raise DataError(f"data.loader: {show(spec.loader)}(**{dict(spec.kwargs)}) failed: "
                         f"{type(exc).__name__}: {exc}") from None
-    where = f"data.loader {spec.loader}"
+    where = f"data.loader {show(spec.loader)}"
     if isinstance(got, Mapping):
         unknown = set(got) - {"parties", "test"}
         if "parties" not in got or unknown:
@@ -277,7 +297,7 @@ def load_custom_federated(spec, n_parties: int, seed: int):
                                                random_state=seed, stratify=stratify)
         if len(train_idx) < n_parties:
             raise DataError(f"parties.count: {n_parties} parties but only {len(train_idx)} "
-                            f"training rows from data.loader {spec.loader}")
+                            f"training rows from data.loader {show(spec.loader)}")
         n_classes = int(y.max()) + 1
         mean, scale = standardisation(X[train_idx], spec.standardize)
         X_train, y_train = (X[train_idx] - mean) / scale, y[train_idx]
@@ -291,7 +311,7 @@ def load_custom_federated(spec, n_parties: int, seed: int):
         X_test, y_test = (X[test_idx] - mean) / scale, y[test_idx]
     else:
         if len(parties) != n_parties:
-            raise DataError(f"parties.count: is {n_parties} but data.loader {spec.loader} "
+            raise DataError(f"parties.count: is {n_parties} but data.loader {show(spec.loader)} "
                             f"returned {len(parties)} parties")
         n_classes = int(max(int(y.max()) for _, y in parties + ([test] if test else []))) + 1
         mean, scale = standardisation(np.concatenate([X for X, _ in parties]), spec.standardize)
@@ -302,7 +322,7 @@ def load_custom_federated(spec, n_parties: int, seed: int):
             X_test = np.zeros((0, *parties[0][0].shape[1:]))
             y_test = np.zeros(0, dtype=np.int64)
     if n_classes < 2:
-        raise DataError(f"data.loader {spec.loader}: labels have a single class; need >= 2")
+        raise DataError(f"data.loader {show(spec.loader)}: labels have a single class; need >= 2")
     shape = pairs[0][0].shape[1:]
     return FederatedData(
         parties=tuple(pairs),
@@ -370,7 +390,7 @@ def train_with_loop(model, start, X, y, training, seed: int, device) -> float:
     if isinstance(out, Mapping) and "loss" in out:
         return float(out["loss"])
     if out is not None and not isinstance(out, Mapping):
-        raise ConfigError([f"training.loop: {training.loop} must return None or a dict of "
+        raise ConfigError([f"training.loop: {show(training.loop)} must return None or a dict of "
                            f"metrics, got {type(out).__name__}"])
     loss = resolve_loss(training.loss)
     with torch.no_grad():
@@ -388,7 +408,7 @@ def validate(spec, data, model) -> str:
     if spec.model.kind is ModelKind.CUSTOM and sample is not None:
         check_model_output(model, spec.model.factory, sample, data.n_classes)
         if spec.privacy.dp_sgd.enabled and functional_blocker(model, sample):
-            raise ConfigError([f"privacy.dp_sgd: model.factory {spec.model.factory} mutates "
+            raise ConfigError([f"privacy.dp_sgd: model.factory {show(spec.model.factory)} mutates "
                                f"buffers in forward (e.g. BatchNorm); per-sample gradients are "
                                f"undefined for it. Use GroupNorm/LayerNorm, or drop dp_sgd"])
     if not spec.training.vectorised:

@@ -40,13 +40,15 @@ def vectorise_blocker(model_spec: ModelSpec, training: TrainingSpec, *, dp_sgd: 
     if dp_sgd:
         return "record-level DP-SGD (per-sample clipping, Poisson batches) is not vectorised"
     if training.loop is not None:
-        return f"training.loop {training.loop} is a user's loop, run as written"
+        from lepton_ray.learning.custom import show
+
+        return f"training.loop {show(training.loop)} is a user's loop, run as written"
     if model_spec.kind is ModelKind.CUSTOM:
-        from lepton_ray.learning.custom import functional_blocker
+        from lepton_ray.learning.custom import functional_blocker, show
 
         reason = functional_blocker(build_model(model_spec, 0, 0), sample)
         if reason is not None:
-            return f"model.factory {model_spec.factory}: {reason}"
+            return f"model.factory {show(model_spec.factory)}: {reason}"
     return None
 
 
