@@ -323,5 +323,5 @@ def test_run_takes_a_model_and_a_data_callable(ray_session, tmp_path):
                         "output": {"dir": str(tmp_path / "o"), "progress": False}},
                        model=model, data=data, model__kwargs={"width": 8})
     assert r.summary["status"] == "completed" and r.summary["training_path"] == "vectorised"
-    assert r.history["test_accuracy"].iloc[-1] > 0.8
+    assert r.history["test_accuracy"].iloc[-1] > 0.65  # chance is about 0.5
     assert r.predict(np.zeros((2, 1, 3, 3))).shape == (2,)
