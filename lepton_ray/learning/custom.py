@@ -96,8 +96,11 @@ def resolve(ref: str, field: str) -> Callable:
 
 
 def build_custom_model(model_spec, *, seed: int = 0):
-    """``factory(**kwargs)`` with torch's RNG seeded from ``seed`` (deterministic init),
-    checked to be an ``nn.Module`` with at least one trainable floating parameter."""
+    """``factory(**kwargs)`` with torch's RNG seeded with 0, whatever ``seed`` (the job's seed,
+    ignored here): training tasks rebuild the model on every node, and frozen weights and
+    buffers, which do not travel, must be identical everywhere. (Vary the init through your
+    own kwargs.) Checked to be an ``nn.Module`` with at least one trainable floating parameter."""
+    seed = 0
     import torch
     from torch import nn
 
@@ -377,7 +380,7 @@ def train_with_loop(model, start, X, y, training, seed: int, device) -> float:
     hooks = []
     if training.proximal_mu > 0:
         mu, offset = training.proximal_mu, 0
-        for p in model.parameters():
+        for p in [q for q in model.parameters() if q.requires_grad]:
             anchor = start[offset: offset + p.numel()].view_as(p).detach()
             offset += p.numel()
             hooks.append(p.register_hook(lambda g, p=p, a=anchor: g + mu * (p.detach() - a)))

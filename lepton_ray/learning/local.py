@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lepton_ray.config import ModelSpec, OptimizerKind, TrainingSpec
-from lepton_ray.learning.models import build_model, load_flat
+from lepton_ray.learning.models import build_model, load_flat, trainable
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def train_parties(
         else:
             losses[i] = _train_one(model, start, X, y, training, seed, device)
         with torch.no_grad():
-            local = torch.nn.utils.parameters_to_vector(model.parameters())
+            local = torch.nn.utils.parameters_to_vector(trainable(model))
             deltas[i] = (local - start).cpu().numpy()
         examples[i] = len(y)
     return LocalResult(deltas=deltas, examples=examples, losses=losses)
@@ -72,7 +72,7 @@ def _train_one(model: nn.Module, start: torch.Tensor, X, y, training: TrainingSp
                device: torch.device) -> float:
     X_t = torch.tensor(np.asarray(X, dtype=np.float32), device=device)  # copy: Ray buffers are read-only
     y_t = torch.tensor(np.asarray(y, dtype=np.int64), device=device)
-    params = list(model.parameters())
+    params = trainable(model)
     if training.optimizer is OptimizerKind.SGD:
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=training.lr, momentum=training.momentum)
     else:
@@ -128,7 +128,7 @@ def _train_one_dp(model: nn.Module, X, y, training: TrainingSpec, dp, seed: int,
     y_t = torch.tensor(np.asarray(y, dtype=np.int64), device=device)
     n = len(y_t)
     q = min(1.0, training.batch_size / n)
-    params = dict(model.named_parameters())
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if training.optimizer is OptimizerKind.SGD:
         opt: torch.optim.Optimizer = torch.optim.SGD(params.values(), lr=training.lr, momentum=training.momentum)
     else:

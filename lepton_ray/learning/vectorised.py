@@ -106,7 +106,7 @@ def train_parties_vectorised(
     steps_sorted = steps[order]
 
     model = _template(model_spec, n_features, n_classes, device)
-    names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters()])
+    names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters() if p.requires_grad])
     start = torch.tensor(np.asarray(global_params, dtype=np.float32), device=device)  # copy: read-only buffer
     chunks = torch.split(start, [math.prod(s) for s in shapes])
     base = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
