@@ -165,7 +165,7 @@ def functional_blocker(model, sample: np.ndarray | None) -> str | None:
         before = {n: b.detach().clone() for n, b in probe.named_buffers()}
         try:
             with torch.no_grad():
-                probe(torch.as_tensor(np.asarray(sample[:4], dtype=np.float32)))
+                probe(torch.tensor(np.asarray(sample[:4], dtype=np.float32)))
             changed = [n for n, b in probe.named_buffers() if not torch.equal(before[n], b)]
         except Exception:
             changed = None
