@@ -57,15 +57,22 @@ def run(spec_or_path: Any, *, overwrite: bool = False, model: Any = None, data: 
     ``data.loader`` (kinds set to ``custom``; ``model.kwargs`` / ``data.kwargs`` still apply),
     for notebooks: they are pickled by value (cloudpickle) to reach Ray's workers.
     """
-    if model is not None or data is not None:
+    # a mapping (model={"kind": "logistic"}) is a section override, as before; a callable
+    # is a factory / loader
+    for name, value in (("model", model), ("data", data)):
+        if value is None:
+            continue
+        if not callable(value):
+            overrides[name] = value
+            continue
         from lepton_ray.learning.custom import register
 
-        if model is not None:
+        if name == "model":
             overrides["model__kind"] = "custom"
-            overrides["model__factory"] = register(model)
-        if data is not None:
+            overrides["model__factory"] = register(value)
+        else:
             overrides["data__source"] = "custom"
-            overrides["data__loader"] = register(data)
+            overrides["data__loader"] = register(value)
     spec = load_spec(spec_or_path, **overrides)
     from actors.driver import run_job  # lazy: the only door from the library to Ray
 
