@@ -53,6 +53,8 @@ def test_mlflow_run_holds_params_and_round_metrics(tmp_path):
     spec = load_spec({"name": "trk", "training": {"lr": 0.07},
                       "output": {"mlflow": {"tracking_uri": uri, "experiment": "e1"}}})
     (tmp_path / "summary.json").write_text("{}")
+    # artifacts under tmp_path (a sqlite store's default artifact root is ./mlruns)
+    mlflow.tracking.MlflowClient(uri).create_experiment("e1", artifact_location=(tmp_path / "art").as_uri())
     t = Trackers(spec, tmp_path)
     for row in ROWS:
         t.log_round(row)
