@@ -172,6 +172,10 @@ def prepare_output_dir(out: Path, *, overwrite: bool, discard_privacy_ledger: bo
         print(f"discarded privacy ledger {ledger} (epsilon spent {record.epsilon_spent}, "
               f"sha256 {record.sha256}); recorded in the new ledger's first line",
               file=sys.stderr, flush=True)
+    if overwrite and (out / "tensorboard").is_dir():  # output.tensorboard's event files
+        import shutil
+
+        shutil.rmtree(out / "tensorboard")
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -867,6 +871,7 @@ class Federation:
             "stage_seconds_per_round": _mean_laps(self.stage_seconds[1:] or self.stage_seconds),
             "devices": sorted(self.devices),
             "secure_aggregation": self.spec.secure_aggregation.mode.value,
+            "training_path": getattr(self, "training_path", None),
             "privacy": self.privacy_summary(),
             **({"placement": self.placement} if self.placement else {}),
             "spec": self.spec.to_dict(),
@@ -944,17 +949,21 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         data = load_server_data(spec.data)
     else:
         data = load_federated(spec.data, spec.parties.count, spec.seed)  # data errors before Ray
+    training_path = _check_model(spec, data)  # model errors before Ray too
     if resume and not out.is_dir():
         raise ResumeError(f"--resume {out}: no such directory; nothing to resume")
     with LedgerLock.acquire(out / LEDGER) as lock:
         return _run_locked(spec, data, lock, overwrite=overwrite, resume=resume,
                            num_cpus=num_cpus, on_round=on_round, dashboard=dashboard,
-                           embedded=embedded, discard_privacy_ledger=discard_privacy_ledger)
+                           embedded=embedded, discard_privacy_ledger=discard_privacy_ledger,
+                           training_path=training_path)
 
 
 def _run_locked(spec: JobSpec, data: FederatedData, lock, *, overwrite: bool, resume: bool,
                 num_cpus: int | None, on_round, dashboard: bool, embedded: bool,
-                discard_privacy_ledger: bool) -> RunResult:
+                discard_privacy_ledger: bool, training_path: str) -> RunResult:
+    from actors.metrics import RoundGauges
+    from lepton_ray.tracking import Trackers
     from actors.resources import check_cluster
 
     out = Path(spec.output.dir)
@@ -973,11 +982,14 @@ def _run_locked(spec: JobSpec, data: FederatedData, lock, *, overwrite: bool, re
     else:
         prepare_output_dir(out, overwrite=overwrite, discard_privacy_ledger=discard_privacy_ledger,
                            lock=lock)
+    trackers = Trackers(spec, out)  # a missing extra fails here, before Ray starts
     ensure_ray(num_cpus, dashboard=dashboard)
+    gauges = RoundGauges(spec.name)
     if not embedded:  # a cluster we joined: its GPUs (or its autoscaler's) against the job's
         spec = check_cluster(spec, embedded=False)
     fed = Federation(spec, data)
     fed.ledger_lock = lock
+    fed.training_path = training_path
     if resume:
         fed.restore(state)
     t0 = time.perf_counter()
@@ -992,6 +1004,8 @@ def _run_locked(spec: JobSpec, data: FederatedData, lock, *, overwrite: bool, re
         for r in range(fed.first_round, spec.rounds + 1):
             try:
                 last = fed.run_round(r)
+                trackers.log_round(last, fed.stage_seconds[-1] if fed.stage_seconds else None)
+                gauges.set(last, fed.stage_seconds[-1] if fed.stage_seconds else None)
                 if on_round is not None:
                     on_round(last)
             except BudgetExhaustedError as exc:
@@ -1017,6 +1031,7 @@ def _run_locked(spec: JobSpec, data: FederatedData, lock, *, overwrite: bool, re
             fed.audit.write("job_end", status=status, reason=reason, epsilon=fed.epsilon)
             fed.write_model()
             atomic_write_json(out / SUMMARY, summary)
+            trackers.close(out, status, [out / SUMMARY, *sorted(out.glob(f"{MODEL}*"))])
     return RunResult(
         history=read_history(out),
         summary=summary,
@@ -1069,6 +1084,18 @@ def _last_history_row(out: Path) -> dict[str, Any]:
         return {}
     return {} if h.empty else {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                for k, v in h.iloc[-1].to_dict().items()}
+
+
+def _check_model(spec: JobSpec, data: FederatedData) -> str:
+    """Build the model once and check it against the data (a custom factory's output
+    shape, DP-SGD on a BatchNorm-like model); say once how parties will be trained."""
+    from lepton_ray.learning.custom import validate
+    from lepton_ray.learning.models import build_model
+
+    path = validate(spec, data, build_model(spec.model, data.n_features, data.n_classes, seed=spec.seed))
+    if path != "vectorised":
+        print(f"training {path}", flush=True)
+    return path
 
 
 def _encryption_key(spec: JobSpec) -> bytes | None:

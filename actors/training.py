@@ -39,15 +39,16 @@ def resolve_device(requested: Device, gpu_fraction: float):
 _SAID: set[str] = set()
 
 
-def choose_trainer(spec: JobSpec):
+def choose_trainer(spec: JobSpec, sample=None):
     """The vectorised trainer when the spec allows it, else the one-by-one loop (and say
-    why, once per process)."""
+    why, once per process). ``sample``: a few feature rows to probe a custom model with."""
     from lepton_ray.learning.local import train_parties
     from lepton_ray.learning.vectorised import train_parties_vectorised, vectorise_blocker
 
     if not spec.training.vectorised:
         return train_parties
-    reason = vectorise_blocker(spec.model, spec.training, dp_sgd=spec.privacy.dp_sgd.enabled)
+    reason = vectorise_blocker(spec.model, spec.training, dp_sgd=spec.privacy.dp_sgd.enabled,
+                               sample=sample)
     if reason is None:
         return train_parties_vectorised
     if reason not in _SAID:
@@ -73,7 +74,7 @@ def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarra
     # the GPU share Ray really assigned to this task (a deployed party may override the spec)
     share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
     device = resolve_device(spec.training.device, share)
-    train = choose_trainer(spec)
+    train = choose_trainer(spec, sample=datasets[picks[0]][0][:4] if picks else None)
     result = train(
         model_spec=spec.model,
         training=spec.training,

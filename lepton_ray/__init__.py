@@ -44,7 +44,8 @@ def load_spec(spec_or_path: Any, **overrides: Any):
 
 
 def run(spec_or_path: Any, *, overwrite: bool = False, resume: Any = None,
-        discard_privacy_ledger: bool = False, **overrides: Any) -> "RunResult":
+        discard_privacy_ledger: bool = False, model: Any = None, data: Any = None,
+        **overrides: Any) -> "RunResult":
     """Run a federated job on Ray (an embedded local Ray unless one is already initialised).
 
     ``spec_or_path`` is a YAML path, a dict with the same sections as the YAML (missing
@@ -56,9 +57,30 @@ def run(spec_or_path: Any, *, overwrite: bool = False, resume: Any = None,
     unless ``discard_privacy_ledger=True`` too. ``resume=OUT`` continues the job
     whose checkpoint is in ``OUT`` (as ``lepton-ray simulate SPEC --resume OUT``); a job
     that already finished is returned as it is, with no file changed.
+
+    ``model`` (a callable returning a ``torch.nn.Module``) and ``data`` (a callable returning
+    ``(X, y)`` or ``{"parties": [...], "test": ...}``) stand in for ``model.factory`` and
+    ``data.loader`` (kinds set to ``custom``; ``model.kwargs`` / ``data.kwargs`` still apply),
+    for notebooks: they are pickled by value (cloudpickle) to reach Ray's workers.
     """
     if resume is not None:
         overrides["output__dir"] = str(resume)
+    # a mapping (model={"kind": "logistic"}) is a section override, as before; a callable
+    # is a factory / loader
+    for name, value in (("model", model), ("data", data)):
+        if value is None:
+            continue
+        if not callable(value):
+            overrides[name] = value
+            continue
+        from lepton_ray.learning.custom import register
+
+        if name == "model":
+            overrides["model__kind"] = "custom"
+            overrides["model__factory"] = register(value)
+        else:
+            overrides["data__source"] = "custom"
+            overrides["data__loader"] = register(value)
     spec = load_spec(spec_or_path, **overrides)
     from actors.driver import run_job  # lazy: the only door from the library to Ray
 

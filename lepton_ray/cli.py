@@ -48,13 +48,17 @@ def cmd_validate(args) -> int:
               f"features, {data.n_classes} classes, {len(data.y_test)} rows")
         return 0
     data = load_federated(spec.data, spec.parties.count, spec.seed)
+    from lepton_ray.learning.custom import validate as check_model  # a custom model against the data
+    from lepton_ray.learning.models import build_model
+
+    path = check_model(spec, data, build_model(spec.model, data.n_features, data.n_classes, seed=spec.seed))
     sizes = data.party_sizes
     print(
         f"ok: {args.spec}: {spec.parties.count} parties ({spec.data.source.value}, "
         f"{spec.data.partition.kind.value}; rows per party {sizes.min()}..{sizes.max()}), "
         f"{data.n_features} features, {data.n_classes} classes, {len(data.y_test)} test rows; "
         f"model {spec.model.kind.value}, {spec.rounds} rounds, "
-        f"secure aggregation {spec.secure_aggregation.mode.value}"
+        f"secure aggregation {spec.secure_aggregation.mode.value}; training {path}"
     )
     return 0
 

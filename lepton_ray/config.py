@@ -27,6 +27,15 @@ import yaml
 from lepton_ray.errors import ConfigError
 
 
+class Kwargs(dict):
+    """Keyword arguments for a user's factory or loader (``model.kwargs``, ``data.kwargs``):
+    a plain mapping read from YAML, hashable (by its sorted repr) so a spec holding it stays
+    usable as a cache key. Treat it as read-only."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(repr(sorted(self.items(), key=lambda kv: str(kv[0]))))
+
+
 class DataSource(enum.Enum):
     DIGITS = "digits"
     BREAST_CANCER = "breast_cancer"
@@ -35,6 +44,7 @@ class DataSource(enum.Enum):
     CSV = "csv"
     PARQUET = "parquet"
     PARTY_FILES = "party_files"
+    CUSTOM = "custom"  # data.loader: "package.module:function" (lepton_ray.learning.custom)
 
 
 class PartitionKind(enum.Enum):
@@ -46,6 +56,7 @@ class PartitionKind(enum.Enum):
 class ModelKind(enum.Enum):
     LOGISTIC = "logistic"
     MLP = "mlp"
+    CUSTOM = "custom"  # model.factory: "package.module:function" (lepton_ray.learning.custom)
 
 
 class OptimizerKind(enum.Enum):
@@ -160,9 +171,15 @@ class DataSpec:
     test_fraction: float = 0.2
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
     partition: PartitionSpec = field(default_factory=PartitionSpec)
+    loader: str | None = None  # source 'custom': "package.module:function"
+    kwargs: Kwargs = field(default_factory=Kwargs)
 
     def problems(self, path: str) -> list[str]:
         out = []
+        if self.source is DataSource.CUSTOM:
+            out += _callable_ref_problems(self.loader, f"{path}.loader", "source 'custom'")
+        elif self.loader:
+            out.append(f"{path}.loader: only used with source 'custom', got source '{self.source.value}'")
         if not 0.0 < self.test_fraction < 1.0:
             out.append(f"{path}.test_fraction: must be in (0, 1), got {self.test_fraction}")
         if self.source in (DataSource.CSV, DataSource.PARQUET):
@@ -258,11 +275,18 @@ class PartiesSpec:
 class ModelSpec:
     kind: ModelKind = ModelKind.MLP
     hidden: tuple[int, ...] = (128,)
+    factory: str | None = None  # kind 'custom': "package.module:function" -> nn.Module
+    kwargs: Kwargs = field(default_factory=Kwargs)
 
     def problems(self, path: str) -> list[str]:
-        return [
+        out = [
             f"{path}.hidden[{i}]: must be >= 1, got {h}" for i, h in enumerate(self.hidden) if h < 1
         ]
+        if self.kind is ModelKind.CUSTOM:
+            out += _callable_ref_problems(self.factory, f"{path}.factory", "kind 'custom'")
+        elif self.factory:
+            out.append(f"{path}.factory: only used with kind 'custom', got kind '{self.kind.value}'")
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,9 +305,14 @@ class TrainingSpec:
     # public per-(seed, round, party) training seeds, for reproducible non-private runs and
     # tests only; default: secret OS seeds per party and round. Refused under any DP.
     deterministic_seeds: bool = False
+    loss: str | None = None  # "package.module:function": (logits, targets) -> per-example losses
+    loop: str | None = None  # "package.module:function": a whole local training loop
 
     def problems(self, path: str) -> list[str]:
         out = _positive(self, path, "lr", "epochs", "batch_size")
+        for name in ("loss", "loop"):
+            if getattr(self, name) is not None:
+                out += _callable_ref_problems(getattr(self, name), f"{path}.{name}", name)
         if not 0.0 <= self.momentum < 1.0:
             out.append(f"{path}.momentum: must be in [0, 1), got {self.momentum}")
         if self.proximal_mu < 0:
@@ -493,6 +522,23 @@ class EncryptionSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MlflowSpec:
+    """Log params, per-round metrics and the final model to MLflow (``pip install
+    lepton-ray[mlflow]``); a local ``file:`` or ``sqlite:`` URI needs no server. Off while
+    ``tracking_uri`` is unset."""
+
+    tracking_uri: str | None = None
+    experiment: str = "lepton-ray"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tracking_uri)
+
+    def problems(self, path: str) -> list[str]:
+        return [] if self.experiment else [f"{path}.experiment: must not be empty"]
+
+
+@dataclass(frozen=True, kw_only=True)
 class OutputSpec:
     dir: str = "runs/job"
     checkpoint_every: int = 1
@@ -500,9 +546,12 @@ class OutputSpec:
     encryption: EncryptionSpec = field(default_factory=EncryptionSpec)
     # write who was sampled/completed/dropped each round to participants.jsonl (confidential)
     record_participants: bool = False
+    tensorboard: bool = False  # event files under dir/tensorboard (pip install lepton-ray[tensorboard])
+    mlflow: MlflowSpec = field(default_factory=MlflowSpec)
 
     def problems(self, path: str) -> list[str]:
-        return _positive(self, path, "checkpoint_every") + self.encryption.problems(f"{path}.encryption")
+        return (_positive(self, path, "checkpoint_every") + self.encryption.problems(f"{path}.encryption")
+                + self.mlflow.problems(f"{path}.mlflow"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -562,6 +611,10 @@ class JobSpec:
         if self.training.device is Device.CUDA and not _asks_for_gpus(self):
             out.append("training.device: 'cuda' needs training.gpus_per_party > 0 (Ray gives a "
                        "training task a GPU only when it asks for one); or use device 'auto'")
+        if self.training.loop and self.privacy.dp_sgd.enabled:
+            out.append("training.loop: record-level DP-SGD (privacy.dp_sgd) needs per-sample "
+                       "clipping inside every step, which a custom loop does not expose; drop "
+                       "privacy.dp_sgd or training.loop (user-level DP, privacy.mode, still applies)")
         if self.parties.deploy and self.data.source is not DataSource.PARTY_FILES:
             out.append("data.source: must be 'party_files' when parties.deploy lists parties "
                        "(each reads its own file on its node; set data.test_path and data.label)")
@@ -685,6 +738,30 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+def _callable_ref_problems(ref: str | None, where: str, needed_for: str) -> list[str]:
+    """Syntax only ("package.module:function"); importing happens at validation of the data
+    and model (lepton_ray.learning.custom), where the error names the reference."""
+    if not ref:
+        return [f"{where}: required for {needed_for} (\"package.module:function\")"]
+    if ref.startswith("__python__:"):  # a callable passed to lepton_ray.run (pickled)
+        # Resolving it runs a pickle: only a reference this process registered itself (from
+        # a callable handed to lepton_ray.run) is accepted. A spec file, a checkpoint or a job
+        # offer carrying one would be foreign code, run on load.
+        import sys
+
+        custom = sys.modules.get("lepton_ray.learning.custom")
+        if custom is None or not custom.registered(ref):
+            return [f"{where}: a pickled Python callable is accepted only from "
+                    "lepton_ray.run(model=..., data=...) in this process, never from a spec "
+                    "file or a stored spec (it would run foreign code); name an importable "
+                    "\"package.module:function\" instead"]
+        return []
+    module, sep, name = ref.partition(":")
+    if not sep or not module or not name or not all(p.isidentifier() for p in module.split(".") + name.split(".")):
+        return [f"{where}: expected \"package.module:function\", got {ref!r}"]
+    return []
+
+
 def _positive(obj: Any, path: str, *names: str) -> list[str]:
     return [
         f"{_join(path, n)}: must be > 0, got {getattr(obj, n)}"
@@ -713,6 +790,13 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         if value is None:
             return None
         return _convert(args[0], value, path, problems)
+    if tp is Kwargs:
+        if value is None:
+            return Kwargs()
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            problems.append(f"{where}: expected a mapping of argument names to values, got {_show(value)}")
+            return _MISSING
+        return Kwargs(_deep_copy(value))
     if dataclasses.is_dataclass(tp):
         if value is None:
             return tp()
@@ -805,4 +889,6 @@ def _to_plain(value: Any) -> Any:
         return value.value
     if isinstance(value, tuple):
         return [_to_plain(v) for v in value]
+    if isinstance(value, Kwargs):
+        return _deep_copy(dict(value))
     return value

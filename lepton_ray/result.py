@@ -23,8 +23,9 @@ class RunResult:
         import torch
 
         X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != len(self.mean):
-            raise ValueError(f"X must have shape (n, {len(self.mean)}), got {X.shape}")
+        shape = np.shape(self.mean)  # the feature shape (one element per feature)
+        if X.ndim != 1 + len(shape) or X.shape[1:] != shape:
+            raise ValueError(f"X must have shape (n, {', '.join(map(str, shape))}), got {X.shape}")
         Z = ((X - self.mean) / self.scale).astype(np.float32)
         self.model.eval()
         with torch.no_grad():

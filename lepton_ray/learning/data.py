@@ -52,7 +52,12 @@ class FederatedData:
 
     @property
     def n_features(self) -> int:
-        return int(self.X_test.shape[1])
+        """Features per row (the product of :attr:`feature_shape` for image-like data)."""
+        return int(np.prod(self.X_test.shape[1:]))
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.X_test.shape[1:])
 
     @property
     def n_classes(self) -> int:
@@ -72,6 +77,10 @@ def load_federated(spec: DataSpec, n_parties: int, seed: int) -> FederatedData:
     rng = np.random.default_rng([seed, 0xDA7A])
     if spec.source is DataSource.PARTY_FILES:
         return _load_party_files(spec)
+    if spec.source is DataSource.CUSTOM:
+        from lepton_ray.learning.custom import load_custom_federated
+
+        return load_custom_federated(spec, n_parties, seed)
     table = load_table(spec, seed)
     if len(table.y) < 2:
         raise DataError(f"data: the source '{spec.source.value}' has {len(table.y)} row(s); "

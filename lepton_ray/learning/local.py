@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lepton_ray.config import ModelSpec, OptimizerKind, TrainingSpec
-from lepton_ray.learning.models import build_model, load_flat
+from lepton_ray.learning.models import build_model, load_flat, trainable
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,16 @@ def train_parties(
     losses = np.empty(len(datasets), dtype=np.float64)
     for i, ((X, y), seed) in enumerate(zip(datasets, seeds)):
         load_flat(model, global_params)
-        if dp_sgd is not None:
+        if training.loop is not None:  # a user's whole loop (lepton_ray.learning.custom)
+            from lepton_ray.learning.custom import train_with_loop
+
+            losses[i] = train_with_loop(model, start, X, y, training, seed, device)
+        elif dp_sgd is not None:
             losses[i] = _train_one_dp(model, X, y, training, dp_sgd, seed, device)
         else:
             losses[i] = _train_one(model, start, X, y, training, seed, device)
         with torch.no_grad():
-            local = torch.nn.utils.parameters_to_vector(model.parameters())
+            local = torch.nn.utils.parameters_to_vector(trainable(model))
             deltas[i] = (local - start).cpu().numpy()
         examples[i] = len(y)
     return LocalResult(deltas=deltas, examples=examples, losses=losses)
@@ -98,7 +102,7 @@ def _train_one(model: nn.Module, start: torch.Tensor, X, y, training: TrainingSp
                device: torch.device) -> float:
     X_t = torch.tensor(np.asarray(X, dtype=np.float32), device=device)  # copy: Ray buffers are read-only
     y_t = torch.tensor(np.asarray(y, dtype=np.int64), device=device)
-    params = list(model.parameters())
+    params = trainable(model)
     if training.optimizer is OptimizerKind.SGD:
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=training.lr, momentum=training.momentum)
     else:
@@ -107,7 +111,13 @@ def _train_one(model: nn.Module, start: torch.Tensor, X, y, training: TrainingSp
     n = len(y_t)
     mu = training.proximal_mu
     anchors = _split_like(start, params) if mu > 0 else None
-    loss_fn = nn.CrossEntropyLoss()
+    from lepton_ray.learning.custom import per_example_loss, resolve_loss
+
+    user_loss = resolve_loss(training.loss)
+
+    def loss_fn(logits, targets):  # cross-entropy, or training.loss (mean over the batch)
+        return per_example_loss(user_loss, logits, targets).mean()
+
     last = 0.0
     for _ in range(training.epochs):
         order = torch.randperm(n, generator=gen).to(device)
@@ -149,7 +159,7 @@ def _train_one_dp(model: nn.Module, X, y, training: TrainingSpec, dp, seed: int,
     y_t = torch.tensor(np.asarray(y, dtype=np.int64), device=device)
     n = len(y_t)
     q = min(1.0, training.batch_size / n)
-    params = dict(model.named_parameters())
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if training.optimizer is OptimizerKind.SGD:
         opt: torch.optim.Optimizer = torch.optim.SGD(params.values(), lr=training.lr, momentum=training.momentum)
     else:
@@ -158,7 +168,13 @@ def _train_one_dp(model: nn.Module, X, y, training: TrainingSpec, dp, seed: int,
 
     batches = dp_batch_stream(seed)  # Poisson membership from AES-CTR, not torch's MT
     noise = os_seeded_generator(device)
-    loss_fn = nn.functional.cross_entropy
+    from lepton_ray.learning.custom import per_example_loss, resolve_loss
+
+    user_loss = resolve_loss(training.loss)
+
+    def loss_fn(logits, targets):  # cross-entropy, or training.loss, per sample under vmap
+        return per_example_loss(user_loss, logits, targets).mean()
+
     steps = training.epochs * -(-n // training.batch_size)
     total, count = 0.0, 0
     for _ in range(steps):

@@ -17,6 +17,10 @@ def build_model(spec: ModelSpec, n_features: int, n_classes: int, *, seed: int =
     """``logistic``: one linear layer (multinomial logistic regression). ``mlp``: linear
     layers of ``spec.hidden`` sizes with ReLU between. Initialised deterministically from
     ``seed`` (torch's default Kaiming-uniform init)."""
+    if spec.kind is ModelKind.CUSTOM:  # factory(**kwargs); see lepton_ray.learning.custom
+        from lepton_ray.learning.custom import build_custom_model
+
+        return build_custom_model(spec, seed=seed)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -36,11 +40,11 @@ def build_model(spec: ModelSpec, n_features: int, n_classes: int, *, seed: int =
 
 def flat_parameters(model: nn.Module) -> np.ndarray:
     with torch.no_grad():
-        return torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().numpy().astype(np.float32)
+        return torch.nn.utils.parameters_to_vector(trainable(model)).detach().cpu().numpy().astype(np.float32)
 
 
 def load_flat(model: nn.Module, vector: np.ndarray) -> nn.Module:
-    expected = sum(p.numel() for p in model.parameters())
+    expected = sum(p.numel() for p in trainable(model))
     if vector.shape != (expected,):
         raise ValueError(f"parameter vector has shape {vector.shape}, model needs ({expected},)")
     # Copy into the existing parameter storage. (torch's vector_to_parameters would make the
@@ -48,7 +52,7 @@ def load_flat(model: nn.Module, vector: np.ndarray) -> nn.Module:
     source = torch.from_numpy(np.array(vector, dtype=np.float32, copy=True))
     offset = 0
     with torch.no_grad():
-        for p in model.parameters():
+        for p in trainable(model):
             n = p.numel()
             p.copy_(source[offset : offset + n].view_as(p))
             offset += n
@@ -56,4 +60,11 @@ def load_flat(model: nn.Module, vector: np.ndarray) -> nn.Module:
 
 
 def n_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in trainable(model))
+
+
+def trainable(model: nn.Module) -> list[torch.Tensor]:
+    """The parameters that are trained and travel (``requires_grad``): all of them for the
+    built-in models; for a custom model with frozen weights (LoRA adapters on a frozen base)
+    only the trainable ones, so only those are aggregated."""
+    return [p for p in model.parameters() if p.requires_grad]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from lepton_ray.config import ModelSpec, OptimizerKind, TrainingSpec
+from lepton_ray.config import ModelKind, ModelSpec, OptimizerKind, TrainingSpec
 from lepton_ray.learning.local import LocalResult, torch_seed
 from lepton_ray.learning.models import build_model
 
@@ -33,10 +33,22 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
-def vectorise_blocker(model_spec: ModelSpec, training: TrainingSpec, *, dp_sgd: bool = False) -> str | None:
-    """Why these settings cannot be trained vectorised, or ``None`` when they can."""
+def vectorise_blocker(model_spec: ModelSpec, training: TrainingSpec, *, dp_sgd: bool = False,
+                      sample: np.ndarray | None = None) -> str | None:
+    """Why these settings cannot be trained vectorised, or ``None`` when they can. A custom
+    model is probed on ``sample`` rows (:func:`lepton_ray.learning.custom.functional_blocker`)."""
     if dp_sgd:
         return "record-level DP-SGD (per-sample clipping, Poisson batches) is not vectorised"
+    if training.loop is not None:
+        from lepton_ray.learning.custom import show
+
+        return f"training.loop {show(training.loop)} is a user's loop, run as written"
+    if model_spec.kind is ModelKind.CUSTOM:
+        from lepton_ray.learning.custom import functional_blocker, show
+
+        reason = functional_blocker(build_model(model_spec, 0, 0), sample)
+        if reason is not None:
+            return f"model.factory {show(model_spec.factory)}: {reason}"
     return None
 
 
@@ -94,7 +106,7 @@ def train_parties_vectorised(
     steps_sorted = steps[order]
 
     model = _template(model_spec, n_features, n_classes, device)
-    names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters()])
+    names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters() if p.requires_grad])
     start = torch.tensor(np.asarray(global_params, dtype=np.float32), device=device)  # copy: read-only buffer
     chunks = torch.split(start, [math.prod(s) for s in shapes])
     base = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
@@ -122,10 +134,13 @@ def train_parties_vectorised(
     per_epoch = torch.as_tensor(steps_sorted // training.epochs, device=device)
 
     mu = training.proximal_mu
+    from lepton_ray.learning.custom import per_example_loss, resolve_loss
+
+    user_loss = resolve_loss(training.loss)
 
     def loss_fn(p, x, y, w):
         logits = functional_call(model, p, (x,))
-        ce = nn.functional.cross_entropy(logits, y, reduction="none")
+        ce = per_example_loss(user_loss, logits, y)  # cross-entropy or training.loss
         loss = (ce * w).sum() / w.sum()
         objective = loss
         if mu > 0:  # FedProx (Li et al. 2020)
