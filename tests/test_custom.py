@@ -325,3 +325,42 @@ def test_run_takes_a_model_and_a_data_callable(ray_session, tmp_path):
     assert r.summary["status"] == "completed" and r.summary["training_path"] == "vectorised"
     assert r.history["test_accuracy"].iloc[-1] > 0.65  # chance is about 0.5
     assert r.predict(np.zeros((2, 1, 3, 3))).shape == (2,)
+
+
+class _Payload:
+    """A pickle that runs code when loaded: what a foreign spec could carry."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_attack_a_spec_file_cannot_carry_a_pickled_callable(tmp_path):
+    """Attack: a spec (file, stored spec, job offer) naming ``__python__:...`` made the loader
+    unpickle it, running foreign code. Only callables this process registered through
+    lepton_ray.run are accepted now; the payload never runs."""
+    import base64
+    import pickle
+
+    from lepton_ray.config import load_spec
+    from lepton_ray.errors import ConfigError
+    from lepton_ray.learning.custom import register, resolve
+
+    marker = tmp_path / "pwned"
+    ref = "__python__:f:" + base64.b64encode(pickle.dumps(_Payload(marker))).decode()
+    spec = {"name": "t", "data": {"source": "digits"}, "parties": {"count": 4},
+            "model": {"kind": "custom", "factory": ref}}
+    with pytest.raises(ConfigError, match="model.factory: a pickled Python callable is accepted only"):
+        load_spec(spec)
+    assert not marker.exists()
+    own = register(_tiny_factory)  # this process's own callable: accepted
+    load_spec(dict(spec, model={"kind": "custom", "factory": own}))
+    assert resolve(own, "model.factory") is _tiny_factory
+
+
+def _tiny_factory():
+    import torch
+
+    return torch.nn.Linear(64, 10)

@@ -352,8 +352,10 @@ class PartyLoader:
     def __init__(self, X, y, batch_size: int, seed: int):
         import torch
 
+        from lepton_ray.learning.local import torch_seed
+
         self.X, self.y, self.batch_size = X, y, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(torch_seed(seed))
 
     def __len__(self) -> int:
         return -(-len(self.y) // self.batch_size)
