@@ -44,8 +44,11 @@ def test_same_seed_same_history(ray_session, small_job, tmp_path):
     same = {"training__deterministic_seeds": True}  # opt-in: training seeds are secret by default
     a = lepton_ray.run(small_job, output__dir=str(tmp_path / "a"), **same).history
     b = lepton_ray.run(small_job, output__dir=str(tmp_path / "b"), **same).history
-    cols = ["test_loss", "test_accuracy", "train_loss"]
+    cols = ["test_loss", "test_accuracy"]
     assert a[cols].equals(b[cols])
+    # train_loss arrives through the secure sum, stochastically rounded with OS randomness
+    # (quantisation step ~ loss bound / scale): equal up to that, not bit for bit
+    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)
     c = lepton_ray.run(small_job, seed=1, output__dir=str(tmp_path / "c")).history
     assert not a[cols].equals(c[cols])
 
