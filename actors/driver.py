@@ -288,10 +288,13 @@ class Federation:
 
             from lepton_ray.privacy.events import SkellamAmplification
 
+            from lepton_ray.privacy.dpfedavg import sample_size_bound
+
             distributed = DistributedNoise(bits=p.bits, dim=len(self.params),
                                            min_survivor_fraction=p.min_survivor_fraction,
                                            amplification=SkellamAmplification(p.amplification.value),
-                                           colluding_parties=p.colluding_parties)
+                                           colluding_parties=p.colluding_parties,
+                                           max_sample=sample_size_bound(self.spec.parties.count, q))
         if self.dp is None:  # a resumed job restores its state from the checkpoint
             self.dp = DpFedAvg.create(distributed=distributed,
                 n_parties=self.spec.parties.count, sampling_rate=q, rounds=self.spec.rounds,
@@ -646,7 +649,7 @@ class Federation:
         if len(participants) >= 2:
             try:
                 plan = self._plan(r, participants, rule)
-                return plan, plan.skellam
+                return plan, self._expected_skellam()  # charged: independent of the sample size
             except ConfigError as exc:
                 why = f"aborted: {exc.problems[0]}"
             except PrivacyError as exc:  # e.g. too few sampled parties for the colluders
@@ -654,9 +657,14 @@ class Federation:
         return why, self._expected_skellam()
 
     def _expected_skellam(self):
-        return self.dp.distributed.params(n=max(2, round(self.dp.expected_parties)), threshold=1,
-                                          clip_norm=self.dp.clip_norm,
-                                          noise_multiplier=self.dp.noise_multiplier)
+        """The parameters every distributed round is charged at (the scale for the public
+        bound on the sample; a job checkpointed before there was one keeps the old rule)."""
+        dn = self.dp.distributed
+        if getattr(dn, "max_sample", None) is not None:
+            return dn.charged_params(clip_norm=self.dp.clip_norm,
+                                     noise_multiplier=self.dp.noise_multiplier)
+        return dn.params(n=max(2, round(self.dp.expected_parties)), threshold=1,
+                         clip_norm=self.dp.clip_norm, noise_multiplier=self.dp.noise_multiplier)
 
     def _plan(self, r: int, participants: list[int], rule):
         import hashlib

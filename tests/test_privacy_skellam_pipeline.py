@@ -295,3 +295,40 @@ def test_distributed_noise_defaults_to_ten_percent_colluders():
     assert fixed.min_survivors(10) == 7  # raised to c + 1: one honest share at least
     with pytest.raises(PrivacyError, match="colluding"):
         fixed.params(n=6, threshold=1, clip_norm=1.0, noise_multiplier=1.0)
+
+
+def test_attack_the_charged_event_published_the_secret_sample_size():
+    """Attack (issue 13): each round's Skellam scale, and so its charged epsilon (the released
+    ``epsilon`` column), followed the number of parties sampled, publishing the size of a
+    secret Poisson sample. With the public bound every round is charged the same event, and
+    the rounds' own parameters keep that scale and at least that honest noise."""
+    from lepton_ray.privacy.dpfedavg import DistributedNoise, sample_size_bound
+    from lepton_ray.privacy.skellam import event_for_survivors
+
+    old = DistributedNoise(bits=16, dim=100, min_survivor_fraction=0.9)
+    events = {n: old.params(n=n, threshold=1, clip_norm=1.0, noise_multiplier=1.0).event(
+        sampling_probability=0.1) for n in (80, 100, 120)}
+    assert len({(e.l1_sensitivity, e.variance) for e in events.values()}) == 3  # n readable
+
+    bound = sample_size_bound(1000, 0.1)
+    dn = DistributedNoise(bits=16, dim=100, min_survivor_fraction=0.9, max_sample=bound)
+    charged = dn.charged_params(clip_norm=1.0, noise_multiplier=1.0).event(sampling_probability=0.1)
+    for n in (20, 80, 100, 120, bound):
+        p = dn.params(n=n, threshold=1, clip_norm=1.0, noise_multiplier=1.0)
+        actual = event_for_survivors(p, p.min_survivors, sampling_probability=0.1)
+        assert actual.l1_sensitivity == charged.l1_sensitivity
+        assert actual.l2_sensitivity == charged.l2_sensitivity
+        assert actual.variance >= charged.variance * (1 - 1e-12)
+    with pytest.raises(PrivacyError, match="above the public bound"):
+        dn.params(n=bound + 1, threshold=1, clip_norm=1.0, noise_multiplier=1.0)
+
+
+def test_sample_size_bound_is_the_exact_binomial_tail_quantile():
+    from scipy.stats import binom
+
+    from lepton_ray.privacy.dpfedavg import sample_size_bound
+
+    for n, q in ((1000, 0.1), (50, 0.5), (10_000, 0.01)):
+        m = sample_size_bound(n, q, tail=1e-9)
+        assert binom.sf(m, n, q) <= 1e-9 < binom.sf(m - 1, n, q)
+    assert sample_size_bound(7, 1.0) == 7

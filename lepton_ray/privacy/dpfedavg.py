@@ -108,13 +108,24 @@ class DistributedNoise:
     * n) of each round's sampled parties, at least 1: the threat model of a federation is a
     coordinator colluding with a few parties (DESIGN.md), and distributed noise that any one
     colluder can shave is no better than central noise against that coordinator. n_min is
-    raised to c + 1 if needed (one honest share at least); a round with n <= c cannot run."""
+    raised to c + 1 if needed (one honest share at least); a round with n <= c cannot run.
+
+    ``max_sample`` (a public bound on a round's sample size, :func:`sample_size_bound`): the
+    charged event must not depend on how many parties were sampled, or the ``epsilon``
+    column would publish the size of a secret Poisson sample. With it, every round uses the
+    scale gamma chosen for ``max_sample`` parties and is charged :meth:`charged_params`'s
+    event; the shares are still sized for the round's own n_min - c honest survivors, so the
+    honest noise is the same mu = (z Delta_2)^2 whatever n (Delta_2 depends only on gamma, d
+    and beta), and the sensitivities are those of the charged event. A round that samples more
+    than ``max_sample`` parties (probability below the bound's tail) is refused, still
+    charged."""
 
     bits: int
     dim: int
     min_survivor_fraction: float
     amplification: SkellamAmplification = SkellamAmplification.MIXTURE
     colluding_parties: int | None = None
+    max_sample: int | None = None
 
     def colluding(self, n: int) -> int:
         if self.colluding_parties is not None:
@@ -126,16 +137,64 @@ class DistributedNoise:
                    min(n, math.ceil(self.min_survivor_fraction * n)))
 
     def params(self, *, n: int, threshold: int, clip_norm: float, noise_multiplier: float):
-        from lepton_ray.privacy.skellam import skellam_params
+        from lepton_ray.privacy.skellam import (
+            DEFAULT_MAX_WRAPAROUND,
+            SkellamParams,
+            skellam_params,
+            wraparound_bound,
+        )
 
         n_min = self.min_survivors(n, threshold)
         if n_min > n:
             raise PrivacyError(
                 f"{n} parties sampled cannot carry distributed noise against "
                 f"{self.colluding(n)} colluding parties (need at least {n_min}); round refused")
+        if self.max_sample is None:
+            return skellam_params(bits=self.bits, dim=self.dim, clip_norm=clip_norm, parties=n,
+                                  min_survivors=n_min, noise_multiplier=noise_multiplier,
+                                  colluding=self.colluding(n))
+        if n > self.max_sample:
+            raise PrivacyError(f"{n} parties sampled, above the public bound {self.max_sample} "
+                               "the noise scale was chosen for; round refused")
+        gamma = self.charged_params(clip_norm=clip_norm, noise_multiplier=noise_multiplier).gamma
+        out = SkellamParams(bits=self.bits, dim=self.dim, clip_norm=clip_norm, parties=n,
+                            min_survivors=n_min, noise_multiplier=noise_multiplier, gamma=gamma,
+                            colluding=self.colluding(n))
+        if wraparound_bound(out) > DEFAULT_MAX_WRAPAROUND:
+            raise PrivacyError(f"{n} parties at the scale chosen for {self.max_sample} could wrap "
+                               "around the ring; round refused")
+        return out
+
+    def charged_params(self, *, clip_norm: float, noise_multiplier: float):
+        """The parameters every round is charged at (with ``max_sample``): the scale for the
+        public bound on the sample, so the charge reveals nothing about the sample's size."""
+        if self.max_sample is None:
+            raise PrivacyError("charged_params needs max_sample (a public bound on the sample)")
+        n = self.max_sample
+        from lepton_ray.privacy.skellam import skellam_params
+
         return skellam_params(bits=self.bits, dim=self.dim, clip_norm=clip_norm, parties=n,
-                              min_survivors=n_min, noise_multiplier=noise_multiplier,
+                              min_survivors=self.min_survivors(n), noise_multiplier=noise_multiplier,
                               colluding=self.colluding(n))
+
+
+def sample_size_bound(n_parties: int, sampling_rate: float, tail: float = 1e-9) -> int:
+    """The smallest m with P(Binomial(n_parties, q) > m) <= ``tail``: a public bound on the
+    size of a Poisson sample (exact binomial tail, summed in log space)."""
+    if not 0 < sampling_rate <= 1 or n_parties < 1:
+        raise PrivacyError(f"sample_size_bound needs n >= 1 and q in (0, 1], got {n_parties}, "
+                           f"{sampling_rate}")
+    if sampling_rate == 1:
+        return n_parties
+    lq, l1q = math.log(sampling_rate), math.log1p(-sampling_rate)
+    log_pmf = [math.lgamma(n_parties + 1) - math.lgamma(k + 1) - math.lgamma(n_parties - k + 1)
+               + k * lq + (n_parties - k) * l1q for k in range(n_parties + 1)]
+    above = 0.0
+    for m in range(n_parties, -1, -1):  # above = P(X > m), growing as m falls
+        if above + math.exp(log_pmf[m]) > tail:
+            return m
+        above += math.exp(log_pmf[m])
+    return 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,7 +220,8 @@ class DpFedAvg:
         if noise_multiplier is None and distributed is not None:
             from lepton_ray.privacy.skellam import calibrate_skellam
 
-            n = max(2, round(m))
+            # at the public bound on the sample when there is one: every round is charged there
+            n = distributed.max_sample or max(2, round(m))
             noise_multiplier = calibrate_skellam(
                 target_epsilon=epsilon, delta=delta, sampling_rate=sampling_rate, steps=rounds,
                 bits=distributed.bits, dim=distributed.dim, clip_norm=clip_norm, parties=n,
