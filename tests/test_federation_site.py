@@ -163,7 +163,7 @@ def test_policy_refusal_is_recorded_and_the_job_runs_without_that_site(policed):
     accepted, refused = offer_job(sessions, "job-7", _dp_spec())
     assert sorted(accepted) == ["north", "south"]
     assert "model.kind: mlp is not in the site's allowed_models" in refused["east"]
-    participants = [sessions[s].index for s in accepted]
+    participants = sorted(sessions[s].index for s in accepted)  # indexes follow connect order
     sites_dim[0] = 64
     config = plan_round(job_id="job-7", round_=1, roster=coordinator.roster.secagg_roster(), dim=64,
                         graph_seed=os.urandom(32), participants=participants, threshold=2)
