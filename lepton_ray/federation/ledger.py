@@ -28,8 +28,9 @@ from lepton_ray.errors import BudgetExhaustedError, FederationError
 def job_epsilon(spec, rounds: int) -> float:
     """The epsilon of ``rounds`` rounds of ``spec`` at its delta, computed by the site. A job
     without DP has infinite epsilon. With an explicit central noise multiplier: the Poisson-
-    subsampled Gaussian over ``rounds`` steps with the spec's accountant; otherwise (noise
-    calibrated by the coordinator) the job's whole declared budget, charged from round 1."""
+    subsampled discrete Gaussian over ``rounds`` steps (the bound central jobs are charged);
+    otherwise (noise calibrated by the coordinator) the job's whole declared budget, charged
+    from round 1."""
     from lepton_ray.config import NoisePlacement, SamplingKind
 
     p = spec.privacy
@@ -37,13 +38,12 @@ def job_epsilon(spec, rounds: int) -> float:
         return math.inf
     if p.noise_multiplier is None or p.noise is not NoisePlacement.CENTRAL:
         return float(p.epsilon)
-    from lepton_ray.privacy.accountants import AccountantKind
-    from lepton_ray.privacy.calibration import compute_epsilon
+    # central noise is a discrete Gaussian in the ring: the bound the coordinator charges
+    from lepton_ray.privacy.discrete_gaussian import discrete_gaussian_epsilon
 
     q = spec.sampling.fraction if spec.sampling.kind is SamplingKind.POISSON else 1.0
-    return float(compute_epsilon(sampling_rate=q, noise_multiplier=p.noise_multiplier,
-                                 steps=rounds, delta=p.delta,
-                                 accountant=AccountantKind(p.accountant.value)))
+    return float(discrete_gaussian_epsilon(sampling_rate=q, noise_multiplier=p.noise_multiplier,
+                                           steps=rounds, delta=p.delta))
 
 
 class SiteLedger:

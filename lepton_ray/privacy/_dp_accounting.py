@@ -45,18 +45,28 @@ def _import_without_package_init(name: str) -> types.ModuleType:
             del sys.modules["dp_accounting"]
 
 
+_LOADED: list[Any] = []  # the RDP module once fully imported (set under _LOCK)
+
+
 def rdp() -> Any:
-    """``dp_accounting.rdp.rdp_privacy_accountant`` (fast path, see module docstring)."""
-    module = sys.modules.get(_RDP_MODULE)
-    if module is not None:
-        return module
+    """``dp_accounting.rdp.rdp_privacy_accountant`` (fast path, see module docstring).
+
+    Thread-safe: a module sits in ``sys.modules`` while it is still executing, so another
+    thread must not take it from there (it saw "partially initialized module ... has no
+    attribute 'DEFAULT_RDP_ORDERS'" when two federation sites charged their ledgers at once);
+    only a module this function finished importing is handed out."""
+    if _LOADED:
+        return _LOADED[0]
     with _LOCK:
-        try:
-            return _import_without_package_init(_RDP_MODULE)
-        except ImportError:
-            raise
-        except Exception:  # noqa: BLE001  # pragma: no cover - only if the layout changes
-            return importlib.import_module(_RDP_MODULE)
+        if not _LOADED:
+            try:
+                module = _import_without_package_init(_RDP_MODULE)
+            except ImportError:
+                raise
+            except Exception:  # noqa: BLE001  # pragma: no cover - only if the layout changes
+                module = importlib.import_module(_RDP_MODULE)
+            _LOADED.append(module)
+    return _LOADED[0]
 
 
 def dp_event() -> Any:
