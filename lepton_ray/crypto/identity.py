@@ -9,9 +9,11 @@ Privacy-Preserving Machine Learning", CCS, §4 round 0-1 in the actively secure 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -60,6 +62,10 @@ class IdentityKey:
 class Roster:
     """The job's admitted identity public keys; party id = index in ``public_keys``."""
 
+    def __getstate__(self) -> dict:
+        """Only the fields travel: cached hashes are always recomputed by the receiver."""
+        return {f: self.__dict__[f] for f in self.__dataclass_fields__}
+
     public_keys: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
@@ -73,6 +79,15 @@ class Roster:
             problems.append("roster: the same public key is admitted twice")
         if problems:
             raise ConfigError(problems)
+
+    @cached_property
+    def digest(self) -> bytes:
+        """SHA-256 of the roster (label, count, every key in order): what a job pins."""
+        h = hashlib.sha256(b"lepton-ray/v2/roster")
+        h.update(len(self.public_keys).to_bytes(8, "big"))
+        for key in self.public_keys:
+            h.update(key)
+        return h.digest()
 
     @classmethod
     def of(cls, identities: Iterable[IdentityKey]) -> Roster:

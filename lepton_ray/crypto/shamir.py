@@ -90,6 +90,26 @@ def combine_secrets(xs: np.ndarray, shares: np.ndarray) -> np.ndarray:
     return limbs_to_secrets(limbs)
 
 
+def combine_checked(xs: np.ndarray, shares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`combine_secrets` that never raises on a corrupt share: returns the (m, 32)
+    secrets and an (m,) bool array, False where a share is outside the field or the rebuilt
+    value is not a 32-byte secret (that row's secret is then meaningless). The caller checks
+    the good rows against commitments (:mod:`lepton_ray.secagg.server`)."""
+    xs = np.asarray(xs)
+    ys = np.asarray(shares).astype(np.int64)
+    if xs.ndim != 2 or ys.shape != (*xs.shape, LIMBS):
+        raise ProtocolError(f"shares must have shape (m, t, {LIMBS}) matching xs {xs.shape}, "
+                            f"got {ys.shape}")
+    _check_xs(xs)
+    in_field = ((ys >= 0) & (ys < PRIME)).all(axis=(1, 2))
+    ys = np.where(in_field[:, None, None], ys, 0)
+    coeff = lagrange_at_zero(xs)
+    limbs = (coeff[:, :, None] * ys % PRIME).sum(axis=1) % PRIME
+    ok = in_field & (limbs[:, 0] < _TOP_LIMB) & (limbs < 1 << LIMB_BITS).all(axis=1)
+    limbs = np.where(ok[:, None], limbs, 0)
+    return limbs_to_secrets(limbs), ok
+
+
 def lagrange_at_zero(xs: np.ndarray) -> np.ndarray:
     """Row-wise Lagrange coefficients at 0 over GF(p): for each row of distinct non-zero
     ``xs``, c_i = prod_{j != i} x_j / (x_j - x_i) mod p, so f(0) = sum_i c_i f(x_i)."""
@@ -102,6 +122,30 @@ def lagrange_at_zero(xs: np.ndarray) -> np.ndarray:
         num[:, others] = num[:, others] * x[:, j:j + 1] % PRIME
         den[:, others] = den[:, others] * ((x[:, j:j + 1] - x[:, others]) % PRIME) % PRIME
     return num * _inverse(den) % PRIME
+
+
+def lagrange_at(xs: Sequence[int], at: int) -> np.ndarray:
+    """Lagrange coefficients of the points ``xs`` at ``at`` over GF(p): for distinct ``xs``,
+    c_i = prod_{j != i} (at - x_j) / (x_i - x_j) mod p, so f(at) = sum_i c_i f(x_i) for every
+    f of degree < len(xs). Used to check a share against the polynomial other shares fix
+    (cheater identification in :mod:`lepton_ray.secagg.server`)."""
+    x = np.asarray(xs, dtype=np.int64) % PRIME
+    t = len(x)
+    num = np.ones(t, dtype=np.int64)
+    den = np.ones(t, dtype=np.int64)
+    for j in range(t):
+        others = np.arange(t) != j
+        num[others] = num[others] * ((at - x[j]) % PRIME) % PRIME
+        den[others] = den[others] * ((x[others] - x[j]) % PRIME) % PRIME
+    return num * _inverse(den) % PRIME
+
+
+def evaluate_shares(xs: Sequence[int], shares: np.ndarray, at: int) -> np.ndarray:
+    """f(at), limb by limb, for the degree < t polynomial through the t points (xs, shares)
+    (``shares``: (t, LIMBS)); returns (LIMBS,) uint32."""
+    coeff = lagrange_at(xs, at)
+    ys = np.asarray(shares).astype(np.int64)
+    return ((coeff[:, None] * ys % PRIME).sum(axis=0) % PRIME).astype(np.uint32)
 
 
 def random_field_elements(shape: tuple[int, ...],

@@ -30,6 +30,8 @@ from lepton_ray.crypto.shamir import split_secrets
 from lepton_ray.errors import DataError, ProtocolError, ThresholdError
 from lepton_ray.secagg.messages import (
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     KeyBroadcast,
     MaskedSum,
     ShareInbox,
@@ -46,8 +48,8 @@ _PARTY_ERRORS = (ProtocolError, ThresholdError, DataError)
 
 class PartyCohort:
     """A host's parties of one round (see the module docstring). Stages in order, once each:
-    :meth:`advertise`, :meth:`share_keys`, :meth:`masked_sum`, :meth:`unmask`; each returns
-    the messages for the server and the parties that failed."""
+    :meth:`advertise`, :meth:`share_keys`, :meth:`masked_sum`, :meth:`consistency`,
+    :meth:`unmask`; each returns the messages for the server and the parties that failed."""
 
     def __init__(self, config: RoundConfig, parties: Mapping[int, SecAggParty], *,
                  expander: MaskExpander | None = None,
@@ -102,7 +104,15 @@ class PartyCohort:
             bad = self.parties[p].mask_into(total, self._expander, skip=frozenset(in_sum))
             if bad:
                 rejected.append((p, bad))
-        return [MaskedSum(c.job_id, c.round, tuple(partners), total, tuple(rejected))], failed
+        members, complaints = tuple(partners), tuple(rejected)
+        signatures = tuple(self.parties[p].sign_masked(members, total, complaints)
+                           for p in members)
+        return [MaskedSum(c.job_id, c.round, members, total, complaints, signatures)], failed
+
+    def consistency(self, request: ConsistencyRequest
+                    ) -> tuple[list[ConsistencySignature], list[Failure]]:
+        signed, failed = self._each(lambda p, party: party.consistency(request))
+        return list(signed.values()), failed
 
     def unmask(self, request: UnmaskRequest) -> tuple[list[UnmaskResponse], list[Failure]]:
         responses, failed = self._each(lambda p, party: party.unmask(request))

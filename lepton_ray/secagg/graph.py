@@ -14,35 +14,46 @@ larger k it is the complement of a random (n-1-k)-regular graph (minimum degree 
 hence connected). When n*k is odd, or the pairing gets stuck, a few parties have degree k-1
 ("near-regular").
 
-**Threshold.** A party's secrets are shared among its *neighbourhood*: its neighbours plus
-itself (as in Bonawitz et al., where a user also holds a share of its own secrets), i.e. k+1
-holders. The default threshold is t = k//2 + 1: more than half of the k neighbours, counting
-the party's own share among the t (it can only contribute it while it is alive).
+**Threshold against a malicious server** (:func:`secure_threshold`). A party's secrets are
+shared among its *neighbourhood*: its k neighbours plus itself, k + 1 holders. Every honest
+holder reveals, for each owner, the share of its self-mask seed *or* of its recovery key,
+never both, according to the survivor set it was shown; a corrupt holder reveals both. An
+actively malicious server that shows different survivor sets to different holders ("split
+view", Bonawitz et al. 2017 §4 and Thm 6.5; Bell et al. 2020 §4) gets both secrets of a victim
+(its input then falls out of its masked input) iff h1 + c >= t and h2 + c >= t, where c is the
+number of corrupt holders and h1 + h2 <= k + 1 - c the honest ones split between the two
+views. So both cannot happen iff
 
-**Choice of k** (:func:`choose_neighbours`). With dropout rate delta, a fraction gamma of
-parties possibly colluding with the server, statistical security sigma and correctness eta
-(bits), k is the smallest value with t = k//2 + 1 such that, by union bounds over the n
-parties with exact binomial tails (each neighbour drops / is corrupt independently):
+    2t > k + 1 + c,   i.e.   t = floor((k + 1 + c) / 2) + 1,
 
-1. secrecy (sigma): n * P[Bin(k, gamma) >= t] <= 2^-sigma - no honest party has t corrupt
-   holders, so the coalition never holds t shares of one secret (Bell et al. Lemma 4.5's
-   condition on corrupt neighbours);
+which also gives t > c (the coalition alone never holds t shares). With c = 0 this is
+t = floor((k+1)/2) + 1: for odd k one more than the semi-honest majority k//2 + 1 (with that
+threshold and odd k, (k+1)/2 holders on each side unmasked the victim). The consistency
+round (signed survivor sets, :mod:`lepton_ray.secagg.party`) is a second, independent layer:
+an honest holder reveals nothing unless t of its neighbourhood signed the same survivor set.
+c is bounded per neighbourhood by :func:`corrupt_neighbour_bound`: with a fraction gamma of
+corrupt parties (``secure_aggregation.corrupt_fraction``), the smallest c with
+n * P[Bin(k, gamma) > c] <= 2^-sigma (union bound over the n neighbourhoods; Bell et al.
+Lemma 4.5 assume, as we do, that corruption is fixed before the graph seed is known).
+
+**Choice of k** (:func:`choose_neighbours`). With dropout rate delta, corrupt fraction gamma,
+statistical security sigma and correctness eta (bits), k is the smallest value with
+t = :func:`secure_threshold` (k, c) such that, by union bounds over the n parties with exact
+binomial tails:
+
+1. secrecy (sigma): c is the bound above, so 2t > k + 1 + c holds for every neighbourhood;
 2. no isolation (sigma): n * (delta + gamma)^k <= 2^-sigma - no honest survivor loses every
-   neighbour. An isolated survivor's masked input would be its input plus only its self mask;
-   larger cut-off sets need every one of their boundary neighbours to drop, which in a random
-   regular (expander) graph is exponentially rarer (Bell et al. §4, connectivity lemma), and
-   the t-checks below turn any cut-off set smaller than t into an abort anyway;
+   neighbour (Bell et al. §4, connectivity lemma);
 3. correctness (eta): n(1-delta) P[Bin(k, delta+gamma) >= k-t+2] + n delta P[Bin(k,
-   delta+gamma) >= k-t+1] <= 2^-eta - every survivor keeps t live holders of its self-mask seed
-   (its own share included) and every dropped party keeps t live holders of its mask key.
+   delta+gamma) >= k-t+1] <= 2^-eta - every survivor keeps t live honest holders of its
+   self-mask seed (its own share included) and every dropped party keeps t of its recovery
+   key (corrupt holders may withhold shares, so they count as lost).
 
-A Chernoff bound on (3) gives k >= (ln n + eta ln 2) / D(1/2 || delta + gamma), with D the
-binary KL divergence: k grows with log n. Defaults (delta = 0.1, gamma = 0, sigma = 40,
-eta = 10) give k = 15 at n = 100, 19 at n = 1000, 23 at n = 10^4. gamma = 0 matches the
-design's threat model (an honest-but-curious coordinator that does not collude with parties;
-parties alone never see a masked input); set gamma > 0 when parties may collude with the
-coordinator (gamma = 0.05 gives k = 34 at n = 100). If no k < n - 1 meets the bounds (small n,
-or delta + gamma near 1/2) the complete graph is used.
+Defaults (delta = 0.1, gamma = 0, sigma = 40, eta = 10) give k = 18 at n = 100, 22 at
+n = 1000, 26 at n = 10^4. gamma = 0 is a malicious server colluding with no party; gamma =
+0.01 gives k = 41 at n = 100 and 56 at n = 10^4 (2x the masking work). If no k < n - 1 meets
+the bounds (small n, or delta + gamma near 1/2) the complete graph is used, with
+t = floor((n + c) / 2) + 1 (Bonawitz et al.'s t > 2n/3 for c < n/3 is the same inequality).
 """
 
 from __future__ import annotations
@@ -70,9 +81,29 @@ COMPLETE_GRAPH = GraphTopology.COMPLETE
 """Pass as ``neighbours=`` to get the complete graph (classic SecAgg, k = n - 1)."""
 
 
+def secure_threshold(neighbours: int, corrupt: int = 0) -> int:
+    """The smallest t with 2t > k + 1 + c (see the module docstring): no split view of the
+    survivor set gives a malicious server both secrets of one party."""
+    return (neighbours + 1 + corrupt) // 2 + 1
+
+
 def default_threshold(neighbours: int) -> int:
-    """t = k//2 + 1: a majority of the k neighbours, the party's own share counted among t."""
-    return neighbours // 2 + 1
+    """:func:`secure_threshold` with no corrupt neighbour: t = floor((k + 1) / 2) + 1."""
+    return secure_threshold(neighbours, 0)
+
+
+def corrupt_neighbour_bound(n: int, k: int, corrupt_rate: float,
+                            security_bits: float = 40.0) -> int:
+    """The smallest c with n * P[Bin(k, gamma) > c] <= 2^-sigma: with probability at least
+    1 - 2^-sigma no neighbourhood of the n holds more than c corrupt neighbours (0 if gamma
+    is 0; k if no smaller c meets the bound)."""
+    if corrupt_rate <= 0.0:
+        return 0
+    target = 2.0 ** -security_bits
+    for c in range(k + 1):
+        if n * _binomial_tail(k, corrupt_rate, c + 1) <= target:
+            return c
+    return k
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,8 +161,8 @@ def choose_neighbours(n: int, policy: NeighbourPolicy = DEFAULT_POLICY) -> int:
     if lost >= 0.5:
         return n - 1
     for k in range(MIN_SPARSE_DEGREE + 1, n - 1):
-        t = default_threshold(k)
-        if n * _binomial_tail(k, gamma, t) > secrecy:
+        t = secure_threshold(k, corrupt_neighbour_bound(n, k, gamma, policy.security_bits))
+        if t > k + 1:
             continue
         if n * lost**k > secrecy:
             continue
@@ -150,6 +181,10 @@ class NeighbourGraph:
     ``adjacency[i]`` lists the neighbours of ``participants[i]`` (sorted); ``degree`` is the
     nominal k. A party's Shamir x-coordinate is its position in ``participants`` plus one.
     """
+
+    def __getstate__(self) -> dict:
+        """Only the fields travel: cached hashes are always recomputed by the receiver."""
+        return {f: self.__dict__[f] for f in self.__dataclass_fields__}
 
     participants: tuple[int, ...]
     adjacency: tuple[tuple[int, ...], ...]
@@ -173,6 +208,20 @@ class NeighbourGraph:
 
     def __contains__(self, party: object) -> bool:
         return party in self._position
+
+    @cached_property
+    def digest(self) -> bytes:
+        """SHA-256 of (degree, participants, every adjacency list): the graph in a transcript."""
+        import hashlib
+
+        import numpy as np
+
+        h = hashlib.sha256(b"lepton-ray/v2/graph")
+        h.update(np.array([self.degree, self.n], dtype="<i8").tobytes())
+        h.update(np.asarray(self.participants, dtype="<i8").tobytes())
+        h.update(np.array([len(a) for a in self.adjacency], dtype="<i8").tobytes())
+        h.update(np.fromiter((j for a in self.adjacency for j in a), dtype="<i8").tobytes())
+        return h.digest()
 
     def position(self, party: int) -> int:
         return self._position[party]

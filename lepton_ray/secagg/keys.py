@@ -12,11 +12,12 @@ agreed once):
   ``HKDF(X25519(a_i, A_j), purpose, job, lower id, its key, higher id, its key)`` for two
   purposes: the *channel* key (AES-256-GCM envelopes; the associated data binds job, round,
   stage, sender and receiver) and the pair's *mask* key ``m_ij``;
-* every round, the pairwise mask seed is ``s_ij = HKDF-Expand(m_ij, job, round, nonce)`` and
+* every round, the pairwise mask seed is ``s_ij = HKDF-Expand(m_ij, transcript)`` (the round
+  transcript of :mod:`lepton_ray.secagg.plan`: job, round, nonce, roster, graph, t) and
   party i adds PRG(s_ij) when i < j and subtracts it when i > j, so the pair cancels in the
   sum (Bonawitz et al. 2017, §3: p_{u,v} = Delta_{u,v} PRG(s_{u,v}));
-* self mask seed b_i: 32 fresh OS bytes per round; the mask is PRG(HKDF(b_i, SELF_MASK, job,
-  round, i)) and keeps x_i hidden even if i's pairwise masks are removed because the server
+* self mask seed b_i: 32 fresh OS bytes per round; the mask is PRG(HKDF(b_i, SELF_MASK,
+  transcript, i)) and keeps x_i hidden even if i's pairwise masks are removed because the server
   wrongly believed i dropped (Bonawitz et al. 2017, §3, "double masking").
 
 **Dropout recovery.** Bonawitz et al. share a party's per-round mask *private key*, so that
@@ -29,9 +30,11 @@ outputs and the long-term keys are never revealed, so nothing needs replacing af
 server obtains, per party and round, the shares of b_i *or* of r_i, never both (the
 Bonawitz rule, checked by every holder), and a corrupt share is caught by the GCM tag.
 
-**Round nonce.** Every per-round derivation also takes the round's public nonce (fresh for
-each execution of a round); a party refuses a nonce it has used, so a round that is run again
-(e.g. after a crash) can never reuse pairwise masks on a different input.
+**Never twice.** Every per-round derivation takes the round's transcript, which holds a public
+nonce fresh for each execution. On top of that a party takes part in a given (job, round) at
+most once, for the whole job (:class:`ParticipationLog`, persisted when the host has a file
+for it): a server that re-runs a round, replays the victim's first-run envelopes and declares
+it dropped gets nothing, because the victim never starts the second execution.
 
 A round then costs a party no key agreement, key generation or signature except for pairs it
 has not met before (a new neighbour set, a restarted host's new keys).
@@ -52,7 +55,6 @@ from lepton_ray.crypto.kdf import KeyPurpose, derive_key, expand_key
 from lepton_ray.errors import ProtocolError
 
 NONCE_BYTES = 16
-_REMEMBERED_ROUNDS = 64  # nonces are 16 fresh bytes per round: a repeat can only be a replay
 
 
 class PairSecrets:
@@ -63,34 +65,34 @@ class PairSecrets:
     def __init__(self, channel: AESGCM, mask_key: bytes):
         self.channel = channel
         self.mask_key = mask_key
-        self._last: tuple[str, int, bytes, bytes] | None = None
+        self._last: tuple[bytes, bytes] | None = None
 
-    def round_seed(self, *, job_id: str, round_: int, nonce: bytes) -> bytes:
+    def round_seed(self, transcript: bytes) -> bytes:
         """:func:`pairwise_mask_seed` of this pair, remembered for the latest round, so the
         second end of a co-hosted pair does not derive it again."""
         last = self._last
-        if last is not None and last[0] == job_id and last[1] == round_ and last[2] == nonce:
-            return last[3]
-        seed = pairwise_mask_seed(self.mask_key, job_id=job_id, round_=round_, nonce=nonce)
-        self._last = (job_id, round_, nonce, seed)
+        if last is not None and last[0] == transcript:
+            return last[1]
+        seed = pairwise_mask_seed(self.mask_key, transcript)
+        self._last = (transcript, seed)
         return seed
 
     def __reduce__(self):
         raise TypeError("PairSecrets holds secret keys and is not picklable")
 
 
-def pairwise_mask_seed(mask_key: bytes, *, job_id: str, round_: int, nonce: bytes) -> bytes:
+def pairwise_mask_seed(mask_key: bytes, transcript: bytes) -> bytes:
     """This round's seed s_ij of the pair whose mask key is ``mask_key`` (both ends agree)."""
-    return expand_key(mask_key, KeyPurpose.PAIRWISE_MASK, _context(job_id, round_, nonce))
+    return expand_key(mask_key, KeyPurpose.PAIRWISE_MASK, _context(transcript))
 
 
-def self_mask_key(seed: bytes, *, job_id: str, round_: int, party: int) -> bytes:
-    return derive_key(seed, KeyPurpose.SELF_MASK, party, encoded_prefix=_context(job_id, round_))
+def self_mask_key(seed: bytes, *, transcript: bytes, party: int) -> bytes:
+    return derive_key(seed, KeyPurpose.SELF_MASK, party, encoded_prefix=_context(transcript))
 
 
 @lru_cache(maxsize=64)
-def _context(job_id: str, round_: int, nonce: bytes | None = None) -> bytes:
-    return encode_fields(job_id, round_) if nonce is None else encode_fields(job_id, round_, nonce)
+def _context(transcript: bytes) -> bytes:
+    return encode_fields(transcript)
 
 
 _ADVERT_LABEL = b"lepton-ray/v2/secagg/advertise-key"
@@ -106,25 +108,28 @@ class PartyKeyring:
     """One host's long-term SecAgg+ key material, shared by every party it hosts (one host is
     one trust domain, like :class:`SignatureVerifier`'s memo): each party's X25519 key pair and
     signed advert, the pair secrets derived so far (one key agreement per pair, not one per
-    end: a pair of co-hosted parties agrees once), and the round nonces already used.
+    end: a pair of co-hosted parties agrees once), and the :class:`ParticipationLog` of the
+    rounds its parties took part in.
 
     Not picklable: it never leaves the host process. A restarted host starts a new keyring,
     hence new keys, and its neighbours derive new pair secrets on first contact.
     """
 
     def __init__(self, entropy: Callable[[int], bytes] = os.urandom, *,
-                 max_pairs: int = 1 << 19):
+                 max_pairs: int = 1 << 19, participation: ParticipationLog | None = None):
         self._entropy = entropy
+        self.participation = participation if participation is not None else ParticipationLog()
         self._keys: dict[int, X25519KeyPair] = {}
         self._signed: dict[tuple[str, int], bytes] = {}
         self._pairs: dict[tuple, PairSecrets] = {}
-        self._nonces: dict[tuple[str, bytes], set[int]] = {}  # recent rounds only
         # The advert objects of the current broadcast that passed a party's checks (key size,
         # signature for this job): the other parties of the host reading the same object skip
         # the checks. Keyed by (job, party); another broadcast's advert is another object.
         self.checked_adverts: dict[tuple[str, int], object] = {}
         self._max_pairs = max_pairs
         self.verifier = SignatureVerifier()
+        self._checked_plan: object = None
+        self._checked_pins: object = None
         self.agreements = 0  # X25519 exchanges done (a test and benchmark figure)
 
     def public_key(self, party: int) -> bytes:
@@ -145,20 +150,15 @@ class PartyKeyring:
             self._signed[(job_id, party)] = sig
         return sig
 
-    def claim_nonce(self, job_id: str, party: int, nonce: bytes) -> None:
-        """Record that ``party`` runs the round with ``nonce``; :class:`ProtocolError` if it
-        already did (a replayed or re-run round must not reuse pairwise masks)."""
-        if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
-            raise ProtocolError(f"round nonce must be {NONCE_BYTES} bytes")
-        parties = self._nonces.get((job_id, nonce))
-        if parties is None:
-            if len(self._nonces) >= _REMEMBERED_ROUNDS:  # bounded memory: forget the oldest
-                del self._nonces[next(iter(self._nonces))]
-            parties = self._nonces[(job_id, nonce)] = set()
-        if party in parties:
-            raise ProtocolError(f"party {party} already ran a round with this nonce: refusing "
-                                "to reuse its pairwise masks")
-        parties.add(party)
+    def check_plan(self, config, pins=None) -> None:
+        """:meth:`JobPins.check` of ``config`` (the job's pins, or the plan's own job, roster
+        and seed), once per plan object: every party of the host reads the same plan."""
+        if self._checked_plan is config and self._checked_pins is pins:
+            return
+        from lepton_ray.secagg.plan import JobPins
+
+        (pins if pins is not None else JobPins.of(config)).check(config)
+        self._checked_plan, self._checked_pins = config, pins
 
     def pair(self, job_id: str, own: int, peer: int, peer_public: bytes) -> PairSecrets:
         """The secrets of the pair {own, peer}, derived on first use and cached."""
@@ -185,3 +185,60 @@ class PartyKeyring:
 
     def __reduce__(self):
         raise TypeError("PartyKeyring holds private keys and is not picklable")
+
+
+class ParticipationLog:
+    """The (job, round)s each party took part in, for the whole job: a party never starts a
+    second execution of a round (see the module docstring). Compact: per job and round, the
+    set of party ids; on disk (``path``), one JSON line per claim with the ids as ranges,
+    appended and fsynced *before* the parties' first message of the round leaves the host, so
+    a host that crashes and restarts still refuses. A torn last line (a crash mid-write) is
+    ignored: its parties had not yet said anything."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self._rounds: dict[tuple[str, int], set[int]] = {}
+        self.path = path
+        if path is not None and os.path.exists(path):
+            import json
+
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                        ids = {p for a, b in rec["parties"] for p in range(int(a), int(b) + 1)}
+                        self._rounds.setdefault((str(rec["job"]), int(rec["round"])),
+                                                set()).update(ids)
+                    except (ValueError, KeyError, TypeError):
+                        continue
+
+    def took_part(self, job_id: str, round_: int, party: int) -> bool:
+        return party in self._rounds.get((job_id, round_), ())
+
+    def claim(self, job_id: str, round_: int, parties) -> list[int]:
+        """Record that ``parties`` start (job, round); returns those that already did (they
+        must not take part). Written to disk, if the log has a file, before returning."""
+        seen = self._rounds.setdefault((job_id, round_), set())
+        again = sorted(p for p in parties if p in seen)
+        fresh = sorted(set(parties) - seen)
+        if fresh and self.path is not None:
+            import json
+
+            line = json.dumps({"job": job_id, "round": round_, "parties": _ranges(fresh)})
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, (line + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        seen.update(fresh)
+        return again
+
+
+def _ranges(ids: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for p in ids:
+        if out and out[-1][1] == p - 1:
+            out[-1][1] = p
+        else:
+            out.append([p, p])
+    return out

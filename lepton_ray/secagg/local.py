@@ -132,8 +132,10 @@ def run_local_round(config: RoundConfig, identities: Mapping[int, IdentityKey],
     gone.update(p for p in everyone if p not in inboxes)
     masked = speak(Stage.MASKED_INPUT, everyone,
                    lambda party: party.masked_input(inboxes[party.party], inputs[party.party]))
-    request = serve(Stage.MASKED_INPUT, lambda: server.collect_masked(masked))
-    gone.update(p for p in everyone if p not in set(request.survivors))
+    check = serve(Stage.MASKED_INPUT, lambda: server.collect_masked(masked))
+    gone.update(p for p in everyone if p not in set(check.survivors))
+    signed = speak(Stage.CONSISTENCY, everyone, lambda party: party.consistency(check))
+    request = serve(Stage.CONSISTENCY, lambda: server.collect_consistency(signed))
     responses = speak(Stage.UNMASK, everyone, lambda party: party.unmask(request))
     return serve(Stage.UNMASK, lambda: server.finish(responses))
 

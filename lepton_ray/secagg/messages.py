@@ -1,8 +1,11 @@
 """One frozen message type per stage and direction: plain, picklable values.
 
 Party -> server: :class:`AdvertiseKeys`, :class:`ShareKeys`, :class:`MaskedInput` (or, from a
-host, :class:`MaskedSum` of its parties' inputs), :class:`UnmaskResponse`. Server -> parties: :class:`KeyBroadcast`, :class:`ShareInbox`,
-:class:`UnmaskRequest`; server output: :class:`AggregateResult`. Every message names its job
+host, :class:`MaskedSum` of its parties' inputs), :class:`ConsistencySignature`,
+:class:`UnmaskResponse`, each signed by its sender over content and round transcript
+(:mod:`lepton_ray.secagg.signing`). Server -> parties: :class:`KeyBroadcast`,
+:class:`ShareInbox`, :class:`ConsistencyRequest`, :class:`UnmaskRequest`; server output:
+:class:`AggregateResult`. Every message names its job
 and round; its stage is its type (``STAGE``), so a message for the wrong stage is rejected by
 its type, not by dictionary checks. A PartyHost sends a list of these per stage for all the
 parties it hosts.
@@ -78,6 +81,8 @@ class ShareKeys:
     receivers: tuple[int, ...]
     envelopes: bytes
     recovery: bytes = b""
+    commitments: bytes = b""  # H(self-mask seed) || H(recovery key), lepton_ray.secagg.signing
+    signature: bytes = b""  # over signing.share_statement
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,8 @@ class ShareInbox:
 @dataclass(frozen=True, eq=False)
 class MaskedInput:
     """Stage 3, party -> server: input + self mask + pairwise masks in Z_{2^b}, plus the
-    neighbours whose envelopes failed authentication (the server drops those senders)."""
+    neighbours whose envelopes failed authentication (its complaints: this party holds no
+    share of theirs; nobody is dropped for a complaint), signed over all of it."""
 
     STAGE: ClassVar[Stage] = Stage.MASKED_INPUT
     job_id: str
@@ -105,6 +111,7 @@ class MaskedInput:
     party: int
     vector: np.ndarray
     rejected_senders: tuple[int, ...] = ()
+    signature: bytes = b""  # over signing.masked_statement
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,19 +128,60 @@ class MaskedSum:
     parties: tuple[int, ...]
     vector: np.ndarray
     rejected: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    signatures: tuple[bytes, ...] = ()  # one per party, each over signing.masked_statement
+
+
+@dataclass(frozen=True)
+class ConsistencyRequest:
+    """Stage 4a, server -> survivors: the survivor set U3 whose masked inputs are in the sum
+    (Bonawitz et al. 2017, §4, round "ConsistencyCheck")."""
+
+    STAGE: ClassVar[Stage] = Stage.CONSISTENCY
+    job_id: str
+    round: int
+    survivors: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ConsistencySignature:
+    """Stage 4a, survivor -> server: its signature over (transcript, U3). A party signs one
+    survivor set per round, ever."""
+
+    STAGE: ClassVar[Stage] = Stage.CONSISTENCY
+    job_id: str
+    round: int
+    party: int
+    signature: bytes
 
 
 @dataclass(frozen=True)
 class UnmaskRequest:
-    """Stage 4, server -> survivors: whose masked input is in the sum (``survivors``) and who
-    shared keys but is not (``dropped``). Disjoint: a holder reveals, per party, the share of
-    its self-mask seed (survivor) or of its recovery key (dropped), never both."""
+    """Stage 4b, server -> survivors: the survivor set (the same U3), who shared keys but is
+    not in it (``dropped``; a party recomputes this itself) and the survivors' consistency
+    signatures, ``(party, signature)``. A holder reveals nothing unless t of its neighbourhood
+    signed this very U3, and then, per party, the share of its self-mask seed (survivor) or of
+    its recovery key (dropped), never both."""
 
     STAGE: ClassVar[Stage] = Stage.UNMASK
     job_id: str
     round: int
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
+    signatures: tuple[tuple[int, bytes], ...] = ()
+
+    @cached_property
+    def signature_of(self) -> dict[int, bytes] | None:
+        """Signatures by party, built once and shared by every party of a host; ``None`` if
+        malformed (a party twice, or not (int, bytes) pairs)."""
+        if not isinstance(self.signatures, tuple):
+            return None
+        out: dict[int, bytes] = {}
+        for item in self.signatures:
+            if (not isinstance(item, tuple) or len(item) != 2 or type(item[0]) is not int
+                    or not isinstance(item[1], bytes) or item[0] in out):
+                return None
+            out[item[0]] = item[1]
+        return out
 
     @cached_property
     def as_sets(self) -> tuple[frozenset[int], frozenset[int]] | None:
@@ -159,6 +207,7 @@ class UnmaskResponse:
     seed_shares: bytes
     recovery_owners: tuple[int, ...]
     recovery_shares: bytes
+    signature: bytes = b""  # over signing.unmask_statement
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,5 +227,6 @@ class AggregateResult:
     rejections: tuple[Rejection, ...] = field(default=())
 
 
-PARTY_MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, MaskedSum, UnmaskResponse)
-SERVER_MESSAGES = (KeyBroadcast, ShareInbox, UnmaskRequest)
+PARTY_MESSAGES = (AdvertiseKeys, ShareKeys, MaskedInput, MaskedSum, ConsistencySignature,
+                  UnmaskResponse)
+SERVER_MESSAGES = (KeyBroadcast, ShareInbox, ConsistencyRequest, UnmaskRequest)

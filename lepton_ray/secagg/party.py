@@ -6,6 +6,7 @@ A party object lives for one round. Its methods must be called in order, once ea
     share_keys(KeyBroadcast)         -> ShareKeys       (Shamir shares, sealed per neighbour,
                                                          and the sealed recovery blob)
     masked_input(ShareInbox, vector) -> MaskedInput     (x + self mask + pairwise masks)
+    consistency(ConsistencyRequest)  -> ConsistencySignature (signs the survivor set, once)
     unmask(UnmaskRequest)            -> UnmaskResponse  (shares the server may have)
 
 A bad server message raises :class:`ProtocolError` and the party aborts (it behaves as a
@@ -13,15 +14,24 @@ dropout, which the protocol survives); too few live neighbours raises :class:`Th
 for the same effect. A neighbour envelope that fails its GCM tag is not fatal: it is recorded
 in :attr:`SecAggParty.rejections` and reported to the server, which then drops its sender.
 
-Security reasoning (Bonawitz et al. 2017, §4; Bell et al. 2020, §3; the key schedule and its
-recovery key are described in :mod:`lepton_ray.secagg.keys`):
+Security reasoning against a malicious server (Bonawitz et al. 2017, §4 and Thm 6.5; Bell et
+al. 2020, §4; the key schedule and its recovery key are in :mod:`lepton_ray.secagg.keys`):
+* the round plan is checked against the job's pins before anything is sent
+  (:class:`~lepton_ray.secagg.plan.JobPins`): the graph is rebuilt from the job's graph seed,
+  the roster is the pinned one, t satisfies 2t > k + 1 + c; and the party takes part in a
+  (job, round) at most once for the whole job (:class:`~lepton_ray.secagg.keys.ParticipationLog`);
 * adverts are signed with the roster identity key and checked here, so the server cannot
   substitute keys and read the shares;
 * shares travel sealed under a key only the two parties can derive (AES-GCM, associated data
-  binding job, round, stage, sender, receiver);
-* the unmask request must name disjoint survivor/dropped sets consistent with what this party
-  saw, and the party answers once; it never reveals both the self-mask-seed share and the
-  mask-key share of one party, and never its own mask-key share;
+  binding the round transcript, stage, sender, receiver), so nothing of another execution of
+  the round (or another roster, graph or t) opens;
+* every message the party sends is signed over its content and the transcript, and its
+  share message commits to its two secrets (:mod:`lepton_ray.secagg.signing`);
+* consistency check: the party signs one survivor set per round, and reveals shares only for
+  that set and only if at least t members of its neighbourhood signed the same set;
+* it never reveals both the self-mask-seed share and the recovery-key share of one party,
+  and never its own recovery-key share; which one it reveals follows from the signed survivor
+  set and from who shared keys with it, never from a list the server supplies;
 * the party refuses to mask (or to unmask) when fewer than t of its neighbourhood are alive,
   so its input is never protected by fewer masks than the threshold assumes.
 """
@@ -45,6 +55,7 @@ from lepton_ray.crypto.prg import MaskExpander
 from lepton_ray.crypto.shamir import SHARE_BYTES, split_secrets
 from lepton_ray.errors import ConfigError, DataError, ProtocolError, ThresholdError
 from lepton_ray.secagg.checks import check_header, is_int
+from lepton_ray.secagg import signing
 from lepton_ray.secagg.keys import (
     PartyKeyring,
     advert_transcript,
@@ -53,6 +64,8 @@ from lepton_ray.secagg.keys import (
 from lepton_ray.secagg.messages import (
     ENVELOPE_BYTES,
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     KeyBroadcast,
     MaskedInput,
     ShareInbox,
@@ -60,7 +73,7 @@ from lepton_ray.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from lepton_ray.secagg.plan import RoundConfig
+from lepton_ray.secagg.plan import JobPins, RoundConfig
 from lepton_ray.secagg.stages import Rejection, RejectionReason, Stage
 
 SEED_BYTES = 32
@@ -74,12 +87,18 @@ class SecAggParty:
     buffers) may be shared too. ``entropy`` supplies every per-round secret (self-mask seed,
     recovery key, Shamir coefficients, envelope nonces); it defaults to ``os.urandom`` and
     should only ever be replaced by a deterministic source in tests.
+
+    ``pins``: the job's fixed parameters the plan is checked against (default: the plan's own
+    job, roster and graph seed, so the graph and t are still rebuilt and checked). ``claimed``:
+    the host has already recorded this party's (job, round) in the keyring's participation log
+    (one write for all its parties); otherwise the party records it here.
     """
 
     def __init__(self, *, party: int, identity: IdentityKey, config: RoundConfig,
                  keyring: PartyKeyring | None = None,
                  expander: MaskExpander | None = None,
-                 entropy: Callable[[int], bytes] = os.urandom):
+                 entropy: Callable[[int], bytes] = os.urandom,
+                 pins: JobPins | None = None, claimed: bool = False):
         if party not in config.graph:
             raise ConfigError([(f"secagg.party: party {party!r} is not a participant of round "
                                f"{config.round}")])
@@ -90,7 +109,11 @@ class SecAggParty:
         self.config = config
         self._identity = identity
         self._keyring = keyring if keyring is not None else PartyKeyring(entropy)
-        self._keyring.claim_nonce(config.job_id, party, config.nonce)
+        self._keyring.check_plan(config, pins)
+        if not claimed and self._keyring.participation.claim(config.job_id, config.round,
+                                                             [party]):
+            raise ProtocolError(f"party {party} already took part in round {config.round} of "
+                                f"job {config.job_id!r}: it never runs a round twice")
         self._expander = expander
         self._entropy = entropy
         self._self_seed = entropy(SEED_BYTES)
@@ -104,6 +127,7 @@ class SecAggParty:
         self._inbox_open = False
         self._holders: list[int] | None = None
         self._held: dict[int, tuple[bytes, bytes]] = {}
+        self._survivors: tuple[int, ...] | None = None  # the one U3 this party signed
 
     @property
     def rejections(self) -> tuple[Rejection, ...]:
@@ -200,17 +224,23 @@ class SecAggParty:
                 self._held[holder] = (seed_share, key_share)
                 continue
             pair = self._keyring.pair(c.job_id, self.party, holder, self._live[holder].public_key)
-            self._seeds[holder] = pair.round_seed(job_id=c.job_id, round_=c.round,
-                                                  nonce=c.nonce)
+            self._seeds[holder] = pair.round_seed(c.transcript)
             receivers.append(holder)
             channels.append(pair.channel)
             plaintexts.append(seed_share + key_share)
-        envelopes = seal_batch(c.job_id, c.round, Stage.SHARE_KEYS, self.party, receivers,
+        envelopes = seal_batch(c.transcript_id, c.round, Stage.SHARE_KEYS, self.party, receivers,
                                channels, plaintexts, self._entropy)
         recovery = seal(channel_cipher(self._recovery_key), recovery_header(c, self.party),
                         b"".join(self._seeds[j] for j in sorted(self._live)), self._entropy)
+        commitments = (signing.commitment(c.transcript, self.party, signing.SEED, self._self_seed)
+                       + signing.commitment(c.transcript, self.party, signing.RECOVERY,
+                                            self._recovery_key))
+        receivers_t = tuple(receivers)
+        signature = self._identity.sign(signing.share_statement(
+            c.transcript, self.party, receivers_t, envelopes, recovery, commitments))
         self._next = Stage.MASKED_INPUT
-        return ShareKeys(c.job_id, c.round, self.party, tuple(receivers), envelopes, recovery)
+        return ShareKeys(c.job_id, c.round, self.party, receivers_t, envelopes, recovery,
+                         commitments, signature)
 
     # -- stage 3 ------------------------------------------------------------------------
     def masked_input(self, inbox: ShareInbox, vector: np.ndarray) -> MaskedInput:
@@ -218,7 +248,16 @@ class SecAggParty:
         masked = vector.copy()
         rejected = self.mask_into(masked, self._expander or MaskExpander(self.config.dim,
                                                                           self.config.dtype))
-        return MaskedInput(self.config.job_id, self.config.round, self.party, masked, rejected)
+        c = self.config
+        signature = self.sign_masked((self.party,), masked,
+                                     ((self.party, rejected),) if rejected else ())
+        return MaskedInput(c.job_id, c.round, self.party, masked, rejected, signature)
+
+    def sign_masked(self, parties: tuple[int, ...], vector: np.ndarray,
+                    complaints: tuple) -> bytes:
+        """This party's signature over a masked input or a host's masked sum that holds it."""
+        return self._identity.sign(signing.masked_statement(self.config.transcript, parties,
+                                                            vector, complaints))
 
     def open_inbox(self, inbox: ShareInbox, vector: np.ndarray) -> tuple[int, ...]:
         """First half of :meth:`masked_input`: check ``vector`` and the inbox, keep the
@@ -251,7 +290,7 @@ class SecAggParty:
             except ProtocolError as err:  # e.g. a small-order key: nothing to open with
                 channels.append(None)
                 self._reject(sender, str(err))
-        plains = open_batch(c.job_id, c.round, Stage.SHARE_KEYS, senders, self.party,
+        plains = open_batch(c.transcript_id, c.round, Stage.SHARE_KEYS, senders, self.party,
                             channels, envelopes, ENVELOPE_BYTES)
         for sender, channel, plain in zip(senders, channels, plains):
             if plain is not None:
@@ -281,52 +320,88 @@ class SecAggParty:
             raise ProtocolError(f"party {self.party}: mask_into needs open_inbox first")
         self._inbox_open = False
         c = self.config
-        expander.add(acc, self_mask_key(self._self_seed, job_id=c.job_id, round_=c.round,
+        expander.add(acc, self_mask_key(self._self_seed, transcript=c.transcript,
                                         party=self.party))
         for j in self._partners:
             if j not in skip:
                 (expander.add if self.party < j else expander.subtract)(acc, self._seeds[j])
         self._seeds.clear()
-        self._next = Stage.UNMASK
+        self._next = Stage.CONSISTENCY
         return tuple(sorted(r.party for r in self._rejections
                             if r.stage is Stage.SHARE_KEYS))
 
-    # -- stage 4 ------------------------------------------------------------------------
-    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
-        stage = self._begin(Stage.UNMASK)
+    # -- stage 4a -----------------------------------------------------------------------
+    def consistency(self, request: ConsistencyRequest) -> ConsistencySignature:
+        """Sign the survivor set U3, once: it must name this party, only participants, and
+        leave this party at least t live members of its neighbourhood (itself included)."""
+        stage = self._begin(Stage.CONSISTENCY)
         c = self.config
-        self._raise(check_header(request, UnmaskRequest, c, stage))
-        sets = request.as_sets
-        if sets is None:
-            self._fail(stage, RejectionReason.MALFORMED, "survivors/dropped must be id tuples")
-        alive, gone = sets
-        if alive & gone:
+        self._raise(check_header(request, ConsistencyRequest, c, stage))
+        survivors = request.survivors
+        if (not isinstance(survivors, tuple) or not all(is_int(p) for p in survivors)
+                or list(survivors) != sorted(set(survivors))):
             self._fail(stage, RejectionReason.MALFORMED,
-                       f"parties {sorted(alive & gone)[:8]} listed as both survivor and dropped")
+                       "survivors must be a sorted tuple of distinct party ids")
+        alive = frozenset(survivors)
         if self.party not in alive:
             self._fail(stage, RejectionReason.LATE,
                        f"party {self.party} is not listed as a survivor")
+        if not alive <= frozenset(c.participants):
+            self._fail(stage, RejectionReason.MALFORMED, "survivors name non-participants")
         neighbours = c.graph.neighbours_of(self.party)
         partners = set(self._partners)
-        if any((j in alive or j in gone) and j not in partners for j in neighbours):
+        if any(j in alive and j not in partners for j in neighbours):
             self._fail(stage, RejectionReason.MALFORMED,
-                       "request names neighbours that never shared keys with this party")
+                       "survivors name neighbours that never shared keys with this party")
         live = 1 + sum(1 for j in neighbours if j in alive)
         if live < c.threshold:
             raise ThresholdError(f"party {self.party}: only {live} of its neighbourhood "
                                  f"survived, threshold is {c.threshold}")
+        self._survivors = survivors
+        self._next = Stage.UNMASK
+        return ConsistencySignature(c.job_id, c.round, self.party, self._identity.sign(
+            signing.consistency_statement(c.transcript, survivors)))
+
+    # -- stage 4b -----------------------------------------------------------------------
+    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+        """Reveal shares for the survivor set this party signed, once at least t of its
+        neighbourhood (itself included) signed the same set."""
+        stage = self._begin(Stage.UNMASK)
+        c = self.config
+        self._raise(check_header(request, UnmaskRequest, c, stage))
+        if request.survivors != self._survivors:
+            self._fail(stage, RejectionReason.MALFORMED,
+                       "the survivor set differs from the one this party signed")
+        signatures = request.signature_of
+        if signatures is None:
+            self._fail(stage, RejectionReason.MALFORMED,
+                       "signatures must be distinct (party, bytes) pairs")
+        alive = frozenset(self._survivors)
+        statement = signing.consistency_statement(c.transcript, self._survivors)
+        verify, roster = self._keyring.verifier.verify, c.roster
+        signed = 1 + sum(1 for j in c.graph.neighbours_of(self.party)
+                         if j in alive and j in signatures
+                         and verify(roster.public_key(j), statement, signatures[j]))
+        if signed < c.threshold:
+            raise ThresholdError(f"party {self.party}: only {signed} of its neighbourhood "
+                                 f"signed the survivor set, threshold is {c.threshold}; "
+                                 "revealing nothing")
         seed_owners, seed_out, key_owners, key_out = [], [], [], []
         for owner, (seed_share, key_share) in sorted(self._held.items()):
             if owner in alive:
                 seed_owners.append(owner)
                 seed_out.append(seed_share)
-            elif owner in gone and owner != self.party:
+            elif owner != self.party:  # shared keys with this party, not in the sum: dropped
                 key_owners.append(owner)
                 key_out.append(key_share)
         self._held.clear()
         self._next = None
-        return UnmaskResponse(c.job_id, c.round, self.party, tuple(seed_owners),
-                              b"".join(seed_out), tuple(key_owners), b"".join(key_out))
+        seeds, keys = b"".join(seed_out), b"".join(key_out)
+        seed_owners_t, key_owners_t = tuple(seed_owners), tuple(key_owners)
+        signature = self._identity.sign(signing.unmask_statement(
+            c.transcript, self.party, seed_owners_t, seeds, key_owners_t, keys))
+        return UnmaskResponse(c.job_id, c.round, self.party, seed_owners_t, seeds,
+                              key_owners_t, keys, signature)
 
     # -- helpers ------------------------------------------------------------------------
     def _reject(self, sender: int, why: str) -> None:
@@ -352,6 +427,6 @@ class SecAggParty:
 
 
 def recovery_header(config: RoundConfig, party: int) -> EnvelopeHeader:
-    """What a party's recovery blob is bound to (sender = receiver = the party itself; no
-    channel envelope is ever addressed to its own sender)."""
-    return EnvelopeHeader(config.job_id, config.round, Stage.SHARE_KEYS, party, party)
+    """What a party's recovery blob is bound to: the round transcript, and sender = receiver =
+    the party itself (no channel envelope is ever addressed to its own sender)."""
+    return EnvelopeHeader(config.transcript_id, config.round, Stage.SHARE_KEYS, party, party)

@@ -5,7 +5,8 @@ from the list never answered: it dropped out) and returning what goes back to th
 
     collect_adverts([AdvertiseKeys])  -> KeyBroadcast
     route_shares([ShareKeys])         -> {party: ShareInbox}
-    collect_masked([MaskedInput | MaskedSum]) -> UnmaskRequest
+    collect_masked([MaskedInput | MaskedSum]) -> ConsistencyRequest (the survivor set U3)
+    collect_consistency([ConsistencySignature]) -> UnmaskRequest (U3 and its signatures)
     finish([UnmaskResponse])          -> AggregateResult   (only the sum)
 
 Every message is checked (type = stage, job, round, roster, signature, sizes, duplicates);
@@ -14,6 +15,15 @@ as dropped, which the protocol tolerates like any dropout. When fewer than t par
 or some secret the sum needs has fewer than t live holders, the round raises
 :class:`ThresholdError` *before* the unmask request goes out if that is already known, so no
 share is released for a round that cannot finish.
+
+**One bad party hurts only itself.** A complaint ("this sender's envelope did not open")
+drops nobody: the reporter just does not count as a holder of that sender's shares. A party
+left with fewer than t usable holders of its self-mask seed is taken out of the sum before
+the survivor set is fixed. Every secret the server rebuilds is checked against the owner's
+commitment (:mod:`lepton_ray.secagg.signing`); on a mismatch the server finds t shares that
+do match, checks every other share against the polynomial they fix, names each holder whose
+share is off (with its signature over the response as evidence), ignores all its shares and
+goes on. Only a shortage of honest shares aborts a round, and an abort releases nothing.
 
 Security (Bonawitz et al. 2017, Thm 6.3; Bell et al. 2020, Thm 3.6): the server sees masked
 inputs, each hidden by its self mask and by pairwise masks with its neighbours; it asks, for
@@ -33,14 +43,17 @@ import numpy as np
 from lepton_ray.crypto.envelope import OVERHEAD_BYTES, channel_cipher, open_envelope
 from lepton_ray.crypto.identity import SignatureVerifier
 from lepton_ray.crypto.prg import MaskExpander
-from lepton_ray.crypto.shamir import LIMBS, PRIME, SHARE_BYTES, combine_secrets
+from lepton_ray.crypto.shamir import LIMBS, PRIME, SHARE_BYTES, combine_checked, evaluate_shares
 from lepton_ray.errors import ProtocolError, ThresholdError
+from lepton_ray.secagg import signing
 from lepton_ray.secagg.checks import check_header, check_sender, is_int
 from lepton_ray.secagg.keys import advert_transcript, self_mask_key
 from lepton_ray.secagg.messages import (
     ENVELOPE_BYTES,
     AdvertiseKeys,
     AggregateResult,
+    ConsistencyRequest,
+    ConsistencySignature,
     KeyBroadcast,
     MaskedInput,
     MaskedSum,
@@ -54,6 +67,8 @@ from lepton_ray.secagg.plan import RoundConfig
 from lepton_ray.secagg.stages import Rejection, RejectionReason, Stage
 
 KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+_SUBSET_TRIES = 256  # t-subsets tried per secret whose first t shares miss its commitment
 
 
 class SecAggServer:
@@ -76,6 +91,11 @@ class SecAggServer:
         self._partners: dict[int, tuple[int, ...]] = {}
         self._not_holding: dict[int, set[int]] = {}
         self._recovery: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # blob, seeds' owners
+        self._commitments: dict[int, bytes] = {}  # party -> H(seed) || H(recovery key)
+        self._share_messages: dict[int, ShareKeys] = {}  # evidence against a bad blob
+        self._singles: dict[int, MaskedInput] = {}
+        self._sums: list[MaskedSum] = []
+        self._cheaters: set[int] = set()
         self._sum: np.ndarray | None = None
 
     @property
@@ -122,6 +142,8 @@ class SecAggServer:
         self._shared = frozenset(accepted)
         self._recovery = {p: (msg.recovery, self._live_neighbours(p))
                           for p, msg in accepted.items()}
+        self._commitments = {p: msg.commitments for p, msg in accepted.items()}
+        self._share_messages = accepted
         self._next = Stage.MASKED_INPUT
         return self._inboxes([accepted[p] for p in sorted(accepted)])
 
@@ -161,6 +183,13 @@ class SecAggServer:
             return Rejection(msg.party, stage, RejectionReason.MALFORMED,
                              f"recovery must be a {want}-byte sealed blob of "
                              f"{len(expected)} pair seeds")
+        if (not isinstance(msg.commitments, bytes)
+                or len(msg.commitments) != 2 * signing.COMMITMENT_BYTES):
+            return Rejection(msg.party, stage, RejectionReason.MALFORMED,
+                             f"commitments must be {2 * signing.COMMITMENT_BYTES} bytes")
+        if not isinstance(msg.signature, bytes) or len(msg.signature) != SIGNATURE_BYTES:
+            return Rejection(msg.party, stage, RejectionReason.BAD_SIGNATURE,
+                             "share message is not signed")
         return None
 
     def _live_neighbours(self, party: int) -> tuple[int, ...]:
@@ -173,9 +202,10 @@ class SecAggServer:
         return live
 
     # -- stage 3 ------------------------------------------------------------------------
-    def collect_masked(self, messages: Iterable[object]) -> UnmaskRequest:
+    def collect_masked(self, messages: Iterable[object]) -> ConsistencyRequest:
         """Masked inputs, one per party (:class:`MaskedInput`) or summed per host
-        (:class:`MaskedSum`); a sum is taken whole or not at all."""
+        (:class:`MaskedSum`); a sum is taken whole or not at all. Returns the survivor set
+        for the consistency check."""
         stage = self._begin(Stage.MASKED_INPUT)
         messages = list(messages)
         duplicated: set[int] = set()
@@ -186,53 +216,79 @@ class SecAggServer:
         reports = {p: m.rejected_senders for p, m in singles.items()}
         for msg in sums:
             reports.update(msg.rejected)
-        graph, t = self.config.graph, self.config.threshold
-        accused: set[int] = set()
         for reporter in sorted(reports):
             for sender in reports[reporter]:
-                accused.add(sender)
                 self._not_holding.setdefault(sender, set()).add(reporter)
                 self._rejections.append(Rejection(
                     sender, Stage.SHARE_KEYS, RejectionReason.TAMPERED,
-                    f"its envelope to party {reporter} failed authentication (reported by "
-                    f"party {reporter})"))
-        kept = []
-        for msg in sums:
-            bad = accused.intersection(msg.parties)
-            if bad:  # the sum cannot be split: all of its parties are dropped
+                    f"party {reporter} reports its envelope did not open; party {reporter} "
+                    "does not count as a holder of its shares (nobody is dropped for a "
+                    "complaint)"))
+        graph, t = self.config.graph, self.config.threshold
+        # A survivor needs t usable holders of its self-mask seed (itself and live neighbours
+        # that did not complain about it); one without them leaves the sum, with the whole
+        # host sum it is in, which may leave others short: repeat until stable.
+        while True:
+            alive = set(singles) | {p for msg in sums for p in msg.parties}
+            short = [p for p in sorted(alive) if self._usable_holders(p, alive, own=True) < t]
+            if not short:
+                break
+            for p in short:
                 self._rejections.append(Rejection(
-                    min(bad), stage, RejectionReason.TAMPERED,
-                    f"a masked sum of {len(msg.parties)} parties includes accused parties "
-                    f"{sorted(bad)[:8]}; the whole sum is left out"))
-            else:
-                kept.append(msg)
-        survivors = tuple(sorted({p for p in singles if p not in accused}
-                                 | {p for msg in kept for p in msg.parties}))
-        dropped = tuple(sorted(self._shared - set(survivors)))
+                    p, stage, RejectionReason.LATE,
+                    f"only {self._usable_holders(p, alive, own=True)} usable holders of its "
+                    f"self-mask seed (threshold {t}): its masked input is left out"))
+                singles.pop(p, None)
+            sums = [msg for msg in sums if not set(short).intersection(msg.parties)]
+        survivors = tuple(sorted(alive))
+        dropped = tuple(sorted(self._shared - alive))
         self._require(len(survivors), stage, "masked inputs were accepted")
-        alive = set(survivors)
-        for party in survivors:
-            holders = 1 + sum(1 for j in graph.neighbours_of(party) if j in alive)
-            if holders < t:
-                self._abort(f"survivor {party} has {holders} live holders of its self-mask "
-                            f"seed, threshold is {t}")
         for party in dropped:
             partners = tuple(j for j in graph.neighbours_of(party) if j in alive)
             if not partners:
                 continue
-            holders = len(set(partners) - self._not_holding.get(party, set()))
+            holders = self._usable_holders(party, alive, own=False)
             if holders < t:
-                self._abort(f"dropped party {party} has {holders} live holders of its mask "
-                            f"key, threshold is {t}")
+                self._abort(f"dropped party {party} has {holders} live holders of its "
+                            f"recovery key, threshold is {t}")
             self._partners[party] = partners
-        total = np.zeros(self.config.dim, dtype=self.config.dtype)
-        for vector in [singles[p].vector for p in survivors if p in singles] + [
-                msg.vector for msg in kept]:
-            np.add(total, vector, out=total)
-        self._sum, self._survivors, self._dropped = total, survivors, dropped
+        self._singles, self._sums = singles, sums
+        self._survivors, self._dropped = survivors, dropped
         self._survivor_set, self._dropped_set = frozenset(survivors), frozenset(dropped)
+        self._next = Stage.CONSISTENCY
+        return ConsistencyRequest(self.config.job_id, self.config.round, survivors)
+
+    def _usable_holders(self, party: int, alive: set[int], *, own: bool) -> int:
+        """Live holders of ``party``'s shares that can open them (they did not complain about
+        its envelope), counting ``party`` itself if ``own``."""
+        bad = self._not_holding.get(party, ())
+        return int(own) + sum(1 for j in self.config.graph.neighbours_of(party)
+                              if j in alive and j not in bad)
+
+    # -- stage 4a -----------------------------------------------------------------------
+    def collect_consistency(self, messages: Iterable[object]) -> UnmaskRequest:
+        """The survivors' signatures over U3, forwarded as they are: every holder verifies
+        those of its own neighbourhood and counts t before it reveals anything."""
+        stage = self._begin(Stage.CONSISTENCY)
+        accepted = self._accept(messages, ConsistencySignature, stage, self._survivor_set,
+                                self._check_consistency)
+        self._require(len(accepted), stage, "survivors signed the survivor set")
+        total = np.zeros(self.config.dim, dtype=self.config.dtype)
+        for vector in [self._singles[p].vector for p in self._survivors if p in self._singles
+                       ] + [msg.vector for msg in self._sums]:
+            np.add(total, vector, out=total)
+        self._sum = total
+        self._singles, self._sums = {}, []
         self._next = Stage.UNMASK
-        return UnmaskRequest(self.config.job_id, self.config.round, survivors, dropped)
+        return UnmaskRequest(self.config.job_id, self.config.round, self._survivors,
+                             self._dropped,
+                             tuple((p, accepted[p].signature) for p in sorted(accepted)))
+
+    def _check_consistency(self, msg: ConsistencySignature) -> Rejection | None:
+        if not isinstance(msg.signature, bytes) or len(msg.signature) != SIGNATURE_BYTES:
+            return Rejection(msg.party, Stage.CONSISTENCY, RejectionReason.BAD_SIGNATURE,
+                             f"signature must be {SIGNATURE_BYTES} bytes")
+        return None
 
     def _accept_sums(self, messages: list, singles: dict[int, MaskedInput],
                      duplicated: set[int]) -> list[MaskedSum]:
@@ -316,41 +372,43 @@ class SecAggServer:
         return (all(is_int(j) and j in partners for j in reported)
                 and len(set(reported)) == len(reported))
 
-    # -- stage 4 ------------------------------------------------------------------------
+    # -- stage 4b -----------------------------------------------------------------------
     def finish(self, messages: Iterable[object]) -> AggregateResult:
         stage = self._begin(Stage.UNMASK)
         survivors = self._survivor_set
         accepted = self._accept(messages, UnmaskResponse, stage, survivors, self._check_unmask)
         self._require(len(accepted), stage, "survivors sent their shares")
-        t, config = self.config.threshold, self.config
+        config = self.config
         holders = [accepted[h] for h in sorted(accepted)]
         try:
-            seeds = self._rebuild(holders, "seed", self._survivors,
+            seeds = self._rebuild(holders, "seed", list(self._survivors),
                                   "survivor {owner}'s self-mask seed")
             keys = self._rebuild(holders, "recovery", sorted(self._partners),
                                  "dropped party {owner}'s recovery key")
             pair_seeds = {p: self._open_recovery(p, key) for p, key in keys.items()}
         except ProtocolError:
             self._next = None
+            self._sum = None
             raise
         expander = self._expander or MaskExpander(config.dim, config.dtype)
         total = self._sum
-        if total is None:  # cannot happen: _begin(UNMASK) implies collect_masked ran
+        if total is None:  # cannot happen: _begin(UNMASK) implies collect_consistency ran
             raise ProtocolError("server has no masked sum to unmask")
-        job, rnd = config.job_id, config.round
+        transcript = config.transcript
         for party, seed in seeds.items():
-            expander.subtract(total, self_mask_key(seed, job_id=job, round_=rnd, party=party))
-        for party, seeds in pair_seeds.items():
+            expander.subtract(total, self_mask_key(seed, transcript=transcript, party=party))
+        for party, seeds_of in pair_seeds.items():
             for peer in self._partners[party]:
                 # the survivor `peer` added the pair mask if peer < party, else subtracted it
-                (expander.subtract if peer < party else expander.add)(total, seeds[peer])
+                (expander.subtract if peer < party else expander.add)(total, seeds_of[peer])
         self._next = None
         self._sum = None
         everyone = set(config.participants)
         return AggregateResult(
-            job_id=job, round=rnd, total=total, survivors=self._survivors,
+            job_id=config.job_id, round=config.round, total=total, survivors=self._survivors,
             dropped=tuple(sorted(everyone - survivors)), neighbours=config.neighbours,
-            threshold=t, modulus_bits=config.modulus_bits, rejections=self.rejections)
+            threshold=config.threshold, modulus_bits=config.modulus_bits,
+            rejections=self.rejections)
 
     def _open_recovery(self, party: int, key: bytes) -> dict[int, bytes]:
         """The pair seeds a dropped party sealed under its recovery key ``key`` (rebuilt from
@@ -358,9 +416,16 @@ class SecAggServer:
         blob, owners = self._recovery[party]
         try:
             plain = open_envelope(channel_cipher(key), recovery_header(self.config, party), blob)
-        except ProtocolError as err:
-            raise ProtocolError(f"the rebuilt recovery key of party {party} does not open its "
-                                "sealed pair seeds: a holder sent a corrupt share") from err
+        except ProtocolError:
+            # the key matches party's own commitment, so party sealed a blob that does not
+            # open under it: party cheated (its signed share message is the evidence)
+            sig = self._share_messages[party].signature if party in self._share_messages else b""
+            self._rejections.append(Rejection(
+                party, Stage.SHARE_KEYS, RejectionReason.BAD_SHARE,
+                "its sealed pair seeds do not open under the recovery key it committed to "
+                f"(signed share message {sig[:8].hex()}...)"))
+            self._abort(f"dropped party {party}'s recovery blob does not open under its own "
+                        "committed key; its pairwise masks cannot be removed")
         return {j: plain[i * SEED_BYTES:(i + 1) * SEED_BYTES] for i, j in enumerate(owners)}
 
     def _check_unmask(self, msg: UnmaskResponse) -> Rejection | None:
@@ -390,16 +455,20 @@ class SecAggServer:
 
     def _rebuild(self, responses: list[UnmaskResponse], kind: str, owners: list[int],
                  what: str) -> dict[int, bytes]:
-        """Each of ``owners``' secrets from the first t shares of it, in holder order, among
-        the ``kind`` ("seed" or "recovery") shares of ``responses``: one numpy gather and one
-        batch Lagrange interpolation for the whole round."""
+        """Each of ``owners``' secrets (``kind``: "seed" or "recovery") from the shares in
+        ``responses``, checked against the owner's commitment. Fast path: the first t shares
+        of every owner, one numpy gather and one batch Lagrange interpolation for the round.
+        An owner whose result misses its commitment goes through :meth:`_robust_rebuild`,
+        which names and excludes the holders whose shares are wrong."""
         if not owners:
             return {}
         t, graph = self.config.threshold, self.config.graph
+        responses = [m for m in responses if m.party not in self._cheaters]
         listed = [getattr(m, f"{kind}_owners") for m in responses]
+        sizes = [len(o) for o in listed]
         owner_of = np.fromiter(itertools.chain.from_iterable(listed), dtype=np.int64)
-        x_of = np.repeat([graph.x_coordinate(m.party) for m in responses],
-                         [len(o) for o in listed])
+        holder_of = np.repeat([m.party for m in responses], sizes).astype(np.int64)
+        x_of = np.repeat([graph.x_coordinate(m.party) for m in responses], sizes)
         shares = np.frombuffer(b"".join(getattr(m, f"{kind}_shares") for m in responses),
                                dtype="<u4").reshape(-1, LIMBS)
         order = np.argsort(owner_of, kind="stable")  # by owner, holders in id order
@@ -411,8 +480,84 @@ class SecAggServer:
             self._abort(f"only {int(count[i])} shares of {what.format(owner=owners[i])} "
                         f"arrived, threshold is {t}")
         pick = order[first[:, None] + np.arange(t)]
-        secrets = combine_secrets(x_of[pick], shares[pick])
-        return {p: row.tobytes() for p, row in zip(owners, secrets)}
+        secrets, ok = combine_checked(x_of[pick], shares[pick])
+        label = signing.SEED if kind == "seed" else signing.RECOVERY
+        out: dict[int, bytes] = {}
+        for i, (p, row, fine) in enumerate(zip(owners, secrets, ok)):
+            secret = row.tobytes()
+            if fine and self._matches(p, label, secret):
+                out[p] = secret
+                continue
+            rows = order[first[i]:first[i] + count[i]]
+            mine = [(int(holder_of[r]), int(x_of[r]), shares[r]) for r in rows]
+            out[p] = self._robust_rebuild(p, label, mine, responses, what.format(owner=p))
+        return out
+
+    def _matches(self, owner: int, label: bytes, secret: bytes) -> bool:
+        commitments = self._commitments.get(owner, b"")
+        half = signing.COMMITMENT_BYTES
+        expected = commitments[:half] if label == signing.SEED else commitments[half:]
+        return signing.commitment(self.config.transcript, owner, label, secret) == expected
+
+    def _robust_rebuild(self, owner: int, label: bytes, shares, responses, what: str) -> bytes:
+        """Find t shares of ``owner``'s secret that rebuild its commitment, then check every
+        other share against the polynomial they fix: a holder whose share is off is named
+        (:attr:`RejectionReason.BAD_SHARE`, with its signature) and all its shares are
+        ignored from here on. Aborts only if no t shares match (too few honest ones)."""
+        import itertools as it
+        import random
+
+        t = self.config.threshold
+        shares = [s for s in shares if s[0] not in self._cheaters]
+        m = len(shares)
+        tried = 0
+        # leave-one-out over the first t + 1 first (one bad share), then public random subsets
+        candidates = it.chain(
+            (tuple(i for i in range(min(m, t + 1)) if i != skip) for skip in range(min(m, t + 1))),
+            (tuple(sorted(random.Random(f"{owner}/{n}").sample(range(m), t)))
+             for n in range(_SUBSET_TRIES)))
+        found = None
+        for subset in candidates:
+            if len(subset) != t or m < t:
+                continue
+            tried += 1
+            xs = np.array([[shares[i][1] for i in subset]], dtype=np.int64)
+            ys = np.stack([shares[i][2] for i in subset])[None]
+            secret, ok = combine_checked(xs, ys)
+            if ok[0] and self._matches(owner, label, secret[0].tobytes()):
+                found = (subset, secret[0].tobytes())
+                break
+            if tried > _SUBSET_TRIES + t + 1:
+                break
+        if found is None:
+            self._abort(f"no {t} shares of {what} match its commitment: too few honest holders")
+        subset, secret = found
+        xs = [shares[i][1] for i in subset]
+        ys = np.stack([shares[i][2] for i in subset])
+        by_holder = {msg.party: msg for msg in responses}
+        for holder, x, share in shares:
+            if (evaluate_shares(xs, ys, x) != share).any():
+                self._cheaters.add(holder)
+                msg = by_holder.get(holder)
+                evidence = self._evidence(msg)
+                self._rejections.append(Rejection(
+                    holder, Stage.UNMASK, RejectionReason.BAD_SHARE,
+                    f"its share of {what} is not on the committed polynomial; {evidence}; "
+                    "all its shares are ignored"))
+        return secret
+
+    def _evidence(self, msg: UnmaskResponse | None) -> str:
+        """The holder's signature over its response, checked: what makes a named cheater
+        attributable (and not a message someone else forged in its name)."""
+        if msg is None:
+            return "no response on record"
+        statement = signing.unmask_statement(self.config.transcript, msg.party, msg.seed_owners,
+                                             msg.seed_shares, msg.recovery_owners,
+                                             msg.recovery_shares)
+        key = self.config.roster.public_key(msg.party)
+        if self._verifier.verify(key, statement, msg.signature):
+            return f"its signed response ({msg.signature[:8].hex()}...) is the evidence"
+        return "its response carries no valid signature (forged or tampered in transit)"
 
     # -- helpers ------------------------------------------------------------------------
     def _begin(self, stage: Stage) -> Stage:
@@ -444,7 +589,7 @@ class SecAggServer:
             candidates.setdefault(msg.party, []).append(msg)
         accepted = {}
         for party, copies in candidates.items():
-            if len(copies) == 1:
+            if all(c == copies[0] for c in copies[1:]):  # one message, perhaps replayed
                 accepted[party] = copies[0]
             else:
                 if duplicated is not None:

@@ -2,7 +2,8 @@
 
 Stages follow Bonawitz et al. 2017 (CCS, Fig. 4) as adapted to a sparse graph by Bell et al.
 2020 (CCS, "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead", §3):
-advertise keys -> share keys -> masked input -> unmask (-> the server outputs the sum).
+advertise keys -> share keys -> masked input -> consistency check (Bonawitz §4: every survivor
+signs the survivor set) -> unmask (-> the server outputs the sum).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class Stage(Enum):
     ADVERTISE_KEYS = "advertise_keys"
     SHARE_KEYS = "share_keys"
     MASKED_INPUT = "masked_input"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
 
     @property
@@ -54,6 +56,8 @@ class RejectionReason(Enum):
     TAMPERED = "authenticated decryption failed (AES-GCM tag)"
     DUPLICATE_PARTY = "more than one message with this party id in one stage"
     MALFORMED = "message content has the wrong type, size, shape, dtype or recipients"
+    BAD_SHARE = "a revealed share does not lie on the owner's committed secret (cheater)"
+    IMPERSONATION = "message for a party that its sender does not host"
 
 
 @dataclass(frozen=True)
