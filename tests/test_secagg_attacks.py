@@ -1,5 +1,6 @@
-"""Attacks: every bad message is rejected with a clear reason, its sender is treated as
-dropped, and the result stays exact over the honest survivors."""
+"""Attacks: every bad message is rejected with a clear reason naming its sender, only the
+sender can lose its place in the round, and the result stays exact over the honest
+survivors. (The active-coordinator red-team suite is tests/test_secagg_adversary.py.)"""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from lepton_ray.errors import ProtocolError, ThresholdError
 from lepton_ray.secagg import (
     COMPLETE_GRAPH,
     AdvertiseKeys,
+    ConsistencyRequest,
     KeyBroadcast,
     MaskedInput,
     RejectionReason,
@@ -54,7 +56,10 @@ def reasons(result):
     return {(r.party, r.stage, r.reason) for r in result.rejections}
 
 
-def test_tampered_ciphertext_drops_its_sender():
+def test_tampered_envelope_is_reported_and_drops_nobody():
+    """An envelope that fails its tag (tampered in transit, or garbled by its sender) makes
+    its receiver complain; the receiver just holds none of the sender's shares. Nobody is
+    dropped for a complaint (a false one must not hurt the accused), and the sum is exact."""
     config, ids, inputs = make_round(7)
 
     def tamper(messages):
@@ -69,9 +74,9 @@ def test_tampered_ciphertext_drops_its_sender():
 
     result = run(config, ids, inputs, filters={Stage.SHARE_KEYS: tamper})
     assert (2, Stage.SHARE_KEYS, RejectionReason.TAMPERED) in reasons(result)
-    assert 2 in result.dropped
-    assert_exact(result, inputs, set(range(7)) - {2})
-    assert any("failed" in r.detail for r in result.rejections)
+    assert result.dropped == ()
+    assert_exact(result, inputs, set(range(7)))
+    assert any("does not count as a holder" in r.detail for r in result.rejections)
 
 
 def test_replayed_messages_from_an_earlier_round():
@@ -126,7 +131,10 @@ def test_advert_signed_by_a_key_outside_the_roster():
     assert_exact(result, inputs, set(range(6)))
 
 
-def test_duplicated_party_id_drops_that_party():
+def test_forged_copy_keeps_the_genuine_message_equivocation_drops_its_author():
+    """A second masked input under party 2's id that party 2 did not sign is ignored (the
+    genuine one stays in); two different inputs both signed by party 2 are its own
+    equivocation, and only party 2 is dropped."""
     config, ids, inputs = make_round(6)
 
     def duplicate(messages):
@@ -135,20 +143,47 @@ def test_duplicated_party_id_drops_that_party():
         return messages + [fake]
 
     result = run(config, ids, inputs, filters={Stage.MASKED_INPUT: duplicate})
+    assert (2, Stage.MASKED_INPUT, RejectionReason.DUPLICATE_PARTY) not in reasons(result)
+    assert_exact(result, inputs, set(range(6)))
+
+    config, ids, inputs = make_round(6, round_=1)
+
+    def equivocate(messages):
+        twin = next(m for m in messages if m.party == 2)
+        from lepton_ray.secagg import signing
+
+        vector = np.zeros_like(twin.vector)
+        sig = ids[2].sign(signing.masked_statement(config.transcript, (2,), vector, ()))
+        return messages + [dataclasses.replace(twin, vector=vector, signature=sig)]
+
+    result = run(config, ids, inputs, filters={Stage.MASKED_INPUT: equivocate})
     assert (2, Stage.MASKED_INPUT, RejectionReason.DUPLICATE_PARTY) in reasons(result)
     assert_exact(result, inputs, {0, 1, 3, 4, 5})
 
-    # an equivocating party: two different adverts, both validly signed by its identity
+    # an older advert of party 4 (a keyring made earlier, e.g. before a host restart),
+    # validly signed: the later keyring wins, party 4 stays in
     config, ids, inputs = make_round(6, round_=1)
-    twin = SecAggParty(party=4, identity=ids[4], config=config)
-    result = run(config, ids, inputs,
-                 filters={Stage.ADVERTISE_KEYS: lambda ms: ms + [twin.advertise()]})
+    older = SecAggParty(party=4, identity=ids[4], config=config).advertise()
+    result = run(config, ids, inputs, filters={Stage.ADVERTISE_KEYS: lambda ms: ms + [older]})
+    assert_exact(result, inputs, set(range(6)))
+
+    # an equivocating party: two different keys, same keyring time, both signed by it
+    config, ids, inputs = make_round(6, round_=2)
+
+    def equivocate(ms):
+        own = next(m for m in ms if m.party == 4)
+        key = b"\x07" * 32
+        sig = ids[4].sign(advert_transcript(job_id="job", party=4, public_key=key,
+                                            issued=own.issued))
+        return ms + [dataclasses.replace(own, public_key=key, signature=sig)]
+
+    result = run(config, ids, inputs, filters={Stage.ADVERTISE_KEYS: equivocate})
     assert (4, Stage.ADVERTISE_KEYS, RejectionReason.DUPLICATE_PARTY) in reasons(result)
     assert_exact(result, inputs, {0, 1, 2, 3, 5})
 
 
 def test_wrong_stage_late_wrong_job_and_malformed_messages():
-    config, ids, inputs = make_round(6)
+    config, ids, inputs = make_round(7)
     adverts = {}
 
     def stash(ms):
@@ -168,7 +203,7 @@ def test_wrong_stage_late_wrong_job_and_malformed_messages():
     assert (1, Stage.MASKED_INPUT, RejectionReason.MALFORMED) in got
     assert (3, Stage.MASKED_INPUT, RejectionReason.LATE) in got  # an advert, long after
     assert (-1, Stage.MASKED_INPUT, RejectionReason.WRONG_STAGE) in got
-    assert_exact(result, inputs, {2, 3, 4})
+    assert_exact(result, inputs, {2, 3, 4, 6})
 
 
 def test_message_from_a_party_that_already_dropped_is_late():
@@ -180,8 +215,10 @@ def test_message_from_a_party_that_already_dropped_is_late():
     inboxes = server.route_shares(shares[1:])  # party 0 dropped at share_keys
     masked = [parties[p].masked_input(inboxes[p], inputs[p]) for p in range(1, 6)]
     late = MaskedInput("job", 0, 0, inputs[0].copy())
-    request = server.collect_masked(masked + [late])
+    check = server.collect_masked(masked + [late])
     assert server.rejections[-1].reason is RejectionReason.LATE
+    assert 0 not in check.survivors
+    request = server.collect_consistency([parties[p].consistency(check) for p in range(1, 6)])
     assert 0 not in request.survivors + request.dropped
     result = server.finish([parties[p].unmask(request) for p in range(1, 6)])
     assert_exact(result, inputs, {1, 2, 3, 4, 5})
@@ -210,34 +247,69 @@ def test_party_rejects_bad_server_messages():
         parties[3].masked_input(inboxes[1], inputs[3])
     for p in (1, 4):
         parties[p].masked_input(inboxes[p], inputs[p])
-    with pytest.raises(ProtocolError, match="both survivor and dropped"):
-        parties[1].unmask(UnmaskRequest("job", 1, (1, 4), (1,)))
+    with pytest.raises(ProtocolError, match="sorted tuple of distinct"):
+        parties[1].consistency(ConsistencyRequest("job", 1, (4, 1)))
     with pytest.raises(ProtocolError, match="cannot run unmask"):
         parties[1].unmask(UnmaskRequest("job", 1, (1, 4), ()))  # one answer, even after an error
+    with pytest.raises(ThresholdError, match="only 2 of its neighbourhood survived"):
+        parties[4].consistency(ConsistencyRequest("job", 1, (1, 4)))
     with pytest.raises(ProtocolError, match="cannot run"):
         server.finish([])  # the server is still waiting for masked inputs
 
 
-def test_corrupt_recovery_share_or_blob_is_caught():
-    """A dropped party's pairwise seeds come from its sealed recovery blob: a corrupt share
-    rebuilds a wrong key, whose GCM tag check fails (or is no 32-byte key at all) (nothing is released); a blob of the
-    wrong size is rejected at share_keys and its sender dropped."""
+def test_corrupt_recovery_share_is_attributed_and_the_round_completes():
+    """A dropped party's pairwise seeds come from its sealed recovery blob. A holder's corrupt
+    share of its recovery key rebuilds a key that misses the owner's commitment: the server
+    finds t shares that match, names the holder with its signed response as evidence, and
+    the round completes exactly. A blob of the wrong size is rejected at share_keys; a blob
+    that does not open under the key its owner committed to is the owner's fault: named,
+    and (its masks cannot be removed) the round aborts, releasing nothing."""
     config, ids, inputs = make_round(6)
 
-    def corrupt(responses):
+    def corrupt(responses):  # party 1 sends (and signs) a wrong share
+        from lepton_ray.secagg import signing
+
         out = []
         for m in responses:
             if m.party == 1 and m.recovery_owners:
                 value = bytearray(m.recovery_shares)
                 value[SHARE_BYTES - 4] ^= 1  # the lowest limb of its first share
                 m = dataclasses.replace(m, recovery_shares=bytes(value))
+                m = dataclasses.replace(m, signature=ids[1].sign(signing.unmask_statement(
+                    config.transcript, 1, m.seed_owners, m.seed_shares, m.recovery_owners,
+                    m.recovery_shares)))
             out.append(m)
         return out
 
-    # a wrong key fails the blob's tag, or (if a limb leaves its range) fails to rebuild
-    with pytest.raises(ProtocolError, match="does not open its sealed pair seeds|corrupt"):
-        run(config, ids, inputs, silent={Stage.MASKED_INPUT: [4]},
-            filters={Stage.UNMASK: corrupt})
+    result = run(config, ids, inputs, silent={Stage.MASKED_INPUT: [4]},
+                 filters={Stage.UNMASK: corrupt})
+    assert (1, Stage.UNMASK, RejectionReason.BAD_SHARE) in reasons(result)
+    assert any("signed response" in r.detail for r in result.rejections
+               if r.reason is RejectionReason.BAD_SHARE)
+    assert_exact(result, inputs, {0, 1, 2, 3, 5})
+
+    config, ids, inputs = make_round(6, round_=1)
+
+    def resealed_blob(messages):  # party 4 seals garbage, signs it, then drops
+        from lepton_ray.secagg import signing
+
+        out = []
+        for m in messages:
+            if m.party == 4:
+                blob = bytes(len(m.recovery))
+                sig = ids[4].sign(signing.share_statement(config.transcript, 4, m.receivers,
+                                                          m.envelopes, blob, m.commitments))
+                m = dataclasses.replace(m, recovery=blob, signature=sig)
+            out.append(m)
+        return out
+
+    local = make_local_round(config, dict(enumerate(ids)))
+    with pytest.raises(ThresholdError, match="recovery blob does not open"):
+        run_local_round(config, dict(enumerate(ids)), inputs, local=local,
+                        silent={Stage.MASKED_INPUT: [4]},
+                        filters={Stage.SHARE_KEYS: resealed_blob})
+    assert (4, Stage.SHARE_KEYS, RejectionReason.BAD_SHARE) in {
+        (r.party, r.stage, r.reason) for r in local.server.rejections}
 
     def short_blob(messages):
         return [dataclasses.replace(m, recovery=m.recovery[:-1]) if m.party == 2 else m

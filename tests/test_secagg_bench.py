@@ -17,7 +17,7 @@ def test_bench_prints_one_json_object(capsys):
         assert key in report
     assert report["exact"] and report["n"] == 12 and report["dropped"] == 1
     assert set(report["party_seconds"]) == {"advertise_keys", "share_keys", "masked_input",
-                                            "unmask"}
+                                            "consistency", "unmask"}
 
 
 def test_secagg_and_crypto_import_neither_ray_nor_torch():

@@ -72,7 +72,14 @@ def drive(config, hosts, inputs, *, cohort_hosts=(), silent=(), filters=None):
             masked += cohorts[h].masked_sum(inboxes, live)[0]
         else:
             masked += [parties[p].masked_input(inboxes[p], v) for p, v in live.items()]
-    request = server.collect_masked(masked)
+    check = server.collect_masked(masked)
+    signed = []
+    for h, parties in enumerate(hosts):
+        if h in cohorts:
+            signed += cohorts[h].consistency(check)[0]
+        else:
+            signed += [parties[p].consistency(check) for p in check.survivors if p in parties]
+    request = server.collect_consistency(signed)
     responses = []
     for h, parties in enumerate(hosts):
         if h in cohorts:
@@ -114,10 +121,10 @@ def test_every_host_a_cohort_with_dropouts_after_sharing_keys():
     exact(result, inputs, set(range(16)) - {4, 9})
 
 
-def test_a_sum_holding_an_accused_party_is_left_out_whole():
-    """Party 3 (single host) reports that party 0's envelope failed: party 0 sits in host
-    A's sum, which cannot be split, so all of host A's parties are dropped and their masks
-    are rebuilt from their recovery keys; the result is exact over the rest."""
+def test_a_sum_holding_an_accused_party_stays_in():
+    """Party 3 (single host) reports that party 0's envelope failed. Party 0 sits in host
+    A's sum; a complaint drops nobody (it may be false), so host A's sum stays in: party 3
+    simply holds no share of party 0, which has enough other holders. Exact over all."""
     config, ids, inputs = setup(n=12, neighbours=11)  # complete graph: every pair shares keys
     a, b = [0, 1, 2], list(range(3, 12))
 
@@ -133,7 +140,7 @@ def test_a_sum_holding_an_accused_party_is_left_out_whole():
 
     result, _ = drive(config, [host(config, ids, a, "A"), host(config, ids, b, "B")], inputs,
                       cohort_hosts={0}, filters={Stage.SHARE_KEYS: tamper})
-    exact(result, inputs, b)
+    exact(result, inputs, a + b)
     why = {(r.party, r.reason) for r in result.rejections}
     assert (0, RejectionReason.TAMPERED) in why
 

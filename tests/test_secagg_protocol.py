@@ -6,7 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -20,14 +20,15 @@ from lepton_ray.secagg import (
     SecAggServer,
     Stage,
     build_graph,
+    default_threshold,
     plan_round,
     run_local_round,
     secure_sum,
 )
-from lepton_ray.secagg.keys import PartyKeyring, pairwise_mask_seed
+from lepton_ray.secagg.keys import ParticipationLog, PartyKeyring, pairwise_mask_seed
 from lepton_ray.secagg.local import graph_seed_from, make_local_round
 
-STAGES = ("share_keys", "masked_input", "unmask")
+STAGES = ("share_keys", "masked_input", "consistency", "unmask")
 
 
 def make_round(n=6, d=16, *, neighbours=None, round_=0, modulus_bits=32, threshold=None):
@@ -52,16 +53,14 @@ def test_pairwise_masks_cancel():
     for i in graph.participants:
         for j in graph.neighbours_of(i):
             mine, theirs = rings[i].pair("j", i, j, public[j]), rings[j].pair("j", j, i, public[i])
-            seed = pairwise_mask_seed(mine.mask_key, job_id="j", round_=0, nonce=nonce)
-            assert seed == pairwise_mask_seed(theirs.mask_key, job_id="j", round_=0, nonce=nonce)
-            # other rounds and other nonces give independent seeds
-            assert seed != pairwise_mask_seed(mine.mask_key, job_id="j", round_=1, nonce=nonce)
-            assert seed != pairwise_mask_seed(mine.mask_key, job_id="j", round_=0, nonce=b"m" * 16)
-            for kw in ({"job_id": "j", "round_": 0, "nonce": nonce},
-                       {"job_id": "j", "round_": 1, "nonce": nonce},
-                       {"job_id": "k", "round_": 0, "nonce": nonce}):  # remembered = derived
-                assert mine.round_seed(**kw) == pairwise_mask_seed(mine.mask_key, **kw)
-                assert mine.round_seed(**kw) == theirs.round_seed(**kw)
+            seed = pairwise_mask_seed(mine.mask_key, nonce)
+            assert seed == pairwise_mask_seed(theirs.mask_key, nonce)
+            # other transcripts (another round, nonce, roster, graph, t) give independent seeds
+            assert seed != pairwise_mask_seed(mine.mask_key, b"m" * 16)
+            for transcript in (nonce, b"t" * 32, nonce):  # remembered = derived
+                assert mine.round_seed(transcript) == pairwise_mask_seed(mine.mask_key,
+                                                                         transcript)
+                assert mine.round_seed(transcript) == theirs.round_seed(transcript)
             (expander.add if i < j else expander.subtract)(total, seed)
     assert not total.any()
     # one key agreement per pair end, not one per use
@@ -89,7 +88,7 @@ def test_shared_keyring_agrees_once_per_pair_and_rounds_reuse_it():
         assert np.array_equal(result.total, expected) and r not in result.survivors
         edges = sum(len(config.graph.neighbours_of(p)) for p in range(n)) // 2
         assert keyring.agreements == edges  # all in round 0, none since
-    with pytest.raises(ProtocolError, match="already ran a round with this nonce"):
+    with pytest.raises(ProtocolError, match="never runs a round twice"):
         make_local_round(config, dict(enumerate(identities)), keyring=keyring)
 
 
@@ -115,13 +114,21 @@ def _oracle(graph, t, silent):
     if len(a1) < t:
         return None
     s = {i for i in a1 - silent["masked_input"] if len(nb[i] & a1) + 1 >= t}
+    while True:  # the server leaves out survivors with fewer than t live holders
+        short = {i for i in s if len(nb[i] & s) + 1 < t}
+        if not short:
+            break
+        s -= short
     d = a1 - s
-    if len(s) < t or any(len(nb[i] & s) + 1 < t for i in s):
+    if len(s) < t:
         return None
     needed = {j for j in d if nb[j] & s}
     if any(len(nb[j] & s) < t for j in needed):
         return None
-    r = s - silent["unmask"]
+    signers = s - silent["consistency"]
+    if len(signers) < t:
+        return None
+    r = {i for i in signers - silent["unmask"] if len(nb[i] & signers) + 1 >= t}
     if len(r) < t:
         return None
     if any(len(nb[i] & r) + (i in r) < t for i in s) or any(len(nb[j] & r) < t for j in needed):
@@ -136,7 +143,9 @@ def test_secure_sum_matches_numpy_under_random_dropouts(n, d, bits, data):
     k = data.draw(st.integers(2, n - 1), label="k")
     seed = data.draw(st.integers(0, 2**32), label="seed")
     graph = build_graph(range(n), k, graph_seed_from(seed))
-    t = data.draw(st.integers(1, graph.min_degree + 1), label="t")
+    required = default_threshold(graph.degree)  # parties refuse anything below it
+    assume(required <= graph.min_degree + 1)
+    t = data.draw(st.integers(required, graph.min_degree + 1), label="t")
     silent = {stage: set(data.draw(st.lists(st.integers(0, n - 1), max_size=n // 2 + 1),
                                    label=stage)) for stage in STAGES}
     dtype = np.uint32 if bits == 32 else np.uint64
@@ -159,7 +168,7 @@ def test_secure_sum_matches_numpy_under_random_dropouts(n, d, bits, data):
 def test_complete_graph_survives_n_minus_t_dropouts_at_every_stage(n):
     rng = np.random.default_rng(n)
     x = rng.integers(0, 2**32, (n, 20), dtype=np.uint64).astype(np.uint32)
-    t = (n - 1) // 2 + 1
+    t = n // 2 + 1  # 2t > k + 1 with k = n - 1
     for trial in range(6):
         order = rng.permutation(n).tolist()
         drops = order[: n - t]
@@ -261,14 +270,19 @@ def test_secure_sum_input_validation():
         secure_sum(np.zeros((3, 4), dtype=np.uint32), modulus_bits=16)
 
 
-def test_keyring_remembers_recent_nonces_in_bounded_memory():
-    ring = PartyKeyring()
-    for i in range(200):
-        ring.claim_nonce("j", 1, i.to_bytes(16, "big"))
-        ring.claim_nonce("j", 2, i.to_bytes(16, "big"))
-    with pytest.raises(ProtocolError, match="already ran"):
-        ring.claim_nonce("j", 1, (199).to_bytes(16, "big"))
-    ring.claim_nonce("j", 3, (199).to_bytes(16, "big"))  # another party of the same round
-    assert len(ring._nonces) <= 64
-    with pytest.raises(ProtocolError, match="16 bytes"):
-        ring.claim_nonce("j", 1, b"short")
+def test_participation_log_is_job_long_persisted_and_survives_a_torn_line(tmp_path):
+    """A party never runs a (job, round) twice, however many rounds later (the old memory
+    forgot after 64 nonces), and a restarted host reading the log still refuses."""
+    path = tmp_path / "participation.jsonl"
+    log = ParticipationLog(path)
+    for r in range(200):
+        assert log.claim("j", r, [1, 2, 3, 7]) == []
+    assert log.claim("j", 0, [3, 4]) == [3]  # round 0, 200 rounds later: still refused
+    assert log.claim("k", 0, [3]) == []  # another job is another transcript
+    with open(path, "a") as fh:
+        fh.write('{"job": "j", "round": 5, "parties": [[9')  # a crash mid-write
+    again = ParticipationLog(path)
+    assert again.took_part("j", 0, 4) and again.took_part("j", 199, 7)
+    assert not again.took_part("j", 5, 9)  # the torn claim: nothing was said yet
+    assert again.claim("j", 17, [1, 5]) == [1]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"

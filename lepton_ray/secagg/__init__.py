@@ -8,7 +8,9 @@ classic SecAgg. Modules:
 * :mod:`.stages`   - :class:`Stage`, :class:`RejectionReason`, :class:`Rejection`
 * :mod:`.messages` - one frozen message type per stage
 * :mod:`.graph`    - neighbour graph, automatic k, default threshold
-* :mod:`.plan`     - :class:`RoundConfig` (public round description), :func:`plan_round`
+* :mod:`.plan`     - :class:`RoundConfig` (public round description and its transcript),
+  :func:`plan_round`, :class:`JobPins` (what parties check every plan against)
+* :mod:`.signing`  - what parties sign and commit to
 * :mod:`.party`    - :class:`SecAggParty` (party side)
 * :mod:`.cohort`   - :class:`PartyCohort` (a host's parties in batch, one masked sum)
 * :mod:`.server`   - :class:`SecAggServer` (server side)
@@ -30,6 +32,8 @@ from lepton_ray.secagg.local import StageTimings, run_local_round, secure_sum
 from lepton_ray.secagg.messages import (
     AdvertiseKeys,
     AggregateResult,
+    ConsistencyRequest,
+    ConsistencySignature,
     KeyBroadcast,
     MaskedInput,
     MaskedSum,
@@ -39,7 +43,7 @@ from lepton_ray.secagg.messages import (
     UnmaskResponse,
 )
 from lepton_ray.secagg.party import SecAggParty
-from lepton_ray.secagg.plan import RoundConfig, plan_round
+from lepton_ray.secagg.plan import JobPins, RoundConfig, plan_round, required_threshold
 from lepton_ray.secagg.server import SecAggServer
 from lepton_ray.secagg.stages import Rejection, RejectionReason, Stage
 
@@ -47,7 +51,10 @@ __all__ = [
     "COMPLETE_GRAPH",
     "AdvertiseKeys",
     "AggregateResult",
+    "ConsistencyRequest",
+    "ConsistencySignature",
     "GraphTopology",
+    "JobPins",
     "KeyBroadcast",
     "MaskedInput",
     "MaskedSum",
@@ -69,6 +76,7 @@ __all__ = [
     "choose_neighbours",
     "default_threshold",
     "plan_round",
+    "required_threshold",
     "run_local_round",
     "secure_sum",
 ]

@@ -43,6 +43,7 @@ has not met before (a new neighbour set, a restarted host's new keys).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -98,10 +99,13 @@ def _context(transcript: bytes) -> bytes:
 _ADVERT_LABEL = b"lepton-ray/v2/secagg/advertise-key"
 
 
-def advert_transcript(*, job_id: str, party: int, public_key: bytes) -> bytes:
+def advert_transcript(*, job_id: str, party: int, public_key: bytes, issued: int = 0) -> bytes:
     """The bytes a party signs in its key advert: its long-term key bound to job and party id,
-    so the advert cannot be claimed by another party or carried into another job."""
-    return encode_fields(_ADVERT_LABEL, job_id, party, public_key)
+    so the advert cannot be claimed by another party or carried into another job, and the
+    time its keyring was made (``issued``, ns): of two validly signed adverts of one party the
+    server keeps the later one, so replaying an advert of a restarted host's old key cannot
+    knock the party out."""
+    return encode_fields(_ADVERT_LABEL, job_id, party, public_key, issued)
 
 
 class PartyKeyring:
@@ -128,6 +132,7 @@ class PartyKeyring:
         self.checked_adverts: dict[tuple[str, int], object] = {}
         self._max_pairs = max_pairs
         self.verifier = SignatureVerifier()
+        self.issued = time.time_ns()  # when these keys were made (signed in every advert)
         self._checked_plan: object = None
         self._checked_pins: object = None
         self.agreements = 0  # X25519 exchanges done (a test and benchmark figure)
@@ -146,7 +151,8 @@ class PartyKeyring:
         sig = self._signed.get((job_id, party))
         if sig is None:
             sig = identity.sign(advert_transcript(job_id=job_id, party=party,
-                                                  public_key=self.public_key(party)))
+                                                  public_key=self.public_key(party),
+                                                  issued=self.issued))
             self._signed[(job_id, party)] = sig
         return sig
 

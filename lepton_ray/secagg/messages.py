@@ -38,6 +38,7 @@ class AdvertiseKeys:
     party: int
     public_key: bytes
     signature: bytes
+    issued: int = 0  # when the party's keyring was made, ns (signed)
 
 
 @dataclass(frozen=True)

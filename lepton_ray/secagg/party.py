@@ -144,7 +144,8 @@ class SecAggParty:
         self._begin(Stage.ADVERTISE_KEYS)
         c, ring = self.config, self._keyring
         self._advert = AdvertiseKeys(c.job_id, c.round, self.party, ring.public_key(self.party),
-                                     ring.signature(c.job_id, self.party, self._identity))
+                                     ring.signature(c.job_id, self.party, self._identity),
+                                     ring.issued)
         self._next = Stage.SHARE_KEYS
         return self._advert
 
@@ -185,7 +186,8 @@ class SecAggParty:
             # The transcript is rebuilt from *our* job id, so a verified signature also
             # proves the key is j's key for this job.
             transcript = advert_transcript(job_id=c.job_id, party=j,
-                                           public_key=advert.public_key)
+                                           public_key=advert.public_key,
+                                           issued=advert.issued)
             if not self._keyring.verifier.verify(c.roster.public_key(j), transcript,
                                                  advert.signature):
                 self._raise(check_header(advert, AdvertiseKeys, c, Stage.ADVERTISE_KEYS))

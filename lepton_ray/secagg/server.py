@@ -125,8 +125,10 @@ class SecAggServer:
                              f"public_key must be {KEY_BYTES} bytes")
         if not isinstance(msg.signature, bytes):
             return Rejection(msg.party, stage, RejectionReason.BAD_SIGNATURE, "unsigned advert")
+        if not is_int(msg.issued):
+            return Rejection(msg.party, stage, RejectionReason.MALFORMED, "issued must be an int")
         transcript = advert_transcript(job_id=msg.job_id, party=msg.party,
-                                       public_key=msg.public_key)
+                                       public_key=msg.public_key, issued=msg.issued)
         if not self._verifier.verify(self.config.roster.public_key(msg.party), transcript,
                                      msg.signature):
             return Rejection(msg.party, stage, RejectionReason.BAD_SIGNATURE,
@@ -589,7 +591,9 @@ class SecAggServer:
             candidates.setdefault(msg.party, []).append(msg)
         accepted = {}
         for party, copies in candidates.items():
-            if all(c == copies[0] for c in copies[1:]):  # one message, perhaps replayed
+            if len(copies) > 1:  # replayed or forged copies: keep what the party signed
+                copies = self._genuine(copies)
+            if len(copies) == 1:
                 accepted[party] = copies[0]
             else:
                 if duplicated is not None:
@@ -599,6 +603,43 @@ class SecAggServer:
                     f"{len(copies)} messages claim party {party}; the server cannot tell which "
                     "is genuine, so all are rejected and the party is dropped"))
         return accepted
+
+    def _genuine(self, copies: list) -> list:
+        """Of several messages claiming one party, those it really sent: only these are
+        signature-checked (one party, rarely), so a forged or replayed copy cannot knock out
+        the genuine one. Identical copies count once; of validly signed adverts the latest
+        keyring wins (an old advert replayed after a host restart). Two different validly
+        signed messages are the party's own equivocation: all are rejected."""
+        unique: list = []
+        for msg in copies:
+            if not any(msg is u or (type(msg) is not MaskedInput and msg == u) for u in unique):
+                unique.append(msg)
+        signed = [m for m in unique if self._signed_by_sender(m)]
+        if signed and isinstance(signed[0], AdvertiseKeys):
+            latest = max(m.issued for m in signed)
+            signed = [m for m in signed if m.issued == latest]
+        return signed
+
+    def _signed_by_sender(self, msg) -> bool:
+        c, key = self.config, self.config.roster.public_key(msg.party)
+        if isinstance(msg, AdvertiseKeys):
+            return self._check_advert(msg) is None
+        if isinstance(msg, ShareKeys):
+            statement = signing.share_statement(c.transcript, msg.party, msg.receivers,
+                                                msg.envelopes, msg.recovery, msg.commitments)
+        elif isinstance(msg, MaskedInput):
+            complaints = ((msg.party, msg.rejected_senders),) if msg.rejected_senders else ()
+            statement = signing.masked_statement(c.transcript, (msg.party,), msg.vector,
+                                                 complaints)
+        elif isinstance(msg, ConsistencySignature):
+            statement = signing.consistency_statement(c.transcript, self._survivors)
+        elif isinstance(msg, UnmaskResponse):
+            statement = signing.unmask_statement(c.transcript, msg.party, msg.seed_owners,
+                                                 msg.seed_shares, msg.recovery_owners,
+                                                 msg.recovery_shares)
+        else:
+            return False
+        return self._verifier.verify(key, statement, msg.signature)
 
     def _require(self, count: int, stage: Stage, what: str) -> None:
         if count < self.config.threshold:
