@@ -100,23 +100,37 @@ class SmpcCoordinator:
         self.noise = noise
         self._seen_rejections = 0
 
-    def collect_adverts(self, *host_messages):
-        return self._stage(lambda msgs: self.server.collect_adverts(msgs), host_messages)
+    def collect_adverts(self, host_parties: list[list[int]], *host_messages):
+        return self._stage(lambda msgs: self.server.collect_adverts(msgs),
+                           *self._own(host_parties, host_messages))
 
     def route_shares(self, host_parties: list[list[int]], *host_messages):
         """Returns ``(status, inbox dict for host 0, for host 1, ...)``: each host receives
         only its own parties' encrypted shares."""
-        status, inboxes = self._stage(lambda msgs: self.server.route_shares(msgs), host_messages)
+        status, inboxes = self._stage(lambda msgs: self.server.route_shares(msgs),
+                                      *self._own(host_parties, host_messages))
         if not status.ok:
             return (status, *({} for _ in host_parties))
         per_host = tuple({p: inboxes[p] for p in parties if p in inboxes} for parties in host_parties)
         return (status, *per_host)
 
     def collect_masked(self, host_parties: list[list[int]], *host_messages):
-        """``host_parties[i]``: the parties placed on the host that sent ``host_messages[i]``.
-        A host's message naming a party of another host is dropped here: a masked sum is
-        taken whole or not at all, so one false claim must not knock out a host's sum."""
-        from lepton_ray.secagg import MaskedSum, Rejection, RejectionReason, Stage
+        """A masked sum is taken whole or not at all, so one false claim must not knock out a
+        host's sum: a host's message naming a party of another host is dropped here."""
+        return self._stage(lambda msgs: self.server.collect_masked(msgs),
+                           *self._own(host_parties, host_messages))
+
+    def collect_consistency(self, host_parties: list[list[int]], *host_messages):
+        return self._stage(lambda msgs: self.server.collect_consistency(msgs),
+                           *self._own(host_parties, host_messages))
+
+    @staticmethod
+    def _own(host_parties, host_messages):
+        """Every stage: ``host_parties[i]`` are the parties placed on the host that sent
+        ``host_messages[i]``; a message naming a party of another host is refused here
+        (IMPERSONATION, naming the party it claimed), so one host cannot speak, replay or
+        equivocate for another's parties and knock them out. Returns (kept, refusals)."""
+        from lepton_ray.secagg import MaskedSum, Rejection, RejectionReason
 
         kept, refused = [], []
         for own, batch in zip(host_parties, host_messages, strict=True):
@@ -125,21 +139,23 @@ class SmpcCoordinator:
                 named = (getattr(msg, "parties", None) if isinstance(msg, MaskedSum)
                          else (getattr(msg, "party", None),))
                 try:
-                    foreign = [p for p in named if p not in own]
+                    foreign = [p for p in named if isinstance(p, int) and p not in own]
                 except TypeError:  # not a tuple of ids: the server rejects it as malformed
                     foreign = []
                 if foreign:
                     refused.append(Rejection(
-                        foreign[0], Stage.MASKED_INPUT, RejectionReason.MALFORMED,
-                        f"a host's masked input names parties {foreign[:8]} placed on "
+                        foreign[0] if isinstance(foreign[0], int) else -1,
+                        type(msg).STAGE, RejectionReason.IMPERSONATION,
+                        f"a host's {type(msg).__name__} names parties {foreign[:8]} placed on "
                         "another host; the message is dropped"))
                 else:
                     kept.append(msg)
-        return self._stage(lambda msgs: self.server.collect_masked(msgs), [kept], refused)
+        return [kept], refused
 
-    def finish(self, *host_messages):
+    def finish(self, host_parties: list[list[int]], *host_messages):
         """Unmask, (central DP) noise in the ring, dequantise; only this leaves the actor."""
-        status, result = self._stage(lambda msgs: self.server.finish(msgs), host_messages)
+        status, result = self._stage(lambda msgs: self.server.finish(msgs),
+                                     *self._own(host_parties, host_messages))
         if not status.ok:
             return status, None
         if self.plan.skellam is not None:  # distributed DP: the sum already carries the noise

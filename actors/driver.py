@@ -25,6 +25,7 @@ from actors.coordinator import Released, SmpcCoordinator
 from actors.party_host import PartyHost, StageReport
 from lepton_ray.config import JobSpec, NoisePlacement, SamplingKind, SecureAggregation
 from lepton_ray.errors import (BudgetExhaustedError, ConfigError, LeptonError, PrivacyError,
+                               ProtocolError,
                                ResumeError, user_message)
 from lepton_ray.learning.data import FederatedData, as_float32, load_federated
 from lepton_ray.learning.sampling import sample_parties
@@ -244,6 +245,9 @@ class Federation:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.blocks = split_hosts(self.spec, cpus)
         self.parties = as_float32(self.data.parties)
+        # each host's identity seed (OS CSPRNG, never written anywhere): a restarted host gets
+        # the same one back, so its parties keep their roster identities for the whole job
+        self.host_seeds = [os.urandom(32) for _ in self.blocks]
         self.hosts = [self._new_host(h) for h in range(len(self.blocks))]
         if self.spec.parties.deploy:
             self._check_placement_feasible()
@@ -265,6 +269,8 @@ class Federation:
                 self.keys.update(part)
             self._update_roster()
             self.job_id = f"{self.spec.name}-{os.urandom(8).hex()}"
+            self.pins = self._job_pins()
+            ray.get([h.pin.remote(self.pins) for h in self.hosts])
         self.weight_cap = float(self.spec.secure_aggregation.weight_cap
                                 or self.data.party_sizes.max())
         if self.spec.privacy.enabled:
@@ -390,12 +396,28 @@ class Federation:
                               "clip_norm": p.dp_sgd.clip_norm, "delta": p.dp_sgd.delta}
         return info
 
+    def _job_pins(self):
+        """What every host checks each round's plan against (lepton_ray.secagg.JobPins): the
+        job id, the roster's hash, the graph seed, and the k/t policy of the spec."""
+        from lepton_ray.secagg import COMPLETE_GRAPH, JobPins
+        from lepton_ray.secagg.graph import NeighbourPolicy
+        from lepton_ray.secagg.plan import job_graph_seed
+
+        sa = self.spec.secure_aggregation
+        return JobPins(job_id=self.job_id, roster_digest=self.roster.digest,
+                       graph_seed=job_graph_seed(self.job_id),
+                       policy=NeighbourPolicy(corrupt_rate=sa.corrupt_fraction),
+                       neighbours=(COMPLETE_GRAPH if sa.mode is SecureAggregation.SECAGG
+                                   else sa.neighbours),
+                       threshold=sa.threshold)
+
     def _new_host(self, h: int):
         block = self.blocks[h]
         # rounds this job ran before the host existed (resume, restart): the host counts its
         # parties in all of them for record-level DP-SGD accounting (over-count, never under)
         prior = {"prior_rounds": self.prior_executions
-                 + max(self.round_now, self.first_round) - self.first_round}
+                 + max(self.round_now, self.first_round) - self.first_round,
+                 "identity_seed": self.host_seeds[h], "first_round": self.round_now}
         if self.spec.parties.deploy:  # one host per party, pinned to the party's node
             import dataclasses
 
@@ -424,16 +446,19 @@ class Federation:
         self.roster = Roster(tuple(self.keys[p] for p in range(self.spec.parties.count)))
 
     def restart_dead_hosts(self) -> None:
-        """A host that died last round is started again with fresh identity keys for its
-        parties (its state died with it); the roster admits the new keys."""
+        """A host that died last round is started again with its identity seed: its parties
+        keep their roster identities (the roster is fixed for the job), get fresh SecAgg+
+        keys, and never join a round that started before the restart."""
         for h in sorted(self.dead):
             self.hosts[h] = self._new_host(h)
-            keys = ray.get(self.hosts[h].public_keys.remote())
             if self.secure:
-                self.keys.update(keys)
-                self._update_roster()
-            print(f"host {h} restarted with fresh keys for parties {self.blocks[h][0]}.."
-                  f"{self.blocks[h][-1]}", file=sys.stderr, flush=True)
+                keys = ray.get(self.hosts[h].public_keys.remote())
+                if any(self.keys[p] != k for p, k in keys.items()):  # cannot happen: same seed
+                    raise ProtocolError(f"host {h} restarted with identities outside the "
+                                        "job's roster")
+                ray.get(self.hosts[h].pin.remote(self.pins))
+            print(f"host {h} restarted for parties {self.blocks[h][0]}..{self.blocks[h][-1]} "
+                  "(same identities, fresh round keys)", file=sys.stderr, flush=True)
         self.dead.clear()
 
     def stop(self) -> None:
@@ -563,8 +588,9 @@ class Federation:
 
     def _secure_round(self, r: int, by_host: dict[int, list[int]], params_ref, rule,
                       noise=None, plan=None) -> "RoundOutcome":
-        """SecAgg+ with four batched stages; each waits at most ``stage_timeout_s`` and a host
-        that fails or is late drops its parties from the rest of the round."""
+        """SecAgg+ with five batched stages (the fourth, the consistency check, makes it
+        secure against a malicious coordinator); each waits at most ``stage_timeout_s`` and a
+        host that fails or is late drops its parties from the rest of the round."""
         from lepton_ray.errors import ConfigError as _ConfigError
 
         sa = self.spec.secure_aggregation
@@ -589,7 +615,8 @@ class Federation:
         live = self._gather(r, "advertise_keys", outs, timeout)
         self._clock.lap("hosts.advertise_keys")
         calls += 2 * len(outs) + 1
-        status, broadcast = c.collect_adverts.options(num_returns=2).remote(*_payloads(live))
+        status, broadcast = c.collect_adverts.options(num_returns=2).remote(
+            [by_host[h] for h in live], *_payloads(live))
         why = self._aborted(r, status)
         self._clock.lap("server.advertise_keys")
         if why:
@@ -601,7 +628,7 @@ class Federation:
         calls += len(outs) + 1
         order = list(live)
         routed = c.route_shares.options(num_returns=1 + len(order)).remote(
-            [list(live[h][0].parties) for h in order], *_payloads(live))
+            [by_host[h] for h in order], *_payloads(live))
         why = self._aborted(r, routed[0])
         self._clock.lap("server.share_keys")
         if why:
@@ -613,10 +640,22 @@ class Federation:
         self._clock.lap("hosts.masked_input")
         calls += len(outs) + 1
         trained = [rep for rep, _ in live.values()]
-        status, request = c.collect_masked.options(num_returns=2).remote(
+        status, check = c.collect_masked.options(num_returns=2).remote(
             [by_host[h] for h in live], *_payloads(live))
         why = self._aborted(r, status)
         self._clock.lap("server.masked_input")
+        if why:
+            return RoundOutcome(status=why, calls=calls, devices={t.device for t in trained},
+                                dropped=set(self._lost))
+
+        outs = {h: hosts[h].consistency.options(num_returns=2).remote(r, check) for h in live}
+        live = self._gather(r, "consistency", outs, timeout)
+        self._clock.lap("hosts.consistency")
+        calls += len(outs) + 1
+        status, request = c.collect_consistency.options(num_returns=2).remote(
+            [by_host[h] for h in live], *_payloads(live))
+        why = self._aborted(r, status)
+        self._clock.lap("server.consistency")
         if why:
             return RoundOutcome(status=why, calls=calls, devices={t.device for t in trained},
                                 dropped=set(self._lost))
@@ -625,7 +664,8 @@ class Federation:
         live = self._gather(r, "unmask", outs, timeout)
         self._clock.lap("hosts.unmask")
         calls += len(outs) + 1
-        status, result = c.finish.options(num_returns=2).remote(*_payloads(live))
+        status, result = c.finish.options(num_returns=2).remote(
+            [by_host[h] for h in live], *_payloads(live))
         why = self._aborted(r, status)
         self._clock.lap("server.unmask")
         if why:
@@ -670,14 +710,14 @@ class Federation:
         import hashlib
 
         from lepton_ray.learning.party_update import SecureRoundPlan, quantization_for
-        from lepton_ray.secagg import COMPLETE_GRAPH, plan_round
+        from lepton_ray.secagg import COMPLETE_GRAPH, plan_round, required_threshold
 
         sa = self.spec.secure_aggregation
         neighbours = COMPLETE_GRAPH if sa.mode is SecureAggregation.SECAGG else sa.neighbours
-        # public randomness for the neighbour graph, bound to this job: the same participants
-        # get the same graph every round, so parties reuse their pair secrets (the round's
-        # fresh nonce, drawn by plan_round, keeps every round's masks independent)
-        graph_seed = hashlib.sha256(f"lepton-ray/graph/{self.job_id}".encode()).digest()
+        # public randomness for the neighbour graph, bound to this job (and pinned by every
+        # host): the same participants get the same graph every round, so parties reuse their
+        # pair secrets (the round's fresh nonce keeps every round's masks independent)
+        graph_seed = self.pins.graph_seed
         dp = self.dp.distributed if self.dp is not None else None
         if dp is not None:  # distributed DP: the Skellam pipeline sets the ring and the width
             from lepton_ray.privacy.rotation import padded_dim
@@ -687,7 +727,14 @@ class Federation:
             dim, bits = rule.width(len(self.params)), sa.modulus_bits
         config = plan_round(job_id=self.job_id, round_=r, roster=self.roster, dim=dim,
                             graph_seed=graph_seed, participants=sorted(participants),
-                            modulus_bits=bits, neighbours=neighbours, threshold=sa.threshold)
+                            modulus_bits=bits, neighbours=neighbours, threshold=sa.threshold,
+                            policy=self.pins.policy)
+        secure_t = required_threshold(config.graph, self.pins.policy)
+        if config.threshold < secure_t:
+            raise ConfigError([f"secure_aggregation.threshold: t = {config.threshold} is below "
+                               f"{secure_t}, the smallest secure against a malicious "
+                               f"coordinator for k = {config.graph.degree} (2t > k + 1 + c); "
+                               "the parties would refuse the round"])
         if dp is not None:
             skellam = dp.params(n=len(participants), threshold=config.threshold,
                                 clip_norm=self.dp.clip_norm, noise_multiplier=self.dp.noise_multiplier)

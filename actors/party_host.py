@@ -59,8 +59,8 @@ class PartyHost:
     the party's node resource, so the raw data never leaves that node."""
 
     def __init__(self, host: int, spec: JobSpec, party_ids: list[int], datasets: list | None,
-                 n_features: int, n_classes: int, server=None, *, prior_rounds: int = 0):
-        from lepton_ray.crypto.identity import IdentityKey
+                 n_features: int, n_classes: int, server=None, *, prior_rounds: int = 0,
+                 identity_seed: bytes | None = None, first_round: int = 0):
         from lepton_ray.secagg.keys import PartyKeyring
 
         self.host = host
@@ -89,10 +89,14 @@ class PartyHost:
                              **({"memory": t.memory_mb * 2**20} if t.memory_mb else {})}
         self.sizes = [len(y) for _, y in datasets]
         self.data_ref = ray.put(datasets)  # once, in this node's object store
-        # Each party's long-term Ed25519 identity and SecAgg+ key material (X25519 key, pair
-        # secrets, signature memo); the private keys never leave this process.
-        self.identities = {p: IdentityKey.generate() for p in self.party_ids}
+        # Each party's long-term Ed25519 identity, derived from the host's identity seed so a
+        # restarted host has the same identities and the job's roster never changes; and its
+        # SecAgg+ key material (X25519 keys, pair secrets, signature memo, participation log).
+        # The private keys never leave this process.
+        self.identities = party_identities(identity_seed or os.urandom(32), self.party_ids)
         self.keyring = PartyKeyring()
+        self.first_round = int(first_round)  # a restarted host never joins an earlier round
+        self.pins = None  # the job's lepton_ray.secagg.JobPins, set by pin()
         self.round: _Round | None = None
         self._rings: np.ndarray | None = None  # quantised updates, reused across rounds
         # How often each party ran local DP-SGD (record-level accounting). It never leaves the
@@ -114,6 +118,17 @@ class PartyHost:
 
     def public_keys(self) -> dict[int, bytes]:
         return {p: k.public_bytes for p, k in self.identities.items()}
+
+    def pin(self, pins) -> None:
+        """Fix the job's public parameters (job id, roster hash, graph seed, k/t policy) that
+        every round's plan is checked against (:class:`lepton_ray.secagg.JobPins`)."""
+        from lepton_ray.secagg import JobPins
+
+        if type(pins) is not JobPins:
+            raise ProtocolError(f"host {self.host}: pins must be JobPins")
+        if self.pins is not None and self.pins != pins:
+            raise ProtocolError(f"host {self.host}: the job's pins are already fixed and differ")
+        self.pins = pins
 
     # ------------------------------------------------------------------ training
     def _goes_silent(self, round_: int, party: int) -> bool:
@@ -202,14 +217,31 @@ class PartyHost:
         from lepton_ray.secagg.cohort import PartyCohort
 
         config = plan.config
+        if self.pins is None:
+            raise ProtocolError(f"host {self.host}: no job pins; refusing to run a round")
+        if config.round < self.first_round or config.round != round_:
+            why = (f"round {config.round} started before this host did (restarted in round "
+                   f"{self.first_round}): its parties never run a round twice")
+            self.round = None
+            return self._report([], [(p, why) for p in sampled], ray_calls=1), []
         state = _Round(round=round_, plan=plan)
+        failed = []
+        try:
+            self.keyring.check_plan(config, self.pins)
+        except ProtocolError as exc:  # the server's plan is not the job's: nobody takes part
+            self.round = None
+            return self._report([], [(p, str(exc)) for p in sampled], ray_calls=1), []
+        again = set(self.keyring.participation.claim(config.job_id, config.round, sampled))
+        failed += [(p, f"already took part in round {config.round}: never twice") for p in
+                   sorted(again)]
+        sampled = [p for p in sampled if p not in again]
         state.training = self._launch_training(round_, params_box, sampled)
         state.order = list(sampled)
-        parties, failed = {}, []
+        parties = {}
         for p in sampled:
             try:
                 parties[p] = SecAggParty(party=p, identity=self.identities[p], config=config,
-                                         keyring=self.keyring)
+                                         keyring=self.keyring, pins=self.pins, claimed=True)
             except ProtocolError as exc:
                 failed.append((p, str(exc)))
         state.cohort = PartyCohort(config, parties)
@@ -272,15 +304,24 @@ class PartyHost:
         report = StageReport(host=self.host, parties=sent, failed=tuple(failed + more), device=device)
         return report, messages
 
+    def consistency(self, round_: int, request):
+        """Stage 4a: each survivor signs the survivor set, once (Bonawitz et al. 2017, §4)."""
+        messages, failed = self._state(round_).cohort.consistency(request)
+        return self._report(messages, failed), messages
+
     def unmask(self, round_: int, request):
-        """Stage 4: send the shares that remove survivors' self masks and dropped parties'
+        """Stage 4b: send the shares that remove survivors' self masks and dropped parties'
         pairwise masks; then forget the round. With distributed DP an honest party refuses
         when fewer parties survived than the noise was calibrated for (their noise shares
-        would not add up to the promised variance), so such a sum is never revealed."""
+        would not add up to the promised variance), so such a sum is never revealed. It
+        counts only survivors whose signature over the survivor set verifies: a list padded
+        with parties that never sent a noised input carries no signature of theirs."""
         state = self._state(round_)
         skellam = state.plan.skellam
-        if skellam is not None and len(request.survivors) < skellam.min_survivors:
-            why = (f"only {len(request.survivors)} survivors, the noise needs "
+        signed = (self._signed_survivors(state.plan.config, request) if skellam is not None
+                  else 0)
+        if skellam is not None and signed < skellam.min_survivors:
+            why = (f"only {signed} survivors signed the survivor set, the noise needs "
                    f"{skellam.min_survivors}: refusing to unmask")
             failed = tuple((p, why) for p in state.cohort.parties)
             self.round = None
@@ -290,6 +331,21 @@ class PartyHost:
         return self._report(messages, failed), messages
 
     # ------------------------------------------------------------------ helpers
+    def _signed_survivors(self, config, request) -> int:
+        """How many listed survivors signed the survivor set (each checked once per host)."""
+        from lepton_ray.secagg import signing
+
+        signatures = getattr(request, "signature_of", None)
+        survivors = getattr(request, "survivors", None)
+        if signatures is None or not isinstance(survivors, tuple):
+            return 0
+        statement = signing.consistency_statement(config.transcript, survivors)
+        verify, roster = self.keyring.verifier.verify, config.roster
+        listed = set(survivors)
+        return sum(1 for p, sig in signatures.items()
+                   if p in listed and p in config.roster
+                   and verify(roster.public_key(p), statement, sig))
+
     def _ring_buffer(self, rows: int, width: int, modulus_bits: int) -> np.ndarray:
         """The host's quantised-update buffer, reused while the round shape stays the same
         (its contents only live until the round's masked sum is made)."""
@@ -320,3 +376,18 @@ class PartyHost:
 
         time.sleep(seconds)
 
+
+
+def party_identities(seed: bytes, party_ids) -> dict:
+    """Each party's Ed25519 identity key from the host's 32-byte identity seed (HKDF, one key
+    per party id): the same seed gives the same keys, so a host restarted with it keeps its
+    parties' roster identities. The seed comes from the OS CSPRNG in the driver of a
+    single-cluster job (whose operator is one trust domain with its hosts, see the README's
+    threat model); across organisations each site holds its own key (lepton_ray.federation)."""
+    from lepton_ray.crypto.identity import IdentityKey
+    from lepton_ray.crypto.kdf import KeyPurpose, derive_key
+
+    if not isinstance(seed, bytes) or len(seed) != 32:
+        raise ProtocolError("identity seed must be 32 bytes")
+    return {p: IdentityKey.from_private_bytes(derive_key(seed, KeyPurpose.IDENTITY, p))
+            for p in party_ids}

@@ -372,8 +372,12 @@ class SecureAggregationSpec:
     ``clip_norm`` bounds each party's delta (L2) before quantisation into Z_{2^b};
     ``scale`` (default: the largest that cannot overflow for ``parties.count`` parties);
     ``neighbours`` k (default O(log n), see ``lepton_ray.secagg.graph``); ``threshold`` t
-    (default k//2 + 1); ``stage_timeout_s`` bounds every stage; ``weight_cap`` is the public
-    example count at which a party's FedAvg weight stops growing (default: largest party).
+    (default and minimum: the smallest t secure against a malicious coordinator, 2t > k + 1 +
+    c, see ``lepton_ray.secagg.graph``); ``corrupt_fraction`` the fraction gamma of parties
+    that may collude with the coordinator (it sets c per neighbourhood, and k grows with it:
+    0.01 doubles k at 10,000 parties); ``stage_timeout_s`` bounds every stage; ``weight_cap``
+    is the public example count at which a party's FedAvg weight stops growing (default:
+    largest party).
     """
 
     mode: SecureAggregation = SecureAggregation.SECAGG_PLUS
@@ -384,9 +388,14 @@ class SecureAggregationSpec:
     threshold: int | None = None
     stage_timeout_s: float = 120.0
     weight_cap: int | None = None
+    corrupt_fraction: float = 0.0
 
     def problems(self, path: str) -> list[str]:
         out = _positive(self, path, "clip_norm", "stage_timeout_s")
+        if not (isinstance(self.corrupt_fraction, (int, float))
+                and 0.0 <= self.corrupt_fraction < 0.5):
+            out.append(f"{path}.corrupt_fraction: must be in [0, 0.5), got "
+                       f"{self.corrupt_fraction!r}")
         if self.modulus_bits not in (32, 64):
             out.append(f"{path}.modulus_bits: must be 32 or 64, got {self.modulus_bits}")
         for name in ("scale", "neighbours", "threshold", "weight_cap"):

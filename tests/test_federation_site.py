@@ -15,7 +15,7 @@ from lepton_ray.errors import FederationError
 from lepton_ray.federation.provision import FederationSpec, load_kit, provision
 from lepton_ray.federation.site import SiteSecAgg, drive_round
 from lepton_ray.federation.transport import CoordinatorServer, SiteClient
-from lepton_ray.secagg.plan import plan_round
+from lepton_ray.secagg.plan import job_graph_seed, plan_round
 
 PARTIES = ("north", "south", "east")
 
@@ -48,7 +48,7 @@ sites_dim = [0]
 def _config(coordinator, dim, round_=1, roster=None, job="job-1"):
     sites_dim[0] = dim
     return plan_round(job_id=job, round_=round_, roster=roster or coordinator.roster.secagg_roster(),
-                      dim=dim, graph_seed=os.urandom(32))
+                      dim=dim, graph_seed=job_graph_seed(job))
 
 
 def test_secure_sum_across_three_sites_equals_their_recorded_inputs(federation):
@@ -166,7 +166,7 @@ def test_policy_refusal_is_recorded_and_the_job_runs_without_that_site(policed):
     participants = sorted(sessions[s].index for s in accepted)  # indexes follow connect order
     sites_dim[0] = 64
     config = plan_round(job_id="job-7", round_=1, roster=coordinator.roster.secagg_roster(), dim=64,
-                        graph_seed=os.urandom(32), participants=participants, threshold=2)
+                        graph_seed=job_graph_seed("job-7"), participants=participants, threshold=2)
     outcome = drive_round(config, accepted, stage_timeout=30)
     assert sorted(outcome.result.survivors) == participants
     assert np.array_equal(outcome.result.total, 2 * np.arange(64, dtype=np.uint32))
@@ -193,9 +193,9 @@ def test_attack_job_beyond_a_sites_lifetime_budget_is_refused(policed):
     sites_dim[0] = 16
     roster = coordinator.roster.secagg_roster()
     for r in (1, 2):
-        config = plan_round(job_id="job-8", round_=r, roster=roster, dim=16, graph_seed=b"g" * 32)
+        config = plan_round(job_id="job-8", round_=r, roster=roster, dim=16, graph_seed=job_graph_seed("job-8"))
         assert drive_round(config, accepted, stage_timeout=30).dropped == {}
-    config = plan_round(job_id="job-8", round_=3, roster=roster, dim=16, graph_seed=b"g" * 32)
+    config = plan_round(job_id="job-8", round_=3, roster=roster, dim=16, graph_seed=job_graph_seed("job-8"))
     outcome = drive_round(config, accepted, stage_timeout=30)
     assert "north" in outcome.dropped and "site budget" in outcome.dropped["north"]
     assert sorted(outcome.result.survivors) == [1, 2]

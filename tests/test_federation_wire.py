@@ -142,7 +142,8 @@ def _header(body, blobs=(), v=wire.WIRE_VERSION):
     ([_header({"~": "Hello", "f": {"federation": "d", "site": 3, "roster_hash": "x",
                                    "wire_version": 1}})], r"Hello\.site: expected a str"),
     ([_header({"~": "UnmaskRequest", "f": {"job_id": "j", "round": 1, "survivors":
-                                           {"~": "tuple", "v": [1, "2"]}, "dropped": {"~": "tuple", "v": []}}})],
+                                           {"~": "tuple", "v": [1, "2"]}, "dropped": {"~": "tuple", "v": []},
+                                           "signatures": {"~": "tuple", "v": []}}})],
      "survivors: expected a tuple of ints"),
     ([_header({"~": "nd", "i": 0, "dtype": "object", "shape": [1]}, [8]), wire.CHUNK + b"x" * 8],
      "dtype 'object'"),

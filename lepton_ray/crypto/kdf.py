@@ -31,6 +31,7 @@ class KeyPurpose(Enum):
     PUBLIC_RANDOMNESS = b"lepton-ray/v1/public-randomness"
     STOCHASTIC_ROUNDING = b"lepton-ray/v1/quantize/stochastic-rounding"
     DP_SGD_BATCHES = b"lepton-ray/v1/dp-sgd/poisson-batches"
+    IDENTITY = b"lepton-ray/v2/party-identity"
 
 
 def derive_key(secret: bytes, purpose: KeyPurpose, *context: Field,

@@ -2,9 +2,12 @@
 
 :class:`SiteSecAgg` is what a party site runs for each round (pure, no Ray): it takes the
 coordinator's round config, **refuses it unless its roster is the roster pinned in the site's
-kit** (so the coordinator cannot add Sybil parties or swap a key; the CA signed the roster) and
-the site policy allows it, and then plays its own party's part with the Ed25519 identity from
-its kit. :func:`drive_round` is the coordinator's side: the real :class:`SecAggServer`, each
+kit** (so the coordinator cannot add Sybil parties or swap a key; the CA signed the roster),
+its graph is the one the job's graph seed gives, its threshold is secure against a malicious
+coordinator (:class:`~lepton_ray.secagg.JobPins`) and the site policy allows it; it takes part
+in a (job, round) at most once, remembered on disk across restarts
+(:class:`~lepton_ray.secagg.keys.ParticipationLog`), and then plays its own party's part with
+the Ed25519 identity from its kit. :func:`drive_round` is the coordinator's side: the real :class:`SecAggServer`, each
 stage one call per site in parallel with a per-stage timeout; a site that fails, times out or
 disconnects is a dropout, which SecAgg+ survives down to the threshold.
 
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from lepton_ray.errors import FederationError
+from lepton_ray.errors import FederationError, ProtocolError
 from lepton_ray.federation import wire
 from lepton_ray.federation.policy import SitePolicy
 from lepton_ray.federation.provision import Kit
@@ -35,8 +38,10 @@ class SiteSecAgg:
 
     def __init__(self, kit: Kit, inputs: Callable[[int], np.ndarray], *,
                  policy: SitePolicy | None = None, data_path: str | None = None,
-                 ledger=None):
-        from lepton_ray.secagg.keys import PartyKeyring
+                 ledger=None, state_dir: str | None = None):
+        import os
+
+        from lepton_ray.secagg.keys import ParticipationLog, PartyKeyring
 
         if kit.identity is None:
             raise FederationError(f"kit {kit.path}: a site needs a party kit")
@@ -45,9 +50,12 @@ class SiteSecAgg:
         self.roster = kit.roster.secagg_roster()
         self.policy = policy or SitePolicy()
         self.inputs = inputs
-        self.keyring = PartyKeyring()
+        log = None
+        if state_dir is not None:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            log = os.path.join(state_dir, "participation.jsonl")
+        self.keyring = PartyKeyring(participation=ParticipationLog(log))
         self.state = None
-        self.done: set[tuple[str, int]] = set()  # (job, round) already taken part in
         self.record: dict[int, np.ndarray] = {}
         self.data_path = data_path
         self.ledger = ledger  # lepton_ray.federation.ledger.SiteLedger, or None
@@ -91,20 +99,25 @@ class SiteSecAgg:
         if config.roster != self.roster:
             raise FederationError("round refused: its roster is not the roster pinned in this "
                                   "site's kit (signed by the federation CA)")
-        if (config.job_id, config.round) in self.done:
+        if self.keyring.participation.took_part(config.job_id, config.round, self.party):
             raise FederationError(f"round refused: already took part in {config.job_id} round "
-                                  f"{config.round} (never twice with one transcript)")
+                                  f"{config.round} (never twice)")
         if self.require_job and config.job_id not in self.jobs:
             raise FederationError(f"round refused: job {config.job_id!r} was not accepted by "
                                   "this site")
         self.policy.check_round(threshold=config.threshold, secure=True)
         if self.party not in config.participants:
             raise FederationError(f"party {self.party} is not a participant of this round")
+        pins = site_pins(config.job_id, self.roster, self.jobs.get(config.job_id))
+        try:
+            self.keyring.check_plan(config, pins)
+        except ProtocolError as exc:
+            raise FederationError(f"round refused: {exc}") from None
         if self.require_job:
             self._charge(config)  # BudgetExhaustedError: refused, nothing revealed
-        self.done.add((config.job_id, config.round))
+        self.keyring.participation.claim(config.job_id, config.round, [self.party])
         self.state = SecAggParty(party=self.party, identity=self.kit.identity, config=config,
-                                 keyring=self.keyring)
+                                 keyring=self.keyring, pins=pins, claimed=True)
         return self.state.advertise()
 
     def rpc_share_keys(self, broadcast):
@@ -115,6 +128,9 @@ class SiteSecAgg:
         vector = np.ascontiguousarray(self.inputs(party.config.round), dtype=party.config.dtype)
         self.record[party.config.round] = vector.copy()
         return party.masked_input(inbox, vector)
+
+    def rpc_consistency(self, request):
+        return self._party().consistency(request)
 
     def rpc_unmask(self, request):
         out = self._party().unmask(request)
@@ -160,7 +176,15 @@ def drive_round(config, sessions: Mapping[str, Any], *, stage_timeout: float = 6
         replies = []
         for site, fut in calls.items():
             try:
-                replies.append(fut.result(timeout=max(0.0, deadline - time.monotonic())))
+                reply = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+                if getattr(reply, "party", index[site]) != index[site]:
+                    # a site speaks only for its own party (its mTLS identity is its index)
+                    dropped[site] = (f"{method}: its reply claims party "
+                                     f"{getattr(reply, 'party', None)!r}, not its own "
+                                     f"{index[site]} (impersonation)")
+                    live.pop(site, None)
+                    continue
+                replies.append(reply)
             except futures.TimeoutError:
                 dropped[site] = f"{method}: no answer within {stage_timeout} s"
                 live.pop(site, None)
@@ -172,12 +196,33 @@ def drive_round(config, sessions: Mapping[str, Any], *, stage_timeout: float = 6
     index = {site: session.index for site, session in sessions.items()}
     broadcast = server.collect_adverts(stage("advertise", lambda s: config))
     inboxes = server.route_shares(stage("share_keys", lambda s: broadcast))
-    request = server.collect_masked(stage("masked_input", lambda s: inboxes.get(index[s])))
+    check = server.collect_masked(stage("masked_input", lambda s: inboxes.get(index[s])))
+    request = server.collect_consistency(stage(
+        "consistency", lambda s: check if index[s] in check.survivors else None))
     result = server.finish(stage("unmask", lambda s: request if index[s] in request.survivors
                                  else None))
     return RoundOutcome(result=result, dropped=dropped, seconds=time.perf_counter() - start,
                         bytes_out={s: v.bytes_out - out0[s] for s, v in sessions.items()},
                         bytes_in={s: v.bytes_in - in0[s] for s, v in sessions.items()})
+
+
+def site_pins(job_id: str, roster, spec=None):
+    """The pins a site checks a round of ``job_id`` against: the kit's CA-signed roster, the
+    graph seed every party derives from the job id, and the k/t policy of the job spec the
+    site accepted (defaults when it accepted none)."""
+    from lepton_ray.config import SecureAggregation
+    from lepton_ray.secagg import COMPLETE_GRAPH, JobPins
+    from lepton_ray.secagg.graph import NeighbourPolicy
+    from lepton_ray.secagg.plan import job_graph_seed
+
+    sa = getattr(spec, "secure_aggregation", None)
+    kw = {}
+    if sa is not None:
+        kw = {"policy": NeighbourPolicy(corrupt_rate=sa.corrupt_fraction),
+              "neighbours": COMPLETE_GRAPH if sa.mode is SecureAggregation.SECAGG
+              else sa.neighbours, "threshold": sa.threshold}
+    return JobPins(job_id=job_id, roster_digest=roster.digest,
+                   graph_seed=job_graph_seed(job_id), **kw)
 
 
 def offer_job(sessions: Mapping[str, Any], job_id: str, spec: dict, *, timeout: float = 30.0

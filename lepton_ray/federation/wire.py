@@ -440,17 +440,24 @@ def _register_all() -> None:
 
     ENUMS.update({"Stage": Stage, "RejectionReason": RejectionReason})
     job = {"job_id": STR, "round": INT}
-    register(m.AdvertiseKeys, {**job, "party": INT, "public_key": BYTES, "signature": BYTES})
+    register(m.AdvertiseKeys, {**job, "party": INT, "public_key": BYTES, "signature": BYTES,
+                               "issued": INT})
     register(m.KeyBroadcast, {**job, "adverts": tuple_of(instance(m.AdvertiseKeys))})
     register(m.ShareKeys, {**job, "party": INT, "receivers": INTS, "envelopes": BYTES,
-                           "recovery": BYTES})
+                           "recovery": BYTES, "commitments": BYTES, "signature": BYTES})
     register(m.ShareInbox, {**job, "receiver": INT, "senders": INTS, "envelopes": BYTES})
-    register(m.MaskedInput, {**job, "party": INT, "vector": VECTOR, "rejected_senders": INTS})
+    register(m.MaskedInput, {**job, "party": INT, "vector": VECTOR, "rejected_senders": INTS,
+                             "signature": BYTES})
     register(m.MaskedSum, {**job, "parties": INTS, "vector": VECTOR,
-                           "rejected": tuple_of(pair(INT, INTS))})
-    register(m.UnmaskRequest, {**job, "survivors": INTS, "dropped": INTS})
+                           "rejected": tuple_of(pair(INT, INTS)),
+                           "signatures": tuple_of(BYTES)})
+    register(m.ConsistencyRequest, {**job, "survivors": INTS})
+    register(m.ConsistencySignature, {**job, "party": INT, "signature": BYTES})
+    register(m.UnmaskRequest, {**job, "survivors": INTS, "dropped": INTS,
+                               "signatures": tuple_of(pair(INT, BYTES))})
     register(m.UnmaskResponse, {**job, "party": INT, "seed_owners": INTS, "seed_shares": BYTES,
-                                "recovery_owners": INTS, "recovery_shares": BYTES})
+                                "recovery_owners": INTS, "recovery_shares": BYTES,
+                                "signature": BYTES})
     register(Rejection, {"party": INT, "stage": instance(Stage),
                          "reason": instance(RejectionReason), "detail": STR})
     register(m.AggregateResult, {**job, "total": VECTOR, "survivors": INTS, "dropped": INTS,
@@ -460,7 +467,8 @@ def _register_all() -> None:
     register(NeighbourGraph, {"participants": INTS, "adjacency": tuple_of(INTS), "degree": INT},
              validate=_check_graph)
     register(RoundConfig, {**job, "roster": instance(Roster), "graph": instance(NeighbourGraph),
-                           "threshold": INT, "dim": INT, "modulus_bits": INT, "nonce": BYTES})
+                           "threshold": INT, "dim": INT, "modulus_bits": INT, "nonce": BYTES,
+                           "graph_seed": BYTES})
     register(UpdateRule, {"clip_norm": optional(FLOAT), "weight_cap": optional(FLOAT),
                           "clip_bit": BOOL, "stats": BOOL, "loss_bound": FLOAT})
     register(QuantizationSpec, {"clip_norm": FLOAT, "scale": FLOAT, "modulus_bits": INT})

@@ -117,6 +117,13 @@ class RoundConfig:
 _TRANSCRIPT_LABEL = b"lepton-ray/v2/secagg/transcript"
 
 
+def job_graph_seed(job_id: str) -> bytes:
+    """The public seed of a job's neighbour graph: a fixed function of the job id, so a
+    party (or a federation site) derives it and the coordinator cannot pick another per
+    round. (The coordinator still picks the job id; see the README's threat model.)"""
+    return hashlib.sha256(encode_fields(b"lepton-ray/v2/graph-seed", job_id)).digest()
+
+
 def required_threshold(graph: NeighbourGraph, policy: NeighbourPolicy = DEFAULT_POLICY) -> int:
     """The smallest t secure against a malicious server on ``graph`` (2t > k + 1 + c, c the
     corrupt-neighbour bound of ``policy``; :mod:`lepton_ray.secagg.graph`). Near-regular
