@@ -367,7 +367,8 @@ class Federation:
             # used are in the "secagg_plan" record of the first secure round
             info["secagg"] = {"modulus_bits": sa.modulus_bits, "neighbours_spec": sa.neighbours,
                               "threshold_spec": sa.threshold, "stage_timeout_s": sa.stage_timeout_s,
-                              "job_id": self.job_id,
+                              "job_id": self.job_id, "corrupt_fraction": sa.corrupt_fraction,
+                              "roster_hash": self.roster.digest.hex(),
                               "shamir_field": f"GF(2^31 - 1), {shamir.SECRET_BYTES * 8}-bit secrets "
                                               f"in {shamir.LIMBS} limbs of {shamir.LIMB_BITS} bits"}
         if self.dp is not None:

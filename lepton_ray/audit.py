@@ -17,15 +17,17 @@ SHAMIR_FIELD = "GF(2^31 - 1), each 256-bit secret shared as 9 limbs of 30 bits"
 
 TRUST = {
     "secagg+": (
-        "Secure aggregation (SecAgg+, Bell et al. 2020, on Bonawitz et al. 2017): every party "
-        "masks its quantised update with pairwise masks agreed with its k neighbours (X25519, "
-        "expanded by AES-256-CTR) and a self mask; both mask seeds are Shamir-shared t-of-(k+1) "
-        f"over {SHAMIR_FIELD} to the party's neighbourhood over AES-256-GCM channels; adverts "
-        "are Ed25519-signed against the roster. The coordinator learns only the sum of the "
-        "updates of the parties that finished the round, as long as no party has t or more "
-        "of its k+1 share holders colluding with it. The automatic k is sized for dropouts with a colluding rate of 0 "
-        "(lepton_ray.secagg.graph): it does not budget for parties colluding with the "
-        "coordinator unless the job set k and t for that."
+        "Secure aggregation (SecAgg+, Bell et al. 2020, on Bonawitz et al. 2017, in the "
+        "malicious-server variant with a consistency check): every party masks its quantised "
+        "update with pairwise masks agreed with its k neighbours (X25519, expanded by "
+        "AES-256-CTR) and a self mask; both mask seeds are Shamir-shared t-of-(k+1) "
+        f"over {SHAMIR_FIELD} to the party's neighbourhood over AES-256-GCM channels bound to "
+        "the round transcript (job, round, nonce, roster hash, graph hash, t). Every party "
+        "rebuilds the neighbour graph from the job's seed, checks the roster hash and checks "
+        "2t > k + 1 + c before it sends anything; it signs (Ed25519) every message, commits to "
+        "its secrets, takes part in a round at most once, and reveals shares only for a "
+        "survivor set that t of its neighbourhood signed. The coordinator learns only the sum "
+        "of the updates of the parties that finished the round."
     ),
     "secagg": ("As secagg+, on the complete graph (classic SecAgg, Bonawitz et al. 2017): every "
                "party's secrets are shared among all n participants."),
@@ -34,6 +36,37 @@ TRUST = {
         "one party per host, each party's own update). Every party must trust the coordinator."
     ),
 }
+
+THREAT_MODEL = [
+    ("a malicious coordinator (deviates in any way)",
+     "the sum of the survivors' updates; who sent a message and when; drop any party "
+     "(the round then completes over the rest or aborts, releasing nothing)",
+     "any single party's update: substituted graph, t or roster, split views of the survivor "
+     "set, re-running a round and replaying envelopes, or padding the survivor list are all "
+     "refused by the parties (tests/test_secagg_adversary.py)"),
+    ("the coordinator with c colluding parties",
+     "additionally the colluders' own inputs and shares",
+     "an honest party's update while no neighbourhood holds more than c colluders, c from "
+     "secure_aggregation.corrupt_fraction (2t > k + 1 + c); with more, a victim surrounded by "
+     "colluders is exposed"),
+    ("one malicious party",
+     "drop itself; garble its own envelopes, shares or blob (it is named in this report, with "
+     "its signature as evidence, and left out)",
+     "stop a round that still has t honest survivors per secret, corrupt the sum silently, get "
+     "an honest party dropped by a false accusation or a replayed message, or speak for "
+     "another host's party"),
+    ("the operator of a shared Ray cluster (simulation, parties.deploy)",
+     "everything: it runs the hosts, so it can read every party's data, keys and update",
+     "nothing is protected from it; use a federation (one Ray per organisation, mutual TLS) "
+     "when parties do not trust one operator"),
+]
+
+
+def threat_model_table() -> list[str]:
+    """The threat model as a markdown table (audit.md and the README say the same)."""
+    lines = ["| adversary | can learn or do | cannot |", "|---|---|---|"]
+    lines += [f"| {who} | {can} | {cannot} |" for who, can, cannot in THREAT_MODEL]
+    return lines
 
 
 MECHANISMS = {
@@ -105,6 +138,8 @@ def build_report(out: Path) -> str:
     lines += ["## Trust model", ""]
     mode = start.get("secure_aggregation", "none")
     lines += [TRUST.get(mode, mode), ""]
+    if mode != "none":
+        lines += ["### Threat model", ""] + threat_model_table() + [""]
     plan = next((e for e in events if e["event"] == "secagg_plan"), None)
     sa = start.get("secagg")
     if sa:
@@ -117,9 +152,12 @@ def build_report(out: Path) -> str:
         else:
             lines += ["| neighbours k, threshold t | no secure round ran |"]
         lines += [f"| k, t in the spec | {_fmt(sa.get('neighbours_spec', sa.get('neighbours'))) or 'automatic'}"
-                  f", {_fmt(sa.get('threshold_spec', sa.get('threshold'))) or 'k//2 + 1'} "
+                  f", {_fmt(sa.get('threshold_spec', sa.get('threshold'))) or 'smallest with 2t > k + 1 + c'} "
                   "(automatic values follow each round's sample size) |",
-                  f"| Shamir field | {sa.get('shamir_field', SHAMIR_FIELD)} |", ""]
+                  f"| Shamir field | {sa.get('shamir_field', SHAMIR_FIELD)} |",
+                  f"| colluding fraction c budgeted (corrupt_fraction) | "
+                  f"{_fmt(sa.get('corrupt_fraction', 0.0))} |",
+                  f"| roster hash (pinned by every party) | {sa.get('roster_hash', '-')} |", ""]
     dp = start.get("dp")
     if dp:
         kind = _mechanism(dp.get("round_event")) or ("skellam" if dp.get("noise") == "distributed"

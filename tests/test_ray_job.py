@@ -75,8 +75,8 @@ def test_ray_calls_grow_with_hosts_not_parties(ray_session, small_job, tmp_path)
     mode = "none"
     assert calls(10, 5) == calls(200, 100) == 2 * 2 + 1  # per host: train + its task; + reduce
     assert calls(200, 50) == 2 * 4 + 1
-    mode = "secagg+"  # begin + per host (4 stages + training task) + 4 server stages
-    assert calls(10, 5) == calls(40, 20) == 1 + 2 * 5 + 4
+    mode = "secagg+"  # begin + per host (5 stages + training task) + 5 server stages
+    assert calls(10, 5) == calls(40, 20) == 1 + 2 * 6 + 5
 
 
 def test_sampling_fixed_fraction(ray_session, small_job, tmp_path):

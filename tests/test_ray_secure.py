@@ -79,8 +79,18 @@ def test_host_killed_mid_round_sum_is_exact_over_survivors(ray_session, small_jo
         agg = Aggregate.split(outcome.released.total, len(start), rule)
         np.testing.assert_allclose(secure.params - start, agg.weighted / agg.weight, atol=2e-6)
         monkeypatch.undo()
-        row2 = secure.run_round(2)  # the dead host was restarted with fresh keys
+        roster = secure.roster.digest
+        row2 = secure.run_round(2)  # the dead host was restarted: same identities, new keys
         assert row2["status"] == "ok" and row2["parties_completed"] == 9
+        assert secure.roster.digest == roster  # the job's roster never changes
+        # attack: the coordinator re-runs round 1 with the restarted host, whose parties may
+        # have taken part in it before the crash: refused
+        plan = secure._plan(1, list(range(9)), rule)
+        report, msgs = secure.hosts[0].advertise.options(num_returns=2).remote(
+            1, ray.put(plan), [ray.put(secure.params)], [0, 1, 2])
+        report = ray.get(report)
+        assert ray.get(msgs) == [] and report.parties == ()
+        assert all("started before this host did" in why for _, why in report.failed)
     finally:
         secure.stop()
         plain.stop()
