@@ -85,7 +85,8 @@ def test_host_killed_mid_round_sum_is_exact_over_survivors(ray_session, small_jo
         assert secure.roster.digest == roster  # the job's roster never changes
         # attack: the coordinator re-runs round 1 with the restarted host, whose parties may
         # have taken part in it before the crash: refused
-        plan = secure._plan(1, list(range(9)), rule)
+        plan = secure._plan(1, list(range(9)), UpdateRule(clip_norm=10.0, weight_cap=10.0,
+                                                          stats=True))
         report, msgs = secure.hosts[0].advertise.options(num_returns=2).remote(
             1, ray.put(plan), [ray.put(secure.params)], [0, 1, 2])
         report = ray.get(report)
@@ -157,10 +158,12 @@ def test_simulated_dropouts_go_silent_after_sharing_keys(ray_session, small_job,
     """``parties.simulated_dropout``: the chosen parties share keys and then never send their
     masked input, so the coordinator rebuilds their pairwise masks; the plaintext path drops
     the same parties (same public draw), and both give the same model."""
-    over = {"rounds": 3, "parties__simulated_dropout": 0.4, "training__deterministic_seeds": True}
+    # 9 parties: the complete graph's t = 5 (2t > k + 1) survives the 2-4 drops of this draw
+    over = {"rounds": 3, "parties__simulated_dropout": 0.4, "training__deterministic_seeds": True,
+            "parties__count": 9}
     secure = lepton_ray.run(small_job, output__dir=str(tmp_path / "s"), **over)
     plain = lepton_ray.run(small_job, secure_aggregation__mode="none", output__dir=str(tmp_path / "p"), **over)
-    spec = load_spec(small_job)
+    spec = load_spec(dict(small_job, parties={"count": 9}))
     silent = [sum(float(np.random.default_rng([spec.seed, r, p, 0x5D]).random()) < 0.4
                   for p in range(spec.parties.count)) for r in (1, 2, 3)]
     assert any(silent)

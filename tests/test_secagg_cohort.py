@@ -243,7 +243,7 @@ def test_coordinator_drops_a_hosts_claim_on_another_hosts_party():
     coordinator.begin(SimpleNamespace(config=config), None)
     cohort = PartyCohort(config, hosts[0])
     status, broadcast = coordinator.collect_adverts(
-        cohort.advertise()[0], [hosts[1][p].advertise() for p in b])
+        [a, b], cohort.advertise()[0], [hosts[1][p].advertise() for p in b])
     routed = coordinator.route_shares(
         [a, b], cohort.share_keys(broadcast)[0],
         [hosts[1][p].share_keys(broadcast) for p in b])
@@ -252,4 +252,4 @@ def test_coordinator_drops_a_hosts_claim_on_another_hosts_party():
     forged = dataclasses.replace(singles[0], party=0)
     status, request = coordinator.collect_masked([a, b], [summed], singles + [forged])
     assert status.ok and set(request.survivors) == set(range(12))
-    assert [(r.party, r.reason) for r in status.rejections] == [(0, RejectionReason.MALFORMED)]
+    assert [(r.party, r.reason) for r in status.rejections] == [(0, RejectionReason.IMPERSONATION)]
