@@ -40,6 +40,7 @@ from lepton_ray.secagg.messages import (
     UnmaskResponse,
 )
 from lepton_ray.secagg.party import SecAggParty
+from lepton_ray.secagg.signing import masked_statement
 from lepton_ray.secagg.plan import RoundConfig
 
 Failure = tuple[int, str]  # (party, why it left the round)
@@ -105,7 +106,8 @@ class PartyCohort:
             if bad:
                 rejected.append((p, bad))
         members, complaints = tuple(partners), tuple(rejected)
-        signatures = tuple(self.parties[p].sign_masked(members, total, complaints)
+        statement = masked_statement(c.transcript, members, total, complaints)  # hashed once
+        signatures = tuple(self.parties[p].sign_masked(members, total, complaints, statement)
                            for p in members)
         return [MaskedSum(c.job_id, c.round, members, total, complaints, signatures)], failed
 

@@ -133,6 +133,7 @@ class PartyKeyring:
         self._max_pairs = max_pairs
         self.verifier = SignatureVerifier()
         self.issued = time.time_ns()  # when these keys were made (signed in every advert)
+        self._survivor_views: list = []
         self._checked_plan: object = None
         self._checked_pins: object = None
         self.agreements = 0  # X25519 exchanges done (a test and benchmark figure)
@@ -165,6 +166,32 @@ class PartyKeyring:
 
         (pins if pins is not None else JobPins.of(config)).check(config)
         self._checked_plan, self._checked_pins = config, pins
+
+    def survivor_view(self, survivors: object, config) -> tuple[frozenset, bytes, str | None]:
+        """``(set, signed statement, problem)`` of a survivor list, computed once per list
+        object and shared by every party of the host (each would otherwise spend O(n) on
+        it: O(n^2) per host at 10,000 parties). ``problem`` names what is malformed."""
+        last = self._survivor_views
+        for obj, cfg, view in last:
+            if obj is survivors and cfg is config:
+                return view
+        from lepton_ray.secagg.checks import is_int
+        from lepton_ray.secagg.signing import consistency_statement
+
+        problem, alive, statement = None, frozenset(), b""
+        if not isinstance(survivors, tuple) or not all(is_int(p) for p in survivors):
+            problem = "survivors must be a tuple of party ids"
+        elif any(a >= b for a, b in zip(survivors, survivors[1:])):
+            problem = "survivors must be a sorted tuple of distinct party ids"
+        else:
+            alive = frozenset(survivors)
+            if not all(p in config.graph for p in survivors):
+                problem = "survivors name non-participants"
+            else:
+                statement = consistency_statement(config.transcript, survivors)
+        view = (alive, statement, problem)
+        self._survivor_views = [(survivors, config, view)] + last[:1]
+        return view
 
     def pair(self, job_id: str, own: int, peer: int, peer_public: bytes) -> PairSecrets:
         """The secrets of the pair {own, peer}, derived on first use and cached."""

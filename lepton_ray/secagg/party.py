@@ -127,7 +127,7 @@ class SecAggParty:
         self._inbox_open = False
         self._holders: list[int] | None = None
         self._held: dict[int, tuple[bytes, bytes]] = {}
-        self._survivors: tuple[int, ...] | None = None  # the one U3 this party signed
+        self._survivors: bytes | None = None  # the statement of the one U3 this party signed
 
     @property
     def rejections(self) -> tuple[Rejection, ...]:
@@ -256,10 +256,14 @@ class SecAggParty:
         return MaskedInput(c.job_id, c.round, self.party, masked, rejected, signature)
 
     def sign_masked(self, parties: tuple[int, ...], vector: np.ndarray,
-                    complaints: tuple) -> bytes:
-        """This party's signature over a masked input or a host's masked sum that holds it."""
-        return self._identity.sign(signing.masked_statement(self.config.transcript, parties,
-                                                            vector, complaints))
+                    complaints: tuple, statement: bytes | None = None) -> bytes:
+        """This party's signature over a masked input or a host's masked sum that holds it
+        (``statement``: that message's :func:`signing.masked_statement`, if the host already
+        computed it once for all the parties of its sum)."""
+        if statement is None:
+            statement = signing.masked_statement(self.config.transcript, parties, vector,
+                                                 complaints)
+        return self._identity.sign(statement)
 
     def open_inbox(self, inbox: ShareInbox, vector: np.ndarray) -> tuple[int, ...]:
         """First half of :meth:`masked_input`: check ``vector`` and the inbox, keep the
@@ -339,17 +343,12 @@ class SecAggParty:
         stage = self._begin(Stage.CONSISTENCY)
         c = self.config
         self._raise(check_header(request, ConsistencyRequest, c, stage))
-        survivors = request.survivors
-        if (not isinstance(survivors, tuple) or not all(is_int(p) for p in survivors)
-                or list(survivors) != sorted(set(survivors))):
-            self._fail(stage, RejectionReason.MALFORMED,
-                       "survivors must be a sorted tuple of distinct party ids")
-        alive = frozenset(survivors)
+        alive, statement, problem = self._keyring.survivor_view(request.survivors, c)
+        if problem:
+            self._fail(stage, RejectionReason.MALFORMED, problem)
         if self.party not in alive:
             self._fail(stage, RejectionReason.LATE,
                        f"party {self.party} is not listed as a survivor")
-        if not alive <= frozenset(c.participants):
-            self._fail(stage, RejectionReason.MALFORMED, "survivors name non-participants")
         neighbours = c.graph.neighbours_of(self.party)
         partners = set(self._partners)
         if any(j in alive and j not in partners for j in neighbours):
@@ -359,10 +358,9 @@ class SecAggParty:
         if live < c.threshold:
             raise ThresholdError(f"party {self.party}: only {live} of its neighbourhood "
                                  f"survived, threshold is {c.threshold}")
-        self._survivors = survivors
+        self._survivors = statement
         self._next = Stage.UNMASK
-        return ConsistencySignature(c.job_id, c.round, self.party, self._identity.sign(
-            signing.consistency_statement(c.transcript, survivors)))
+        return ConsistencySignature(c.job_id, c.round, self.party, self._identity.sign(statement))
 
     # -- stage 4b -----------------------------------------------------------------------
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
@@ -371,15 +369,14 @@ class SecAggParty:
         stage = self._begin(Stage.UNMASK)
         c = self.config
         self._raise(check_header(request, UnmaskRequest, c, stage))
-        if request.survivors != self._survivors:
+        alive, statement, problem = self._keyring.survivor_view(request.survivors, c)
+        if problem or statement != self._survivors:
             self._fail(stage, RejectionReason.MALFORMED,
                        "the survivor set differs from the one this party signed")
         signatures = request.signature_of
         if signatures is None:
             self._fail(stage, RejectionReason.MALFORMED,
                        "signatures must be distinct (party, bytes) pairs")
-        alive = frozenset(self._survivors)
-        statement = signing.consistency_statement(c.transcript, self._survivors)
         verify, roster = self._keyring.verifier.verify, c.roster
         signed = 1 + sum(1 for j in c.graph.neighbours_of(self.party)
                          if j in alive and j in signatures
