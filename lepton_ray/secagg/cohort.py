@@ -117,7 +117,17 @@ class PartyCohort:
         return list(signed.values()), failed
 
     def unmask(self, request: UnmaskRequest) -> tuple[list[UnmaskResponse], list[Failure]]:
-        responses, failed = self._each(lambda p, party: party.unmask(request))
+        """Each party checks t signatures of its neighbourhood over the survivor set it
+        signed; those of co-hosted parties that signed the same statement are counted without
+        verification (they are this host), so a host verifies only other hosts' signatures,
+        and each party stops at t."""
+        signed = {p: party.signed_statement for p, party in self.parties.items()}
+        groups: dict[bytes | None, frozenset[int]] = {}
+        for statement in set(signed.values()):
+            groups[statement] = frozenset(p for p, s in signed.items() if s == statement)
+        responses, failed = self._each(
+            lambda p, party: party.unmask(request, co_signed=groups.get(signed[p], ())
+                                          if signed[p] is not None else ()))
         self.parties.clear()
         return list(responses.values()), failed
 

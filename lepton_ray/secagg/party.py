@@ -363,9 +363,17 @@ class SecAggParty:
         return ConsistencySignature(c.job_id, c.round, self.party, self._identity.sign(statement))
 
     # -- stage 4b -----------------------------------------------------------------------
-    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+    @property
+    def signed_statement(self) -> bytes | None:
+        """The consistency statement this party signed (``None`` before it signed one)."""
+        return self._survivors
+
+    def unmask(self, request: UnmaskRequest, co_signed: Collection[int] = ()) -> UnmaskResponse:
         """Reveal shares for the survivor set this party signed, once at least t of its
-        neighbourhood (itself included) signed the same set."""
+        neighbourhood (itself included) signed the same set. ``co_signed``: parties of this
+        party's own host known to have signed that very statement (one trust domain: the host
+        counts them without verifying their signatures); the others' signatures are verified,
+        stopping as soon as t are counted."""
         stage = self._begin(Stage.UNMASK)
         c = self.config
         self._raise(check_header(request, UnmaskRequest, c, stage))
@@ -378,9 +386,14 @@ class SecAggParty:
             self._fail(stage, RejectionReason.MALFORMED,
                        "signatures must be distinct (party, bytes) pairs")
         verify, roster = self._keyring.verifier.verify, c.roster
-        signed = 1 + sum(1 for j in c.graph.neighbours_of(self.party)
-                         if j in alive and j in signatures
-                         and verify(roster.public_key(j), statement, signatures[j]))
+        others = [j for j in c.graph.neighbours_of(self.party) if j in alive]
+        signed = 1 + sum(1 for j in others if j in co_signed)
+        for j in others:
+            if signed >= c.threshold:
+                break
+            if (j not in co_signed and j in signatures
+                    and verify(roster.public_key(j), statement, signatures[j])):
+                signed += 1
         if signed < c.threshold:
             raise ThresholdError(f"party {self.party}: only {signed} of its neighbourhood "
                                  f"signed the survivor set, threshold is {c.threshold}; "
