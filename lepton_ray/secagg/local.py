@@ -179,7 +179,8 @@ def secure_sum(inputs: np.ndarray, *, modulus_bits: int = 32,
 
     ``neighbours``: k (>= n - 1 or ``COMPLETE_GRAPH`` for classic SecAgg; ``None`` picks k
     with :func:`~lepton_ray.secagg.graph.choose_neighbours` for a dropout rate of at least
-    10% or the fraction in ``dropouts``). ``threshold``: t (default k//2 + 1).
+    10% or the fraction in ``dropouts``). ``threshold``: t (default: the smallest with
+    2t > k + 1, secure against a malicious server; a lower t is refused by the parties).
     ``dropouts``: stage (a :class:`Stage` or its value, e.g. ``"masked_input"``) -> party
     indices that go silent before sending that stage's message. ``seed`` fixes only the
     public randomness (the neighbour graph); every key, seed and nonce still comes from the OS.
