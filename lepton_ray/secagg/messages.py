@@ -184,14 +184,6 @@ class UnmaskRequest:
             out[item[0]] = item[1]
         return out
 
-    @cached_property
-    def as_sets(self) -> tuple[frozenset[int], frozenset[int]] | None:
-        """(survivors, dropped) as sets, built once per request; ``None`` if malformed."""
-        if not (isinstance(self.survivors, tuple) and isinstance(self.dropped, tuple)):
-            return None
-        if not all(type(p) is int for p in self.survivors + self.dropped):
-            return None
-        return frozenset(self.survivors), frozenset(self.dropped)
 
 
 @dataclass(frozen=True)
