@@ -297,7 +297,7 @@ class Coordinator:
                                                "test_recall", "test_f1")},
             "seconds_total": seconds,
             "seconds_per_round": float(np.mean(after_first)) if after_first else None,
-            "bytes_per_round": self.bytes[-1] if self.bytes else None,
+            "secagg_bytes_last_round": self.bytes[-1] if self.bytes else None,
             "secure_aggregation": self.spec.secure_aggregation.mode.value,
             "privacy": {"mode": self.spec.privacy.mode.value},
             "spec": self.offered,

@@ -185,7 +185,7 @@ class PartySite(SiteSecAgg):
         self.data.pop(job_id, None)
         self.jobs.pop(job_id, None)
         self.jobs_done.append(job_id)
-        _say(f"job {job_id}: {status}")
+        _say(f"job {job_id} ended ({status})")
         self.finished.set()
         return 0
 
@@ -280,14 +280,24 @@ def run_party(*, kit: str, data: str, policy: str | None = None, state: str | No
     client = SiteClient(site_kit, site, address=connect)
     print(f"site {site_kit.site} (party {site_kit.index} of federation {site_kit.federation}): "
           f"data {data}, state {state_dir}; dialling {client.address}", flush=True)
-    if exit_after_job:
-        def stop_when_done():
-            site.finished.wait()
-            time.sleep(0.5)  # let the reply to ``finish`` leave before the stream closes
-            client.stop()
-        threading.Thread(target=stop_when_done, daemon=True).start()
     try:
-        client.run(max_backoff=5.0)
+        if exit_after_job:  # serve in a thread; return once the coordinator ends a job
+            failure: list[BaseException] = []
+
+            def serve():
+                try:
+                    client.run(max_backoff=5.0)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+                    failure.append(exc)
+                    site.finished.set()
+
+            threading.Thread(target=serve, daemon=True, name="site-client").start()
+            site.finished.wait()
+            if failure:
+                raise failure[0]
+            time.sleep(0.5)  # let the reply to ``finish`` leave before the process exits
+        else:
+            client.run(max_backoff=5.0)
     except FederationError as exc:  # the coordinator refused this site: final
         raise FederationError(f"site {site_kit.site}: {exc}") from None
     finally:
