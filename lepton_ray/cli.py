@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="a job's output directory")
     p.set_defaults(func=cmd_plot)
     cli_cluster.register(sub)  # submit, status, logs, decrypt
-    cli_federation.register(sub)  # provision
+    cli_federation.register(sub)  # provision, party, coordinator
     return parser
 
 

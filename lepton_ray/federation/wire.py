@@ -115,6 +115,43 @@ class Report:
     ray_calls: int = 0
 
 
+@dataclass(frozen=True)
+class JobData:
+    """Coordinator -> site, once the site accepted ``job_id``: the feature columns and class
+    set of the coordinator's test file, which every site's own file must agree with (a site
+    that disagrees refuses, naming the difference), and whether the job standardises
+    (``moments``: the site's secure-sum input is its row count, feature sums and sums of
+    squares, else its row count alone; :mod:`lepton_ray.federation.stats`)."""
+
+    job_id: str
+    features: tuple
+    classes: tuple
+    moments: bool
+
+
+@dataclass(frozen=True)
+class Standardisation:
+    """Coordinator -> site: the pooled mean and scale decoded from the secure sum of every
+    site's moments (what ``data.standardize`` computes over pooled rows in a simulation)."""
+
+    job_id: str
+    mean: Any  # 1-D float64 array
+    scale: Any  # 1-D float64 array
+
+
+@dataclass(frozen=True)
+class TrainRound:
+    """Coordinator -> site, before a round's SecAgg+ stages: the global parameters, and how
+    the site turns its delta into its ring input (the update rule and the quantisation,
+    which the site checks against the spec it accepted)."""
+
+    job_id: str
+    round: int
+    params: Any  # 1-D float32 array
+    rule: Any  # lepton_ray.learning.party_update.UpdateRule
+    quantization: Any  # lepton_ray.secagg.quantize.QuantizationSpec
+
+
 # --------------------------------------------------------------------------- field checks
 @dataclass(frozen=True)
 class Check:
@@ -492,6 +529,14 @@ def _register_all() -> None:
     register(JobAnswer, {"job_id": STR, "accepted": BOOL, "reason": STR})
     register(Call, {"id": INT, "method": STR, "args": Check(lambda v: type(v) is tuple, "a tuple")})
     register(Reply, {"id": INT, "value": ANY, "error": STR})
+    scalars = Check(lambda v: type(v) is tuple and all(type(x) in (int, str, float, bool)
+                                                      for x in v), "a tuple of scalars")
+    register(JobData, {"job_id": STR, "features": tuple_of(STR), "classes": scalars,
+                       "moments": BOOL})
+    register(Standardisation, {"job_id": STR, "mean": VECTOR, "scale": VECTOR})
+    register(TrainRound, {"job_id": STR, "round": INT, "params": VECTOR,
+                          "rule": instance(UpdateRule),
+                          "quantization": instance(QuantizationSpec)})
     register(Report, {"host": INT, "parties": INTS, "failed": tuple_of(pair(INT, STR)),
                       "examples": INT, "train_loss": FLOAT, "clipped": INT, "device": STR,
                       "ray_calls": INT})

@@ -1,0 +1,130 @@
+"""The pieces of the federation processes that need no network: the job the coordinator
+offers (no site's data path in it; jobs it cannot run refused with every reason), the new
+wire messages, and a site's own checks on a round's training message."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lepton_ray.errors import ConfigError, FederationError
+from lepton_ray.federation import wire
+from lepton_ray.federation.coordinator_process import job_from_file
+from lepton_ray.learning.party_update import UpdateRule, quantization_for
+from lepton_ray.secagg.quantize import QuantizationSpec
+
+NAMES = ["north", "south", "east"]
+
+
+def _raw(**extra):
+    return {"name": "j", "rounds": 3, "data": {"source": "party_files", "test_path": "t.csv",
+                                               "label": "y"},
+            "model": {"kind": "logistic"}, **extra}
+
+
+def test_offered_spec_never_names_a_site_data_path():
+    raw = _raw()
+    raw["data"]["party_paths"] = ["/data/a.csv", "/data/b.csv", "/data/c.csv"]
+    spec, offered = job_from_file(raw, 3, NAMES)
+    assert spec.parties.count == 3
+    assert "party_paths" not in offered["data"]
+    assert "/data/" not in repr(offered)
+    # what a site's policy does with it: accepted, run on the site's own path
+    from lepton_ray.federation.policy import SitePolicy
+
+    local = SitePolicy().accept(offered, "/srv/mine.csv")
+    assert set(local.data.party_paths) == {"/srv/mine.csv"}
+    wire.decode(wire.encode(wire.JobOffer(job_id="x", spec=offered)))  # data only on the wire
+
+
+def test_jobs_the_coordinator_cannot_run_are_refused_with_every_reason():
+    raw = _raw(secure_aggregation={"mode": "none"},
+               privacy={"mode": "user_level", "epsilon": 3.0, "noise_multiplier": 1.0})
+    with pytest.raises(ConfigError) as err:
+        job_from_file(raw, 3, NAMES)
+    text = str(err.value)
+    assert "secure_aggregation.mode: none" in text and "privacy" in text
+    with pytest.raises(ConfigError, match="roster has 3 parties"):
+        job_from_file(_raw(parties={"count": 4}), 3, NAMES)
+
+
+def test_new_wire_messages_roundtrip_and_are_type_checked():
+    rule = UpdateRule(clip_norm=10.0, weight_cap=1437.0, stats=True)
+    quant = quantization_for(n_parties=3, rule=rule, modulus_bits=32, dim=5)
+    msgs = [wire.JobData(job_id="j", features=("a", "b"), classes=(0, 1, 2), moments=True),
+            wire.JobData(job_id="j", features=("a",), classes=("cat", "dog"), moments=False),
+            wire.Standardisation(job_id="j", mean=np.arange(2.0), scale=np.ones(2)),
+            wire.TrainRound(job_id="j", round=1, params=np.arange(5, dtype=np.float32),
+                            rule=rule, quantization=quant)]
+    for msg in msgs:
+        back = wire.decode(wire.encode(msg))
+        assert type(back) is type(msg)
+        for f in msg.__dataclass_fields__:
+            a, b = getattr(msg, f), getattr(back, f)
+            assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+    with pytest.raises(FederationError, match="TrainRound.params"):
+        wire.decode(wire.encode(wire.TrainRound(job_id="j", round=1, params=[1.0, 2.0], rule=rule,
+                                                quantization=quant)))
+    with pytest.raises(FederationError, match="JobData.classes"):
+        wire.decode(wire.encode(wire.JobData(job_id="j", features=("a",), classes=((1, 2),),
+                                             moments=True)))
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A party site that accepted a small job and prepared its data (no network)."""
+    import pandas as pd
+
+    from lepton_ray.federation.party_process import PartySite
+    from lepton_ray.federation.provision import FederationSpec, load_kit, provision
+
+    kits = provision(FederationSpec(name="demo", host="127.0.0.1", port=1, parties=tuple(NAMES)),
+                     tmp_path / "kits")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(40, 3)), columns=["a", "b", "c"])
+    frame["y"] = rng.integers(0, 2, 40)
+    frame.to_csv(tmp_path / "mine.csv", index=False)
+    s = PartySite(load_kit(kits["north"]), str(tmp_path / "mine.csv"), state_dir=str(tmp_path / "st"))
+    _, offered = job_from_file(_raw(), 3, NAMES)
+    assert s.offer(wire.JobOffer(job_id="j", spec=offered)).accepted
+    return s
+
+
+def test_site_refuses_data_that_disagrees_with_the_federation(site):
+    with pytest.raises(FederationError, match="columns"):
+        site.rpc_prepare(wire.JobData(job_id="j", features=("a", "b", "x"), classes=(0, 1),
+                                      moments=True))
+    with pytest.raises(FederationError, match="labels not seen"):
+        site.rpc_prepare(wire.JobData(job_id="j", features=("a", "b", "c"), classes=(0, 7),
+                                      moments=True))
+
+
+def test_site_refuses_a_round_that_asks_for_an_unclipped_or_foreign_update(site):
+    site.rpc_prepare(wire.JobData(job_id="j", features=("a", "b", "c"), classes=(0, 1),
+                                  moments=True))
+    site.rpc_standardise(wire.Standardisation(job_id="j", mean=np.zeros(3), scale=np.ones(3)))
+    params = np.zeros(3 * 2 + 2, dtype=np.float32)
+    good = UpdateRule(clip_norm=10.0, weight_cap=40.0, stats=True)  # the spec's default clip norm
+    quant = quantization_for(n_parties=3, rule=good, modulus_bits=32, dim=len(params))
+    loose = UpdateRule(clip_norm=1e6, weight_cap=40.0, stats=True)
+    with pytest.raises(FederationError, match="clip norm"):
+        site.rpc_train(wire.TrainRound(job_id="j", round=1, params=params, rule=loose,
+                                       quantization=quantization_for(
+                                           n_parties=3, rule=loose, modulus_bits=32, dim=8)))
+    with pytest.raises(FederationError, match="ring of 64 bits"):
+        site.rpc_train(wire.TrainRound(job_id="j", round=1, params=params, rule=good,
+                                       quantization=QuantizationSpec(
+                                           clip_norm=quant.clip_norm, scale=1.0, modulus_bits=64)))
+    with pytest.raises(FederationError, match="outside the accepted job"):
+        site.rpc_train(wire.TrainRound(job_id="j", round=99, params=params, rule=good,
+                                       quantization=quant))
+    assert site.rpc_train(wire.TrainRound(job_id="j", round=1, params=params, rule=good,
+                                          quantization=quant)) == 0
+    state = site.data["j"]["rounds"][1]
+    assert state["done"].wait(60) and state["error"] is None, state["error"]
+    ring = state["ring"]
+    assert ring.dtype == np.uint32 and ring.shape == (good.width(len(params)),)
+    # the weight coordinate decodes to n_i / W = 40 / 40 (the same rule as a simulated party)
+    from lepton_ray.learning.party_update import ring_to_float
+
+    assert ring_to_float(ring, quant)[len(params)] == pytest.approx(1.0, abs=1e-6)
