@@ -251,13 +251,12 @@ class Federation:
         self.hosts = [self._new_host(h) for h in range(len(self.blocks))]
         if self.spec.parties.deploy:
             self._check_placement_feasible()
-            import dataclasses
-
+            # where each host runs, nothing about its party's data: a party's row count is a
+            # statistic of its data and stays on its node (the example counts the round needs
+            # travel inside the secure sum; the weight cap is public, from the spec)
             placed = ray.get([h.placement.remote() for h in self.hosts])
             self.placement = {self.spec.parties.deploy[b[0]].id: {"host_node": pl["node"]}
                               for b, pl in zip(self.blocks, placed)}
-            sizes = np.array([s for pl in placed for s in pl["sizes"]], dtype=np.int64)
-            self.data = dataclasses.replace(self.data, sizes=sizes)
         self.coordinator = ray.remote(SmpcCoordinator).options(num_cpus=0).remote(
             self.spec.secure_aggregation.mode
         )
@@ -271,11 +270,25 @@ class Federation:
             self.job_id = f"{self.spec.name}-{os.urandom(8).hex()}"
             self.pins = self._job_pins()
             ray.get([h.pin.remote(self.pins) for h in self.hosts])
-        self.weight_cap = float(self.spec.secure_aggregation.weight_cap
-                                or self.data.party_sizes.max())
+        self.weight_cap = self._weight_cap()
         if self.spec.privacy.enabled:
             self._start_privacy()
         self.audit.write("job_start", **self._trust_model())
+
+    def _weight_cap(self) -> float | None:
+        """The public example count at which a party's FedAvg weight stops growing: the
+        spec's ``secure_aggregation.weight_cap``, else (simulation, where the driver holds the
+        split it made) the largest party. A deployment never tells the driver its parties'
+        sizes, so there the spec must give it (``JobSpec.problems`` requires it without
+        user-level DP; under DP every party weighs 1 and no cap is used)."""
+        cap = self.spec.secure_aggregation.weight_cap
+        if cap is not None:
+            return float(cap)
+        if self.spec.parties.deploy:
+            if not self.spec.privacy.enabled:  # validation refuses this spec; never guess
+                raise ConfigError(["secure_aggregation.weight_cap: required with parties.deploy"])
+            return None
+        return float(self.data.party_sizes.max())
 
     def _start_privacy(self) -> None:
         """Calibrate DP-FedAvg, open (or replay) the ledger, and refuse a job whose first
@@ -520,7 +533,7 @@ class Federation:
             outcome = self._secure_round(r, by_host, params_ref, rule, noise, plan)
         else:
             outcome = self._plain_round(r, by_host, params_ref, rule, noise)
-        agg = None
+        agg, clipped_estimate = None, None
         if outcome.released is not None and self.dp is not None and self.dp.distributed is not None:
             mean = self.dp.mean(outcome.released.total)  # Skellam: the decoded, noised sum
             self.params = self.optimizer.step(self.params, mean)
@@ -528,6 +541,7 @@ class Federation:
             agg = Aggregate.split(outcome.released.total, len(self.params), rule)
             if self.dp is not None:
                 mean = self.dp.mean(agg.weighted)
+                clipped_estimate = self.dp.noised_clipped_count(agg.clip_bits)
                 self.dp = self.dp.after_round(agg.clip_bits)
             elif agg.weight > 0:
                 mean = agg.weighted / agg.weight
@@ -545,6 +559,8 @@ class Federation:
                        train_loss=agg.mean_loss if agg is not None else float("nan"))
         else:  # no status detail either: it may hold counts ("only 3 survivors")
             row["status"] = "ok" if outcome.released is not None else "not released"
+            # with adaptive clipping: the noised (charged) estimate, never the exact count
+            row["parties_clipped"] = clipped_estimate
         self.devices.update(d.split("@")[0] for d in outcome.devices)
         if self.placement and self.dp is None:  # under DP: which party trained is secret
             for h, node in outcome.train_nodes.items():
@@ -552,14 +568,18 @@ class Federation:
         load_flat(self.model, self.params)
         row.update(evaluate(self.model, self.data.X_test, self.data.y_test, self.data.n_classes))
         self._clock.lap("evaluate")
-        row["round_seconds"] = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        # Under DP a round's wall time grows with the parties it trained (the secret size of
+        # the Poisson sample), so no per-round time is released: history, tensorboard and the
+        # Ray gauges get none; the summary keeps only whole-job totals (summary()).
+        row["round_seconds"] = seconds if self.dp is None else None
         self.stage_seconds.append(self._clock.laps)
         self.audit.write("round", **_audit_round(row, outcome, dp=self.dp is not None),
                          clip_norm=rule.clip_norm, epsilon=self.epsilon)
         self.history.write(row)
         if r % self.spec.output.checkpoint_every == 0 or r == self.spec.rounds:
             self.write_checkpoint(r)
-        self.round_seconds.append(row["round_seconds"])
+        self.round_seconds.append(seconds)
         self.ray_calls.append(outcome.calls)
         return row
 
@@ -901,6 +921,13 @@ class Federation:
         )
         write_output(self.out, MODEL, buf.getvalue(), self.key)
 
+    def released_stage_seconds(self) -> dict[str, float] | None:
+        """The last round's wall seconds by stage for trackers and gauges; None under DP (a
+        round's time grows with the secret number of parties it trained)."""
+        if self.dp is not None or not self.stage_seconds:
+            return None
+        return self.stage_seconds[-1]
+
     def summary(self, last: dict[str, Any], status: str, seconds: float) -> dict[str, Any]:
         after_first = self.round_seconds[1:] or self.round_seconds
         out = {
@@ -912,11 +939,12 @@ class Federation:
             "rounds_planned": self.spec.rounds,
             "parties": self.spec.parties.count,
             "hosts": len(self.blocks),
-            "party_sizes": {
+            # simulation only: a deployment's party sizes never leave the parties' nodes
+            **({"party_sizes": {
                 "min": int(self.data.party_sizes.min()),
                 "median": float(np.median(self.data.party_sizes)),
                 "max": int(self.data.party_sizes.max()),
-            },
+            }} if not self.spec.parties.deploy else {}),
             "test_rows": int(len(self.data.y_test)),
             "final": {k: last.get(k) for k in ("test_loss", "test_accuracy", "test_precision",
                                                "test_recall", "test_f1")},
@@ -933,9 +961,14 @@ class Federation:
             "spec": self.spec.to_dict(),
         }
         if self.dp is not None:
-            # Exact statistics of party data outside the accountant: the party sizes, and the
-            # Ray calls per round (they grow with the hosts sampled: one per party deployed).
-            del out["party_sizes"], out["ray_calls_per_round"]
+            # Exact statistics of party data outside the accountant: the party sizes, the
+            # Ray calls per round (they grow with the hosts sampled: one per party deployed),
+            # and per-round times (they grow with the parties trained). Kept: whole-job totals
+            # (seconds_total, and seconds_per_round as the mean over every round run).
+            out.pop("party_sizes", None)
+            del out["ray_calls_per_round"], out["first_round_seconds"], out["stage_seconds_per_round"]
+            out["seconds_per_round"] = (float(np.mean(self.round_seconds))
+                                        if self.round_seconds else None)
         return out
 
     def privacy_summary(self) -> dict[str, Any]:
@@ -971,6 +1004,13 @@ class Federation:
             try:
                 worst = max(worst, float(ray.get(ref, timeout=60)))
             except ray.exceptions.RayError:
+                if self.spec.parties.deploy:
+                    # the driver does not know a deployed party's size (it stays on its node),
+                    # so it has no bound to put in: report none rather than too little
+                    print(f"host {h} did not report its parties' record-level epsilon; the "
+                          "job's maximum is unbounded (see that party's own log)",
+                          file=sys.stderr, flush=True)
+                    return math.inf
                 d, t = self.spec.privacy.dp_sgd, self.spec.training
                 n = int(min(self.data.party_sizes[p] for p in self.blocks[h]))
                 worst = max(worst, record_level_epsilon_over_rounds(
@@ -1060,8 +1100,8 @@ def _run_locked(spec: JobSpec, data: FederatedData, lock, *, overwrite: bool, re
         for r in range(fed.first_round, spec.rounds + 1):
             try:
                 last = fed.run_round(r)
-                trackers.log_round(last, fed.stage_seconds[-1] if fed.stage_seconds else None)
-                gauges.set(last, fed.stage_seconds[-1] if fed.stage_seconds else None)
+                trackers.log_round(last, fed.released_stage_seconds())
+                gauges.set(last, fed.released_stage_seconds())
                 if on_round is not None:
                     on_round(last)
             except BudgetExhaustedError as exc:

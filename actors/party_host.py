@@ -109,11 +109,14 @@ class PartyHost:
         return len(self.party_ids)
 
     def placement(self) -> dict:
-        """Where this host runs and how many rows each of its parties holds."""
+        """Where this host runs and which object stores hold its parties' rows. Nothing about
+        the rows themselves: in a deployment a host is one party, and its row count is a
+        statistic of that party's data that would reach the driver outside the secure sum
+        (the example counts a round needs travel inside it, as extra coordinates)."""
         from ray.experimental import get_object_locations
 
         where = get_object_locations([self.data_ref])[self.data_ref]
-        return {"node": ray.get_runtime_context().get_node_id(), "sizes": self.sizes,
+        return {"node": ray.get_runtime_context().get_node_id(),
                 "data_nodes": sorted(where["node_ids"])}  # every object store holding the rows
 
     def public_keys(self) -> dict[int, bytes]:

@@ -213,10 +213,13 @@ def build_report(out: Path) -> str:
                   "often the party was sampled).", ""]
     lines += ["## Rounds", ""]
     if dp:
-        lines += ["Under differential privacy no count of the parties sampled, completed, dropped or "
-                  "clipped is released (the accountant charges none of them: the size of the secret "
-                  "sample is itself not covered), and rejected messages are counted by stage and "
-                  "reason, never named. Who took part is in no released file.", ""]
+        lines += ["Under differential privacy no exact count of the parties sampled, completed, "
+                  "dropped or clipped is released (the accountant charges none of them: the size of "
+                  "the secret sample is itself not covered), nor any per-round time (it grows with "
+                  "the parties trained), and rejected messages are counted by stage and reason, "
+                  "never named. With adaptive clipping, history.csv's parties_clipped is the noised "
+                  "estimate whose noise the round's charge includes (the same one that moves the "
+                  "clip norm). Who took part is in no released file.", ""]
     lines += ["| round | status | parties sampled | completed | dropped | clipped | clip norm | rejected messages | epsilon |",
               "|---|---|---|---|---|---|---|---|---|"]
     for e in rounds:

@@ -377,7 +377,8 @@ class SecureAggregationSpec:
     that may collude with the coordinator (it sets c per neighbourhood, and k grows with it:
     0.01 doubles k at 10,000 parties); ``stage_timeout_s`` bounds every stage; ``weight_cap``
     is the public example count at which a party's FedAvg weight stops growing (default:
-    largest party).
+    largest party in a simulation; required with ``parties.deploy`` unless user-level DP
+    weighs every party 1).
     """
 
     mode: SecureAggregation = SecureAggregation.SECAGG_PLUS
@@ -631,6 +632,12 @@ class JobSpec:
                 and not self.data.party_paths):
             out.append("data.party_paths: required for source 'party_files' (or list the "
                        "parties with their paths under parties.deploy)")
+        if (self.parties.deploy and self.secure_aggregation.weight_cap is None
+                and not self.privacy.enabled):
+            out.append("secure_aggregation.weight_cap: required with parties.deploy (the public "
+                       "example count at which a party's FedAvg weight stops growing): a deployed "
+                       "party's row count never leaves its node, so the driver cannot default it "
+                       "to the largest party's")
         if self.parties.deploy and self.data.party_paths:
             out.append("data.party_paths: leave empty with parties.deploy (each party's "
                        "parties.deploy[i].data is its path)")

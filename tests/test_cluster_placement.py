@@ -34,12 +34,15 @@ SCRIPT = textwrap.dedent("""
         for h in self.hosts:  # after training: where did each party's rows end up?
             info = ray.get(h.placement.remote())
             locs[info["node"]] = info["data_nodes"]
+            captured["placement_keys"] = sorted(info)
         captured["data_locations"] = locs
         real(self)
     driver.Federation.stop = stop
     result = driver.run_job(spec)
     print("RESULT" + json.dumps({"nodes": nodes, "placement": result.summary["placement"],
                                  "data_locations": captured["data_locations"],
+                                 "placement_keys": captured["placement_keys"],
+                                 "summary_keys": sorted(result.summary),
                                  "status": result.summary["status"],
                                  "history": result.history["parties_completed"].tolist()}))
     ray.shutdown()
@@ -67,6 +70,7 @@ def test_three_parties_on_three_nodes(tmp_path):
         "name": "deploy", "rounds": 2,
         "data": {"source": "party_files", "test_path": str(tmp_path / "test.csv"), "label": "y"},
         "parties": {"count": 3, "deploy": deploy},
+        "secure_aggregation": {"weight_cap": 80},  # public: the driver never learns a party's size
         "model": {"kind": "logistic"},
         "output": {"dir": str(tmp_path / "out"), "progress": False},
     }))
@@ -76,6 +80,9 @@ def test_three_parties_on_three_nodes(tmp_path):
     assert line, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(line[len("RESULT"):])
     assert out["status"] == "completed" and out["history"] == [3, 3]
+    # a host tells the driver where it runs, never its party's row count (issue 13)
+    assert out["placement_keys"] == ["data_nodes", "node"]
+    assert "party_sizes" not in out["summary_keys"]
     for pid, node in out["nodes"].items():
         placed = out["placement"][pid]
         assert placed["host_node"] == node, f"{pid}'s host ran on another node"

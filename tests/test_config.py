@@ -186,3 +186,26 @@ def test_deterministic_training_seeds_are_refused_with_privacy():
     with pytest.raises(ConfigError, match="training.deterministic_seeds"):
         load_spec(dict(base, privacy={"mode": "user_level", "epsilon": 3, "delta": 1e-5,
                                       "clip_norm": 1.0}))
+
+
+def _deploy(**extra):
+    return {"data": {"source": "party_files", "test_path": "/srv/test.csv", "label": "y"},
+            "parties": {"count": 2, "deploy": [{"id": "north", "data": "/srv/north.csv"},
+                                              {"id": "south", "data": "/srv/south.csv"}]},
+            **extra}
+
+
+def test_a_deployment_needs_a_public_weight_cap():
+    """A deployed party's row count never leaves its node (issue 13), so the driver cannot
+    take the largest party's as the FedAvg weight cap: the spec must give it."""
+    with pytest.raises(ConfigError) as exc:
+        load_spec(_deploy())
+    assert any(p.startswith("secure_aggregation.weight_cap: required with parties.deploy")
+               for p in exc.value.problems), exc.value.problems
+    assert load_spec(_deploy(secure_aggregation={"weight_cap": 500})).secure_aggregation.weight_cap == 500
+    # user-level DP weighs every party 1: no cap is used, none is needed
+    spec = load_spec(_deploy(privacy={"mode": "user_level", "epsilon": 5.0, "noise_multiplier": 1.0},
+                             sampling={"kind": "poisson", "fraction": 0.5}))
+    assert spec.secure_aggregation.weight_cap is None
+    # simulation keeps its default (the driver made the split and knows the sizes)
+    assert load_spec({"parties": {"count": 2}}).secure_aggregation.weight_cap is None

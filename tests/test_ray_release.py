@@ -24,10 +24,12 @@ DP = {"mode": "user_level", "epsilon": 50.0, "delta": 1e-5, "noise_multiplier": 
       "adaptive_clipping": {"enabled": True, "target_quantile": 0.5, "learning_rate": 0.2,
                             "count_noise_std": 2.0}}
 PARTY_COLUMNS = ("parties_sampled", "parties_completed", "parties_clipped", "train_loss")
-# keys that would carry a per-round or per-party count/loss of party data, or party ids
+# keys that would carry a per-round or per-party count/loss of party data, or party ids, or a
+# per-round time (it grows with the number of parties trained, the secret sample's size)
 FORBIDDEN_KEYS = {"per_party", "epsilon_median", "party_sizes", "ray_calls_per_round", "sampled",
                   "completed", "dropped", "clipped", "participants", "participation", "train_loss",
-                  "survivors", "party", "examples", "losses"}
+                  "survivors", "party", "examples", "losses", "round_seconds", "first_round_seconds",
+                  "stage_seconds", "stage_seconds_per_round"}
 
 
 def _keys(obj, path=""):
@@ -49,23 +51,39 @@ def _assert_no_forbidden(obj, where):
 def test_a_dp_job_releases_no_party_statistics_and_no_participant_ids(ray_session, small_job, tmp_path):
     out = tmp_path / "dp"
     r = lepton_ray.run(small_job, rounds=2, privacy=DP, sampling={"kind": "poisson", "fraction": 0.8},
-                       output__dir=str(out))
+                       output={"dir": str(out), "progress": False, "tensorboard": True})
     write_report(out)  # audit.md, as `lepton-ray audit` makes it
     files = {p.name for p in out.iterdir() if not p.name.startswith(".")}
     assert files <= {"history.csv", "summary.json", "audit.jsonl", "audit.md", "model.pt",
-                     "checkpoint.pt", "ledger.jsonl", "ledger.jsonl.lock", "history.png"}, files
+                     "checkpoint.pt", "ledger.jsonl", "ledger.jsonl.lock", "history.png",
+                     "tensorboard"}, files
     # no participants.jsonl; the lock file holds at most the (finished) job's pid and host
     assert "party" not in (out / "ledger.jsonl.lock").read_text()
 
     history = pd.read_csv(out / "history.csv")
     assert len(history) == 2
-    for col in PARTY_COLUMNS:  # blank: exact statistics of party data, charged to no one
+    for col in ("parties_sampled", "parties_completed", "train_loss"):
+        # blank: exact statistics of party data, charged to no one
         assert history[col].isna().all(), (col, history[col].tolist())
+    # adaptive clipping: the noised (charged) estimate, a float (exactness is tested below)
+    assert history["parties_clipped"].notna().all()
+    assert history["round_seconds"].isna().all()  # grows with the secret number trained
     assert set(history["status"]) <= {"ok", "not released"}  # no detail that may hold counts
     assert history["epsilon"].notna().all()
 
     summary = json.loads((out / "summary.json").read_text())
     _assert_no_forbidden(summary, "summary.json")
+    timing = {k for k in summary if "second" in k}
+    assert timing == {"seconds_total", "seconds_per_round"}, timing  # whole-job totals only
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for ev in (out / "tensorboard").rglob("events.out.tfevents*"):
+        acc = EventAccumulator(str(ev))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert "test_accuracy" in tags, tags
+    assert not {t for t in tags if "second" in t or t.startswith("stage/")}, tags
     rec = summary["privacy"]["record_level"]
     assert set(rec) == {"noise_multiplier", "clip_norm", "delta", "epsilon_max"} and rec["epsilon_max"] > 0
 
@@ -210,3 +228,62 @@ def test_a_host_tells_each_party_its_own_epsilon_and_the_driver_only_the_maximum
     assert worst == pytest.approx(max(expected, compute_epsilon(
         sampling_rate=32 / int(data.party_sizes[0]), noise_multiplier=1.1,
         steps=-(-int(data.party_sizes[0]) // 32), delta=1e-5)), rel=1e-6)
+
+
+def test_a_host_tells_the_driver_where_it_runs_but_not_its_partys_size(ray_session, small_job):
+    """In a deployment a host is one party: ``placement()`` (what the driver asks each host at
+    start) used to return each party's row count in plaintext, outside the secure sum."""
+    from actors.party_host import PartyHost
+    from lepton_ray.config import load_spec
+    from lepton_ray.learning.data import as_float32, load_federated
+
+    spec = load_spec(small_job)
+    data = load_federated(spec.data, 6, spec.seed)
+    host = PartyHost(0, spec, [0, 1], list(as_float32(data.parties[:2])), data.n_features,
+                     data.n_classes)
+    placed = host.placement()
+    assert set(placed) == {"node", "data_nodes"}, placed
+    sizes = {int(n) for n in data.party_sizes[:2]}
+    assert not any(isinstance(v, int) and v in sizes for v in placed.values())
+
+
+def test_under_dp_parties_clipped_is_the_charged_noised_estimate_never_the_exact_count(
+        ray_session, small_job, tmp_path):
+    """Adaptive clipping pays (in the round's charged event) for noise on the clipped-party
+    bit sum; history.csv releases that noised value, post-processed with the public m = qN.
+    Oracle: the same noised sum moved the clip norm, C' = C exp(-eta (b - gamma)), so from
+    audit.jsonl's clip norms b = gamma - ln(C'/C) / eta and the estimate must be m (1 - b).
+    A clip norm far below every update clips every party, so the exact count is the number
+    that completed (participants.jsonl, the confidential file): the release must differ."""
+    import math
+
+    out = tmp_path / "clip"
+    q, eta, gamma = 0.8, 0.2, 0.5
+    lepton_ray.run(small_job, rounds=3, privacy=dict({k: v for k, v in DP.items() if k != "dp_sgd"},
+                                                     clip_norm=1e-4),
+                   sampling={"kind": "poisson", "fraction": q},
+                   output={"dir": str(out), "progress": False, "record_participants": True})
+    history = pd.read_csv(out / "history.csv")
+    events = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()]
+    norms = [e["clip_norm"] for e in events if e["event"] == "round"]
+    norms.append(json.loads((out / "summary.json").read_text())["privacy"]["clip_norm"])  # C after
+    exact = [len(x["completed"]) for x in map(json.loads, (out / "participants.jsonl").read_text()
+                                                   .splitlines()[1:])]
+    m = q * 6
+    released = history["parties_clipped"].tolist()
+    assert len(released) == 3 and history["status"].eq("ok").all()
+    for r in range(3):
+        b = gamma - math.log(norms[r + 1] / norms[r]) / eta
+        assert released[r] == pytest.approx(m * (1 - b), rel=1e-5, abs=1e-4), (r, released, norms)
+        assert released[r] != exact[r] and released[r] != round(released[r]), (released, exact)
+    # no other released file holds a clipped count (audit.md's column is blank under DP)
+    for e in events:
+        assert "clipped" not in e
+    _assert_no_forbidden(json.loads((out / "summary.json").read_text()), "summary.json")
+
+
+def test_without_adaptive_clipping_dp_releases_no_clipped_count(ray_session, small_job, tmp_path):
+    r = lepton_ray.run(small_job, rounds=1, privacy={k: v for k, v in DP.items()
+                                                     if k not in ("dp_sgd", "adaptive_clipping")},
+                       sampling={"kind": "poisson", "fraction": 0.8}, output__dir=str(tmp_path / "f"))
+    assert r.history["parties_clipped"].isna().all() and r.history["round_seconds"].isna().all()

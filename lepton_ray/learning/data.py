@@ -48,7 +48,6 @@ class FederatedData:
     feature_names: tuple[str, ...]
     mean: np.ndarray
     scale: np.ndarray
-    sizes: np.ndarray | None = None  # deployments: rows per party as the hosts report them
 
     @property
     def n_features(self) -> int:
@@ -65,8 +64,8 @@ class FederatedData:
 
     @property
     def party_sizes(self) -> np.ndarray:
-        if self.sizes is not None:
-            return self.sizes
+        """Rows per party held here (simulation). Empty for a deployment's server data: a
+        deployed party's size never leaves its node."""
         return np.array([len(y) for _, y in self.parties], dtype=np.int64)
 
 

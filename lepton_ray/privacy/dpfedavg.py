@@ -276,6 +276,21 @@ class DpFedAvg:
         """The fixed-denominator estimate of the mean clipped delta."""
         return weighted_sum / self.expected_parties
 
+    def noised_clipped_count(self, clip_bit_sum: float | None) -> float | None:
+        """The released estimate of how many parties were clipped: ``m (1 - b)`` with b the
+        noised fraction within C that :meth:`after_round` moves the clip norm by, i.e.
+        ``m / 2 - (sum_i (b_i - 1/2) + N_Z)`` in the same (dequantised) units.
+
+        Privacy: a function of the noised bit sum alone, which the round's charged event
+        already pays for (the bit-sum Gaussian, 2 sigma_b, composed into z), and of the public
+        m = qN; post-processing costs nothing more (Dwork and Roth 2014, Prop. 2.1). It uses
+        m, not the number of parties in the sum, which is the secret size of the Poisson
+        sample (hence an estimate, not a count: its mean is k + (m - n) / 2 for k clipped of
+        n). None without adaptive clipping: no noised clip count exists to release."""
+        if self.clipping is None or clip_bit_sum is None:
+            return None
+        return self.expected_parties / 2 - float(clip_bit_sum)
+
     def after_round(self, clip_bit_sum: float | None) -> "DpFedAvg":
         """The next round's state: with adaptive clipping, C follows the noised quantile."""
         if self.clipping is None or clip_bit_sum is None:
