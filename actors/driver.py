@@ -267,6 +267,16 @@ class Federation:
             self.job_id = f"{self.spec.name}-{os.urandom(8).hex()}"
         self.weight_cap = float(self.spec.secure_aggregation.weight_cap
                                 or self.data.party_sizes.max())
+        self.eval_rows = 0  # public bound on a party's held-out rows (federated evaluation)
+        if self.spec.evaluation.federated:
+            from lepton_ray.learning.fed_eval import check_holdout
+            from lepton_ray.learning.party_update import UpdateRule
+
+            self.eval_rows = check_holdout(self.data.party_sizes, self.spec.evaluation.holdout)
+            if self.secure:  # the counts are exact integers in the ring: room for all parties
+                UpdateRule(clip_norm=1.0, eval_classes=self.data.n_classes,
+                           eval_rows=self.eval_rows).check_count_room(
+                    self.spec.parties.count, self.spec.secure_aggregation.modulus_bits)
         if self.spec.privacy.enabled:
             self._start_privacy()
         self.audit.write("job_start", **self._trust_model())
@@ -467,6 +477,12 @@ class Federation:
                    for h, block in enumerate(self.blocks)}
         by_host = {h: ps for h, ps in by_host.items() if ps}
         self._round_parties = by_host
+        self._evaluators: set[int] = set()
+        if self.spec.evaluation.in_round(r):  # never under DP (refused by the config)
+            from lepton_ray.learning.fed_eval import choose_evaluators
+
+            picked = choose_evaluators(len(sampled), self.spec.evaluation.fraction)
+            self._evaluators = {int(sampled[i]) for i in picked}
         plan, noise = None, None
         if self.dp is not None:
             rule = UpdateRule(clip_norm=self.dp.clip_norm, weight_cap=None,
@@ -484,7 +500,11 @@ class Federation:
         else:
             clip = self.spec.secure_aggregation.clip_norm if self.secure else None
             # no DP: the hosts' loss and clip counts travel inside the sum (only totals seen)
-            rule = UpdateRule(clip_norm=clip, weight_cap=self.weight_cap, stats=True)
+            # with federated evaluation the evaluators' counts and loss sums travel there too
+            evaluating = self.spec.evaluation.in_round(r)
+            rule = UpdateRule(clip_norm=clip, weight_cap=self.weight_cap, stats=True,
+                              eval_classes=self.data.n_classes if evaluating else 0,
+                              eval_rows=self.eval_rows if evaluating else 0)
         params_ref = ray.put(self.params)
         if not by_host:
             outcome = RoundOutcome(status="no_parties")
@@ -523,6 +543,10 @@ class Federation:
         if self.placement and self.dp is None:  # under DP: which party trained is secret
             for h, node in outcome.train_nodes.items():
                 self.placement[self.spec.parties.deploy[self.blocks[h][0]].id]["train_node"] = node
+        if agg is not None and agg.evaluation is not None:  # totals of the global model the
+            from lepton_ray.learning.fed_eval import metrics_from_sum  # round started from
+
+            row.update(metrics_from_sum(agg.evaluation, self.data.n_classes))
         load_flat(self.model, self.params)
         row.update(evaluate(self.model, self.data.X_test, self.data.y_test, self.data.n_classes))
         self._clock.lap("evaluate")
@@ -543,7 +567,8 @@ class Federation:
         if noise is not None:  # central DP: hosts quantise, the noise goes into the ring sum
             quant, bound = self._quantization(sum(len(ps) for ps in by_host.values()), rule)
             noise, ring = noise.in_ring(quant, bound), (quant, bound)
-        outs = {h: self.hosts[h].train.options(num_returns=2).remote(r, [params_ref], ps, rule, ring)
+        outs = {h: self.hosts[h].train.options(num_returns=2).remote(
+                    r, [params_ref], ps, rule, ring, self._evaluating(ps))
                 for h, ps in by_host.items()}
         live = self._gather(r, "train", outs, timeout=None)
         self._clock.lap("hosts.train")
@@ -584,7 +609,8 @@ class Federation:
         c = self.coordinator
         self._clock.lap("plan")
 
-        outs = {h: hosts[h].advertise.options(num_returns=2).remote(r, plan_ref, [params_ref], ps)
+        outs = {h: hosts[h].advertise.options(num_returns=2).remote(
+                    r, plan_ref, [params_ref], ps, self._evaluating(ps))
                 for h, ps in by_host.items()}
         live = self._gather(r, "advertise_keys", outs, timeout)
         self._clock.lap("hosts.advertise_keys")
@@ -639,6 +665,10 @@ class Federation:
             devices={t.device for t in trained}, rejections=self._rejections,
             train_nodes={t.host: t.device.split("@")[-1] for t in trained},
         )
+
+    def _evaluating(self, parties: list[int]) -> tuple[int, ...]:
+        """Which of a host's sampled ``parties`` evaluate this round (federated evaluation)."""
+        return tuple(p for p in parties if p in self._evaluators)
 
     def _distributed_plan(self, r: int, by_host: dict[int, list[int]], rule):
         """The round's SecAgg+ plan with its Skellam parameters, and those parameters. A round

@@ -53,12 +53,19 @@ def cmd_validate(args) -> int:
 
     path = check_model(spec, data, build_model(spec.model, data.n_features, data.n_classes, seed=spec.seed))
     sizes = data.party_sizes
+    held = ""
+    if spec.evaluation.federated:  # every party needs a non-empty held-out split
+        from lepton_ray.learning.fed_eval import check_holdout, holdout_rows
+
+        check_holdout(sizes, spec.evaluation.holdout)
+        held = (f"; federated evaluation on {holdout_rows(int(sizes.min()), spec.evaluation.holdout)}"
+                f"..{holdout_rows(int(sizes.max()), spec.evaluation.holdout)} held-out rows per party")
     print(
         f"ok: {args.spec}: {spec.parties.count} parties ({spec.data.source.value}, "
         f"{spec.data.partition.kind.value}; rows per party {sizes.min()}..{sizes.max()}), "
         f"{data.n_features} features, {data.n_classes} classes, {len(data.y_test)} test rows; "
         f"model {spec.model.kind.value}, {spec.rounds} rounds, "
-        f"secure aggregation {spec.secure_aggregation.mode.value}; training {path}"
+        f"secure aggregation {spec.secure_aggregation.mode.value}; training {path}{held}"
     )
     return 0
 
