@@ -232,6 +232,7 @@ class Federation:
         self.dead: set[int] = set()
         self._lost: set[int] = set()
         self._round_parties: dict[int, list[int]] = {}
+        self._evaluators: set[int] = set()  # this round's federated evaluators (run_round)
         self.round_seconds: list[float] = []
         self.ray_calls: list[int] = []
         self.stage_seconds: list[dict[str, float]] = []  # wall seconds by stage, per round
@@ -987,6 +988,10 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         data = load_server_data(spec.data)
     else:
         data = load_federated(spec.data, spec.parties.count, spec.seed)  # data errors before Ray
+        if spec.evaluation.federated:  # an empty held-out split too
+            from lepton_ray.learning.fed_eval import check_holdout
+
+            check_holdout(data.party_sizes, spec.evaluation.holdout)
     training_path = _check_model(spec, data)  # model errors before Ray too
     if resume and not out.is_dir():
         raise ResumeError(f"--resume {out}: no such directory; nothing to resume")
