@@ -69,15 +69,17 @@ class SmpcCoordinator:
     def ready(self) -> str:
         return self.mode.value
 
-    def _release(self, ring_total: np.ndarray, noise, quantization) -> np.ndarray:
+    def _release(self, ring_total: np.ndarray, noise, quantization, rule=None) -> np.ndarray:
         """Central DP: discrete Gaussian noise added to the sum *in the ring* (integers from
         the OS CSPRNG, :mod:`lepton_ray.privacy.discrete_gaussian`), then dequantised: no
-        floating-point noise. The un-noised sum is dropped here."""
+        floating-point noise. The un-noised sum is dropped here. ``rule``: the round's
+        ``UpdateRule``, whose federated-evaluation counts are exact integers in the ring
+        (never noised: the config refuses federated evaluation under DP)."""
         from lepton_ray.learning.party_update import ring_to_float
 
         if noise is not None:
             ring_total = noise.add_to(ring_total)
-        return ring_to_float(ring_total, quantization)
+        return ring_to_float(ring_total, quantization, rule)
 
     # ------------------------------------------------------------------ plaintext
     def aggregate(self, round_: int, noise: RingNoise | None, *partials: PartialSum) -> Released:
@@ -163,7 +165,7 @@ class SmpcCoordinator:
 
             total = decode_sum(result.total, self.plan.skellam, signs=self.plan.rotation_signs())
         else:
-            total = self._release(result.total, self.noise, self.plan.quantization)
+            total = self._release(result.total, self.noise, self.plan.quantization, self.plan.rule)
         self.server = None  # the round's protocol state (and the un-noised sum) goes
         return status, Released(total=total, survivors=tuple(result.survivors),
                                 dropped=tuple(result.dropped))

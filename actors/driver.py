@@ -233,6 +233,7 @@ class Federation:
         self.dead: set[int] = set()
         self._lost: set[int] = set()
         self._round_parties: dict[int, list[int]] = {}
+        self._evaluators: set[int] = set()  # this round's federated evaluators (run_round)
         self.round_seconds: list[float] = []
         self.ray_calls: list[int] = []
         self.stage_seconds: list[dict[str, float]] = []  # wall seconds by stage, per round
@@ -271,6 +272,16 @@ class Federation:
             self.pins = self._job_pins()
             ray.get([h.pin.remote(self.pins) for h in self.hosts])
         self.weight_cap = self._weight_cap()
+        self.eval_rows = 0  # public bound on a party's held-out rows (federated evaluation)
+        if self.spec.evaluation.federated:
+            from lepton_ray.learning.fed_eval import check_holdout
+            from lepton_ray.learning.party_update import UpdateRule
+
+            self.eval_rows = check_holdout(self.data.party_sizes, self.spec.evaluation.holdout)
+            if self.secure:  # the counts are exact integers in the ring: room for all parties
+                UpdateRule(clip_norm=1.0, eval_classes=self.data.n_classes,
+                           eval_rows=self.eval_rows).check_count_room(
+                    self.spec.parties.count, self.spec.secure_aggregation.modulus_bits)
         if self.spec.privacy.enabled:
             self._start_privacy()
         self.audit.write("job_start", **self._trust_model())
@@ -506,6 +517,12 @@ class Federation:
                    for h, block in enumerate(self.blocks)}
         by_host = {h: ps for h, ps in by_host.items() if ps}
         self._round_parties = by_host
+        self._evaluators: set[int] = set()
+        if self.spec.evaluation.in_round(r):  # never under DP (refused by the config)
+            from lepton_ray.learning.fed_eval import choose_evaluators
+
+            picked = choose_evaluators(len(sampled), self.spec.evaluation.fraction)
+            self._evaluators = {int(sampled[i]) for i in picked}
         plan, noise = None, None
         if self.dp is not None:
             rule = UpdateRule(clip_norm=self.dp.clip_norm, weight_cap=None,
@@ -523,7 +540,11 @@ class Federation:
         else:
             clip = self.spec.secure_aggregation.clip_norm if self.secure else None
             # no DP: the hosts' loss and clip counts travel inside the sum (only totals seen)
-            rule = UpdateRule(clip_norm=clip, weight_cap=self.weight_cap, stats=True)
+            # with federated evaluation the evaluators' counts and loss sums travel there too
+            evaluating = self.spec.evaluation.in_round(r)
+            rule = UpdateRule(clip_norm=clip, weight_cap=self.weight_cap, stats=True,
+                              eval_classes=self.data.n_classes if evaluating else 0,
+                              eval_rows=self.eval_rows if evaluating else 0)
         params_ref = ray.put(self.params)
         if not by_host:
             outcome = RoundOutcome(status="no_parties")
@@ -565,6 +586,10 @@ class Federation:
         if self.placement and self.dp is None:  # under DP: which party trained is secret
             for h, node in outcome.train_nodes.items():
                 self.placement[self.spec.parties.deploy[self.blocks[h][0]].id]["train_node"] = node
+        if agg is not None and agg.evaluation is not None:  # totals of the global model the
+            from lepton_ray.learning.fed_eval import metrics_from_sum  # round started from
+
+            row.update(metrics_from_sum(agg.evaluation, self.data.n_classes))
         load_flat(self.model, self.params)
         row.update(evaluate(self.model, self.data.X_test, self.data.y_test, self.data.n_classes))
         self._clock.lap("evaluate")
@@ -589,7 +614,8 @@ class Federation:
         if noise is not None:  # central DP: hosts quantise, the noise goes into the ring sum
             quant, bound = self._quantization(sum(len(ps) for ps in by_host.values()), rule)
             noise, ring = noise.in_ring(quant, bound), (quant, bound)
-        outs = {h: self.hosts[h].train.options(num_returns=2).remote(r, [params_ref], ps, rule, ring)
+        outs = {h: self.hosts[h].train.options(num_returns=2).remote(
+                    r, [params_ref], ps, rule, ring, self._evaluating(ps))
                 for h, ps in by_host.items()}
         live = self._gather(r, "train", outs, timeout=None)
         self._clock.lap("hosts.train")
@@ -631,7 +657,8 @@ class Federation:
         c = self.coordinator
         self._clock.lap("plan")
 
-        outs = {h: hosts[h].advertise.options(num_returns=2).remote(r, plan_ref, [params_ref], ps)
+        outs = {h: hosts[h].advertise.options(num_returns=2).remote(
+                    r, plan_ref, [params_ref], ps, self._evaluating(ps))
                 for h, ps in by_host.items()}
         live = self._gather(r, "advertise_keys", outs, timeout)
         self._clock.lap("hosts.advertise_keys")
@@ -700,6 +727,10 @@ class Federation:
             devices={t.device for t in trained}, rejections=self._rejections,
             train_nodes={t.host: t.device.split("@")[-1] for t in trained},
         )
+
+    def _evaluating(self, parties: list[int]) -> tuple[int, ...]:
+        """Which of a host's sampled ``parties`` evaluate this round (federated evaluation)."""
+        return tuple(p for p in parties if p in self._evaluators)
 
     def _distributed_plan(self, r: int, by_host: dict[int, list[int]], rule):
         """The round's SecAgg+ plan with its Skellam parameters, and those parameters. A round
@@ -1045,6 +1076,10 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
         data = load_server_data(spec.data)
     else:
         data = load_federated(spec.data, spec.parties.count, spec.seed)  # data errors before Ray
+        if spec.evaluation.federated:  # an empty held-out split too
+            from lepton_ray.learning.fed_eval import check_holdout
+
+            check_holdout(data.party_sizes, spec.evaluation.holdout)
     training_path = _check_model(spec, data)  # model errors before Ray too
     if resume and not out.is_dir():
         raise ResumeError(f"--resume {out}: no such directory; nothing to resume")

@@ -88,6 +88,14 @@ class PartyHost:
                              "resources": self.task_resources or None,
                              **({"memory": t.memory_mb * 2**20} if t.memory_mb else {})}
         self.sizes = [len(y) for _, y in datasets]
+        self.eval_ref = None
+        if spec.evaluation.federated:  # each party's own held-out rows (public split from seed)
+            from lepton_ray.learning.fed_eval import holdout_split
+
+            split = [holdout_split(X, y, spec.evaluation.holdout, spec.seed, p)
+                     for p, (X, y) in zip(self.party_ids, datasets)]
+            datasets = [train for train, _ in split]
+            self.eval_ref = ray.put([held for _, held in split])
         self.data_ref = ray.put(datasets)  # once, in this node's object store
         # Each party's long-term Ed25519 identity, derived from the host's identity seed so a
         # restarted host has the same identities and the job's roster never changes; and its
@@ -145,7 +153,7 @@ class PartyHost:
         return float(np.random.default_rng([self.spec.seed, round_, party, 0x5D]).random()) < rate
 
     def _launch_training(self, round_: int, params_box: list, sampled: list[int], *, fold=None,
-                         ring=None):
+                         ring=None, evaluate=(), rule=None):
         from actors.training import train_task
 
         picks = [self.index[p] for p in sampled]
@@ -156,16 +164,25 @@ class PartyHost:
         else:
             seeds = [party_seed() for _ in sampled]  # secret: drawn here from the OS, never logged
         task = train_task.options(**self.task_options)
+        rule = fold if fold is not None else rule  # the round's UpdateRule
+        evaluating = rule is not None and rule.eval_classes > 0
+        if evaluating and self.eval_ref is None:
+            raise ProtocolError(f"host {self.host}: asked to evaluate but holds no held-out rows")
+        chosen = set(evaluate)
         return task.remote(self.spec, self.n_features, self.n_classes, params_box[0],
-                           self.data_ref, picks, seeds, fold=fold, ring=ring)
+                           self.data_ref, picks, seeds, fold=fold, ring=ring,
+                           eval_data=self.eval_ref if evaluating else None,
+                           evaluate=tuple(j for j, p in enumerate(sampled) if p in chosen))
 
     def train(self, round_: int, params_box: list, sampled: list[int], rule,
-              ring=None) -> tuple[StageReport, PartialSum]:
+              ring=None, evaluate: tuple[int, ...] = ()) -> tuple[StageReport, PartialSum]:
         """Plaintext path: train ``sampled`` from the global parameters in ``params_box[0]``
         (an ObjectRef, boxed so Ray hands it on without fetching it); return the sum of their
         update vectors under ``rule`` (an ``UpdateRule``). ``ring`` (central DP):
         ``(quantization, rounding bound)``: the vectors are conditionally rounded into the
-        ring and summed there, so the coordinator can add integer noise to the ring sum."""
+        ring and summed there, so the coordinator can add integer noise to the ring sum.
+        ``evaluate``: the sampled parties that also evaluate the global model on their held-out
+        rows (when ``rule.eval_classes``)."""
         silent = [p for p in sampled if self._goes_silent(round_, p)]
         sampled = [p for p in sampled if p not in silent]
         if not sampled:  # every party of this host went silent: an empty partial sum
@@ -180,7 +197,8 @@ class PartyHost:
             return StageReport(host=self.host, parties=(),
                                failed=tuple((p, "simulated dropout") for p in silent)), empty
         (partial, _clipped, _losses, _examples, bad), device = ray.get(
-            self._launch_training(round_, params_box, sampled, fold=rule, ring=ring))
+            self._launch_training(round_, params_box, sampled, fold=rule, ring=ring,
+                                  evaluate=evaluate))
         dropped = {sampled[i] for i in bad}
         report = StageReport(
             host=self.host, parties=tuple(p for p in sampled if p not in dropped),
@@ -213,9 +231,11 @@ class PartyHost:
         return worst
 
     # ------------------------------------------------------------------ SecAgg+ stages
-    def advertise(self, round_: int, plan, params_box: list, sampled: list[int]):
+    def advertise(self, round_: int, plan, params_box: list, sampled: list[int],
+                  evaluate: tuple[int, ...] = ()):
         """Stage 1: start training (it overlaps the key stages), make each sampled party's
-        round state and return their signed adverts."""
+        round state and return their signed adverts. ``evaluate``: the sampled parties that
+        also evaluate the global model (when ``plan.rule.eval_classes``)."""
         from lepton_ray.secagg import SecAggParty
         from lepton_ray.secagg.cohort import PartyCohort
 
@@ -238,7 +258,8 @@ class PartyHost:
         failed += [(p, f"already took part in round {config.round}: never twice") for p in
                    sorted(again)]
         sampled = [p for p in sampled if p not in again]
-        state.training = self._launch_training(round_, params_box, sampled)
+        state.training = self._launch_training(round_, params_box, sampled, evaluate=evaluate,
+                                               rule=plan.rule)
         state.order = list(sampled)
         parties = {}
         for p in sampled:
@@ -275,7 +296,8 @@ class PartyHost:
                                       out=self._ring_buffer(result.deltas.shape[0],
                                                             rule.width(result.deltas.shape[1]),
                                                             quant.modulus_bits),
-                                      losses=result.losses if rule.stats else None)
+                                      losses=result.losses if rule.stats else None,
+                                      evals=result.evals if rule.eval_classes else None)
             diverged = set(batch.bad)
 
             def encode(i):

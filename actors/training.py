@@ -59,8 +59,13 @@ def choose_trainer(spec: JobSpec, sample=None):
 
 @ray.remote
 def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarray,
-               datasets: list, picks: list[int], seeds: list[int], *, fold=None, ring=None):
-    """Train ``datasets[i]`` for ``i`` in ``picks``. Returns ``(result, device)``. With
+               datasets: list, picks: list[int], seeds: list[int], *, fold=None, ring=None,
+               eval_data: list | None = None, evaluate: tuple[int, ...] = ()):
+    """Train ``datasets[i]`` for ``i`` in ``picks``. Returns ``(result, device)``.
+    ``eval_data`` (federated evaluation): the host's parties' held-out ``(X, y)``, aligned
+    with ``datasets``; the picks at positions ``evaluate`` first evaluate the global model on
+    theirs (:func:`lepton_ray.learning.fed_eval.party_eval_stats`), and every pick gets an
+    evaluation vector (zeros for the others) that rides in its update vector. With
     ``fold`` (an ``UpdateRule``; the plaintext path) the result is ``(PartialSum, clipped,
     losses, examples, bad)``: the parties' update vectors (with their loss and clip-flag
     coordinates when ``fold.stats``) summed here, so the per-party deltas never leave the
@@ -74,6 +79,10 @@ def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarra
     # the GPU share Ray really assigned to this task (a deployed party may override the spec)
     share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
     device = resolve_device(spec.training.device, share)
+    evals = None
+    if eval_data is not None:
+        evals = _evaluate_global(spec, n_features, n_classes, params, eval_data, picks, evaluate,
+                                 device)
     train = choose_trainer(spec, sample=datasets[picks[0]][0][:4] if picks else None)
     result = train(
         model_spec=spec.model,
@@ -91,7 +100,8 @@ def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarra
         from lepton_ray.learning.party_update import encode_ring_batch
 
         quant, bound = ring
-        batch = encode_ring_batch(result.deltas, result.examples, fold, quant, norm_bound_sq=bound)
+        batch = encode_ring_batch(result.deltas, result.examples, fold, quant, norm_bound_sq=bound,
+                                  losses=result.losses if fold.stats else None, evals=evals)
         bad = list(batch.bad)
         good = np.setdiff1d(np.arange(len(picks)), bad)
         total = batch.rings[good].sum(axis=0, dtype=batch.rings.dtype)
@@ -102,11 +112,35 @@ def train_task(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarra
         # a party whose training diverged (NaN/inf delta) drops out; the others are folded
         finite = np.isfinite(result.deltas).all(axis=1)
         total, clipped = fold_updates(result.deltas[finite], result.examples[finite], fold,
-                                      result.losses[finite] if fold.stats else None)
+                                      result.losses[finite] if fold.stats else None,
+                                      evals[finite] if evals is not None else None)
         partial = PartialSum(total=total, parties=int(finite.sum()))
         bad = [picks_i for picks_i, ok in enumerate(finite) if not ok]
         return (partial, clipped, result.losses[finite], result.examples[finite], bad), _where(device)
+    if evals is not None:
+        import dataclasses
+
+        result = dataclasses.replace(result, evals=evals)
     return result, _where(device)
+
+
+def _evaluate_global(spec: JobSpec, n_features: int, n_classes: int, params: np.ndarray,
+                     eval_data: list, picks: list[int], evaluate, device) -> np.ndarray:
+    """``(len(picks), 3 + 3C)``: the evaluation vector of the global model on the held-out rows
+    of each pick at a position in ``evaluate``; zeros for the others."""
+    from lepton_ray.learning.custom import resolve_loss
+    from lepton_ray.learning.fed_eval import party_eval_stats, stats_width
+    from lepton_ray.learning.models import build_model, load_flat
+
+    out = np.zeros((len(picks), stats_width(n_classes)), dtype=np.float64)
+    if not len(evaluate):
+        return out
+    model = load_flat(build_model(spec.model, n_features, n_classes, seed=spec.seed), params).to(device)
+    loss = resolve_loss(spec.training.loss)
+    for j in evaluate:
+        X, y = eval_data[picks[j]]
+        out[j] = party_eval_stats(model, X, y, n_classes, loss, device=device)
+    return out
 
 
 def _where(device) -> str:

@@ -31,7 +31,33 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 def _load(args) -> Any:
     from lepton_ray.config import load_spec
 
+    add_paths(getattr(args, "path", None) or [])
     return load_spec(args.spec, **_overrides(args.set))
+
+
+def add_paths(paths: list[str]) -> list[Path]:
+    """``--path DIR`` (repeatable): put each directory first on ``sys.path`` (the first given
+    first), so that ``model.factory``, ``data.loader``, ``training.loss`` and ``training.loop``
+    references like ``"package.module:function"`` resolve from it; and first on
+    ``PYTHONPATH``, which the processes of an embedded local Ray (``simulate``) inherit, so
+    the hosts and training tasks resolve them too. A Ray cluster's nodes do not see this
+    machine's directories: ``submit --path`` uploads them with the job instead
+    (:func:`lepton_ray.cli_cluster.path_modules`)."""
+    import os
+
+    dirs = []
+    for given in paths:
+        d = Path(given).expanduser().resolve()
+        if not d.is_dir():
+            raise LeptonError(f"--path {given}: not a directory")
+        dirs.append(d)
+    for d in reversed(dirs):
+        if str(d) not in sys.path:
+            sys.path.insert(0, str(d))
+    if dirs:
+        old = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join([*map(str, dirs), *([old] if old else [])])
+    return dirs
 
 
 def cmd_validate(args) -> int:
@@ -53,12 +79,19 @@ def cmd_validate(args) -> int:
 
     path = check_model(spec, data, build_model(spec.model, data.n_features, data.n_classes, seed=spec.seed))
     sizes = data.party_sizes
+    held = ""
+    if spec.evaluation.federated:  # every party needs a non-empty held-out split
+        from lepton_ray.learning.fed_eval import check_holdout, holdout_rows
+
+        check_holdout(sizes, spec.evaluation.holdout)
+        held = (f"; federated evaluation on {holdout_rows(int(sizes.min()), spec.evaluation.holdout)}"
+                f"..{holdout_rows(int(sizes.max()), spec.evaluation.holdout)} held-out rows per party")
     print(
         f"ok: {args.spec}: {spec.parties.count} parties ({spec.data.source.value}, "
         f"{spec.data.partition.kind.value}; rows per party {sizes.min()}..{sizes.max()}), "
         f"{data.n_features} features, {data.n_classes} classes, {len(data.y_test)} test rows; "
         f"model {spec.model.kind.value}, {spec.rounds} rounds, "
-        f"secure aggregation {spec.secure_aggregation.mode.value}; training {path}"
+        f"secure aggregation {spec.secure_aggregation.mode.value}; training {path}{held}"
     )
     return 0
 
@@ -265,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("spec", help="job spec (YAML)")
         p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override a spec field (repeatable), e.g. --set training.lr=0.05")
+        p.add_argument("--path", action="append", default=[], metavar="DIR",
+                       help="prepend DIR to sys.path (repeatable) so that "
+                            "'package.module:function' references in the spec import from it")
         return p
 
     p = with_spec(sub.add_parser("simulate", help="run a job on an embedded local Ray"))

@@ -67,6 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--working-dir", default=None, metavar="DIR",
                    help="directory uploaded as the job's working_dir (default: this project's "
                         "root, the directory holding pyproject.toml)")
+    p.add_argument("--path", action="append", default=[], metavar="DIR",
+                   help="a directory whose packages and modules the spec's "
+                        "'package.module:function' references import from (repeatable): on "
+                        "sys.path here, uploaded with the job (Ray runtime_env py_modules)")
     p.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
                    help="install a pip requirement for the job (repeatable); not needed on "
                         "clusters built from cluster.yaml, which install the project")
@@ -104,9 +108,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from lepton_ray.cli import _overrides
+    from lepton_ray.cli import _overrides, add_paths
     from lepton_ray.config import load_spec
 
+    modules = path_modules(add_paths(args.path))
     root = _working_dir(args.working_dir)
     spec_path = _spec_inside(root, Path(args.spec))
     spec = load_spec(spec_path, **_overrides(args.set))  # a bad spec fails here, not remotely
@@ -114,6 +119,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                                 overwrite=args.overwrite,
                                 discard_privacy_ledger=args.discard_privacy_ledger)
     runtime_env: dict[str, Any] = {"working_dir": str(root), "excludes": list(UPLOAD_EXCLUDES)}
+    if modules:
+        runtime_env["py_modules"] = modules
     if args.pip:
         runtime_env["pip"] = list(args.pip)
     if not Path(spec.output.dir).is_absolute():
@@ -131,6 +138,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     _stream_logs(client, job_id)
     return _final_status(args, client, job_id)
+
+
+def path_modules(dirs: list[Path]) -> list[str]:
+    """What ``submit --path DIR`` uploads: every package (a directory holding ``__init__.py``)
+    and every ``.py`` module directly in each DIR, as Ray ``py_modules`` entries; on every
+    node of the job they are importable by the same names as here (a directory on
+    ``sys.path`` is not itself something Ray can ship)."""
+    out: list[str] = []
+    for d in dirs:
+        found = sorted(str(c) for c in d.iterdir()
+                       if not c.name.startswith((".", "_"))
+                       and ((c.is_dir() and (c / "__init__.py").is_file())
+                            or (c.is_file() and c.suffix == ".py")))
+        if not found:
+            raise LeptonError(f"--path {d}: holds no Python package (a directory with "
+                              "__init__.py) or .py module to upload")
+        out += found
+    return out
 
 
 def job_entrypoint(spec: str, overrides: list[str], *, overwrite: bool = False,

@@ -514,6 +514,40 @@ class PrivacySpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvaluationSpec:
+    """Federated evaluation (``federated: true``): in every ``every``-th round (rounds 1,
+    1 + every, ...) a ``fraction`` of the round's sampled parties evaluate the global model the
+    round starts from on their own held-out rows (floor(n * ``holdout``) of a party's n rows,
+    drawn once from the public ``seed``: the split is public by design, like the partition; a
+    party left with no held-out row is an error).
+    Their counts (correct, examples, per-class TP/FP/FN) and loss sums travel as extra
+    coordinates of the round's secure sum, so no party's metrics leave it; history.csv gains
+    ``fed_loss``, ``fed_accuracy``, ``fed_f1`` and ``fed_examples``
+    (:mod:`lepton_ray.learning.fed_eval`). Refused with any differential privacy: the totals are
+    exact statistics of party data that no accountant charges."""
+
+    federated: bool = False
+    fraction: float = 1.0
+    every: int = 1
+    holdout: float = 0.2
+
+    def problems(self, path: str) -> list[str]:
+        out = []
+        if not 0.0 < self.fraction <= 1.0:
+            out.append(f"{path}.fraction: must be in (0, 1], got {self.fraction}")
+        if self.every < 1:
+            out.append(f"{path}.every: must be >= 1, got {self.every}")
+        if not 0.0 < self.holdout < 1.0:
+            out.append(f"{path}.holdout: must be in (0, 1), got {self.holdout}")
+        return out
+
+    def in_round(self, round_: int) -> bool:
+        """Does round ``round_`` (1-based) evaluate? Rounds 1, 1 + every, 1 + 2 every, ...:
+        the models after rounds 0, every, 2 every, ..."""
+        return self.federated and (round_ - 1) % self.every == 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class EncryptionSpec:
     """Encrypt checkpoints and the final model at rest (AES-256-GCM) with a 32-byte key read
     from a file or an environment variable (never from the spec itself)."""
@@ -577,6 +611,7 @@ class JobSpec:
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
     secure_aggregation: SecureAggregationSpec = field(default_factory=SecureAggregationSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
 
     def problems(self, path: str = "") -> list[str]:
@@ -618,6 +653,12 @@ class JobSpec:
         if self.privacy.enabled and self.sampling.kind is SamplingKind.FIXED:
             out.append("sampling.kind: 'fixed' has no privacy amplification the accountant can "
                        "count; use 'poisson' (rate = sampling.fraction) or 'all' with privacy")
+        if self.evaluation.federated and (self.privacy.enabled or self.privacy.dp_sgd.enabled):
+            which = "privacy.mode" if self.privacy.enabled else "privacy.dp_sgd"
+            out.append(f"evaluation.federated: not available with differential privacy ({which} "
+                       "is on): the evaluation totals (correct, examples, per-class counts, loss "
+                       "sums) would be released exact, outside the privacy accountant; set "
+                       "evaluation.federated: false (the server-side test set still evaluates)")
         if self.training.device is Device.CUDA and not _asks_for_gpus(self):
             out.append("training.device: 'cuda' needs training.gpus_per_party > 0 (Ray gives a "
                        "training task a GPU only when it asks for one); or use device 'auto'")

@@ -31,6 +31,12 @@ HISTORY_COLUMNS = (
     "test_f1",
     "round_seconds",
     "epsilon",
+    # federated evaluation (evaluation.federated): the global model the round started from,
+    # on the evaluating parties' held-out rows, from the secure sum's totals; blank otherwise
+    "fed_loss",
+    "fed_accuracy",
+    "fed_f1",
+    "fed_examples",
 )
 
 HISTORY = "history.csv"
@@ -126,6 +132,18 @@ class HistoryWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists() or self.path.stat().st_size == 0:
             self._append(",".join(HISTORY_COLUMNS) + "\n")
+        else:
+            self._upgrade_header()
+
+    def _upgrade_header(self) -> None:
+        """A history written before columns were added (a resumed job) gets today's header;
+        its old rows, shorter, read back with the new columns blank."""
+        text = self.path.read_text(encoding="utf-8")
+        head, _, rest = text.partition("\n")
+        old = head.split(",")
+        if old == list(HISTORY_COLUMNS) or old != list(HISTORY_COLUMNS[: len(old)]):
+            return
+        atomic_write_bytes(self.path, (",".join(HISTORY_COLUMNS) + "\n" + rest).encode("utf-8"))
 
     def write(self, row: Mapping[str, Any]) -> None:
         unknown = set(row) - set(HISTORY_COLUMNS)

@@ -23,6 +23,8 @@ class LocalResult:
     deltas: np.ndarray  # (k, d) float32: local parameters minus global parameters
     examples: np.ndarray  # (k,) int64: rows each party trained on
     losses: np.ndarray  # (k,) float64: mean training loss over the last epoch
+    # (k, 3 + 3C) float64: federated evaluation of the global model (fed_eval); None: none
+    evals: np.ndarray | None = None
 
 
 def party_seed() -> int:

@@ -2,7 +2,7 @@
 
 Both aggregation paths sum the same per-party vector of length ``d + 1 + e``::
 
-    [ w_i * clip_C(delta_i),  w_i,  b_i,  w_i * min(loss_i, L) / L,  c_i ]
+    [ w_i * clip_C(delta_i),  w_i,  b_i,  w_i * min(loss_i, L) / L,  c_i,  v_i ]
 
 * ``clip_C`` bounds the L2 norm by C: at the party, before secure aggregation (the
   sensitivity that differential privacy needs, and the range that quantisation needs).
@@ -23,11 +23,21 @@ Both aggregation paths sum the same per-party vector of length ``d + 1 + e``::
   count or clip flag. The example count needs no coordinate of its own: ``W * sum w_i``.
   Under DP they are not appended: released unnoised they would be exact statistics of party
   data outside the accountant, and noised they would enlarge the sensitivity.
+* ``v_i`` (only with ``eval_classes``: federated evaluation, never under DP, which the
+  config refuses for the same reason): the party's evaluation vector of the global model on
+  its held-out rows (:mod:`lepton_ray.learning.fed_eval`, zeros for a party that does not
+  evaluate this round): ``[min(loss_sum_i, E L) / (E L), correct_i, examples_i, TP_i (C),
+  FP_i (C), FN_i (C)]`` with ``E`` the public bound on a party's held-out rows. The loss sum
+  is scaled into [0, 1] and quantised like the other coordinates; the counts are *integers
+  carried as ring units* (not multiplied by the scale, not rounded), so the ring sum of the
+  counts is exact (:func:`encode_ring_batch`, :func:`ring_to_float`), and they need their
+  own overflow check (:meth:`UpdateRule.check_count_room`) instead of a share of the norm.
 
 Secure aggregation only reveals sums, so this is what makes FedAvg, DP-FedAvg and adaptive
-clipping work through SecAgg+. The vector's norm is at most ``sqrt(C^2 + 1 + b/4 + 2s)``
-(``b``: the clip bit, ``s``: the two statistics), the bound the quantiser's overflow check
-uses: every extra coordinate lies in [-1/2, 1/2] or [0, 1].
+clipping work through SecAgg+. The vector's norm, counts aside, is at most
+``sqrt(C^2 + 1 + b/4 + 2s + v)`` (``b``: the clip bit, ``s``: the two statistics, ``v``: the
+evaluation loss), the bound the quantiser's overflow check uses: every extra coordinate that
+is scaled lies in [-1/2, 1/2] or [0, 1].
 """
 
 from __future__ import annotations
@@ -62,17 +72,64 @@ class UpdateRule:
     clip_bit: bool = False  # append the adaptive-clipping bit
     stats: bool = False  # append the loss and clip-flag coordinates (never under DP)
     loss_bound: float = LOSS_BOUND
+    eval_classes: int = 0  # > 0: append a federated-evaluation block for this many classes
+    eval_rows: int = 0  # public bound E on one party's held-out rows (scales the loss sum)
+
+    @property
+    def eval_width(self) -> int:
+        from lepton_ray.learning.fed_eval import stats_width
+
+        return stats_width(self.eval_classes) if self.eval_classes else 0
 
     @property
     def extras(self) -> int:
-        return (1 if self.clip_bit else 0) + (2 if self.stats else 0)
+        return (1 if self.clip_bit else 0) + (2 if self.stats else 0) + self.eval_width
+
+    def stats_at(self, dim: int) -> int:
+        """Index of the loss coordinate (the clip flag follows it)."""
+        return dim + 1 + (1 if self.clip_bit else 0)
+
+    def eval_at(self, dim: int) -> int:
+        """Index of the evaluation block's first (loss) coordinate."""
+        return self.stats_at(dim) + (2 if self.stats else 0)
+
+    def count_columns(self, dim: int) -> slice:
+        """The evaluation counts: integers carried as ring units (exact sums)."""
+        a = self.eval_at(dim)
+        return slice(a + 1, a + self.eval_width) if self.eval_classes else slice(a, a)
 
     @property
     def norm_bound(self) -> float:
         if self.clip_norm is None:
             raise ValueError("an unclipped update has no norm bound (secure aggregation needs one)")
         return math.sqrt(self.clip_norm**2 + 1.0 + (0.25 if self.clip_bit else 0.0)
-                         + (2.0 if self.stats else 0.0))
+                         + (2.0 if self.stats else 0.0) + (1.0 if self.eval_classes else 0.0))
+
+    def check_count_room(self, n_parties: int, modulus_bits: int) -> None:
+        """The evaluation counts of ``n_parties`` (each at most ``eval_rows``) must sum below
+        2^(b-1) (``ConfigError`` otherwise): they are exact integers in the ring."""
+        from lepton_ray.errors import ConfigError
+
+        if self.eval_classes and n_parties * max(self.eval_rows, 1) >= 2 ** (modulus_bits - 1):
+            raise ConfigError([f"evaluation.federated: {n_parties} parties x {self.eval_rows} "
+                               f"held-out rows overflow the {modulus_bits}-bit ring's counts; "
+                               "use secure_aggregation.modulus_bits 64"])
+
+    def eval_coordinates(self, evals) -> np.ndarray:
+        """The parties' evaluation vectors ``(k, 3 + 3C)`` as coordinates: the loss sum
+        clamped to [0, E L] (non-finite: E L) and divided by E L; the counts as they are."""
+        v = np.array(evals, dtype=np.float64, ndmin=2)
+        if v.shape[1] != self.eval_width:
+            raise ValueError(f"evaluation vectors have {v.shape[1]} entries, the rule needs "
+                             f"{self.eval_width}")
+        top = self.loss_bound * max(self.eval_rows, 1)
+        loss = np.nan_to_num(v[:, 0], nan=top, posinf=top, neginf=0.0)
+        v[:, 0] = np.clip(loss, 0.0, top) / top
+        return v
+
+    def _need_evals(self, evals):
+        if self.eval_classes and evals is None:
+            raise ValueError("an UpdateRule with eval_classes needs the parties' evaluation vectors")
 
     def loss_coordinate(self, losses, weights) -> np.ndarray:
         """``w_i * clamp(loss_i, 0, L) / L`` (a non-finite loss counts as L)."""
@@ -89,10 +146,12 @@ class UpdateRule:
 
 
 def encode_float(delta: np.ndarray, examples: int, rule: UpdateRule,
-                 loss: float | None = None) -> tuple[np.ndarray, bool]:
+                 loss: float | None = None, evals: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
     """The party's vector (float64, length ``d + 1 + e``) and whether its delta was clipped.
-    ``loss``: its training loss (needed when ``rule.stats``)."""
+    ``loss``: its training loss (needed when ``rule.stats``); ``evals``: its evaluation
+    vector (needed when ``rule.eval_classes``; zeros when it does not evaluate)."""
     rule._need_losses(loss)
+    rule._need_evals(evals)
     clipped = _clip(delta, rule.clip_norm)
     w = 1.0 if rule.weight_cap is None else min(float(examples), rule.weight_cap) / rule.weight_cap
     out = np.empty(rule.width(len(clipped.vector)), dtype=np.float64)
@@ -102,8 +161,10 @@ def encode_float(delta: np.ndarray, examples: int, rule: UpdateRule,
     if rule.clip_bit:
         out[d + 1] = 0.5 if rule.clip_norm is None or clipped.norm <= rule.clip_norm else -0.5
     if rule.stats:
-        out[-2] = rule.loss_coordinate([loss], [w])[0]
-        out[-1] = 1.0 if clipped.clipped else 0.0
+        out[rule.stats_at(d)] = rule.loss_coordinate([loss], [w])[0]
+        out[rule.stats_at(d) + 1] = 1.0 if clipped.clipped else 0.0
+    if rule.eval_classes:
+        out[rule.eval_at(d):] = rule.eval_coordinates(evals)[0]
     return out, clipped.clipped
 
 
@@ -118,12 +179,14 @@ def _clip(delta: np.ndarray, clip_norm: float | None) -> ClipResult:
 
 
 def fold(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule,
-         losses: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+         losses: np.ndarray | None = None, evals: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Local accumulation on a host (plaintext path): the sum of the parties' vectors (the
     same as summing :func:`encode_float` of each, in one matrix product), and how many were
     clipped (for the host's own use: what leaves the host is the sum, in which the count
-    travels as a coordinate when ``rule.stats``)."""
+    travels as a coordinate when ``rule.stats``). ``evals``: the parties' evaluation vectors
+    (``rule.eval_classes``)."""
     rule._need_losses(losses)
+    rule._need_evals(evals)
     deltas = np.asarray(deltas)
     k, d = deltas.shape
     if not np.isfinite(deltas).all():
@@ -145,8 +208,10 @@ def fold(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule,
     if rule.clip_bit:
         total[d + 1] = np.where(~clipped, 0.5, -0.5).sum()
     if rule.stats:
-        total[-2] = rule.loss_coordinate(losses, w).sum()
-        total[-1] = float(clipped.sum())
+        total[rule.stats_at(d)] = rule.loss_coordinate(losses, w).sum()
+        total[rule.stats_at(d) + 1] = float(clipped.sum())
+    if rule.eval_classes and k:
+        total[rule.eval_at(d):] = rule.eval_coordinates(evals).sum(axis=0)
     return total, int(clipped.sum())
 
 
@@ -186,7 +251,8 @@ def rounding_bound_sq(rule: UpdateRule, quant: QuantizationSpec, dim: int) -> in
 def encode_ring_batch(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule,
                       quant: QuantizationSpec, *, key: bytes | None = None,
                       out: np.ndarray | None = None, norm_bound_sq: int | None = None,
-                      losses: np.ndarray | None = None) -> EncodedBatch:
+                      losses: np.ndarray | None = None,
+                      evals: np.ndarray | None = None) -> EncodedBatch:
     """The rows of ``deltas`` as secure-aggregation inputs, all at once: each party's
     :func:`encode_float` vector ``[w_i clip_C(delta_i), w_i, b_i]`` scaled and stochastically
     rounded into Z_{2^b}.
@@ -213,8 +279,12 @@ def encode_ring_batch(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule
     < 1e-700) is zeroed and reported in ``bad``: it sends nothing.
 
     ``losses``: the parties' training losses (needed when ``rule.stats``: the loss and
-    clip-flag coordinates)."""
+    clip-flag coordinates). ``evals``: the parties' evaluation vectors (needed when
+    ``rule.eval_classes``): the loss coordinate is scaled and rounded like the others; the
+    counts are written into the ring as the integers they are (exact, no rounding), after
+    any re-rounding."""
     rule._need_losses(losses)
+    rule._need_evals(evals)
     from lepton_ray.crypto.kdf import KeyPurpose, derive_key
     from lepton_ray.crypto.prg import KeystreamReader, ring_dtype
 
@@ -237,8 +307,15 @@ def encode_ring_batch(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule
     if rule.clip_bit:
         tail[:, 1] = np.where(clipped, -0.5, 0.5) * quant.scale
     if rule.stats:
-        tail[:, -2] = rule.loss_coordinate(losses, w) * quant.scale
-        tail[:, -1] = np.where(clipped, 1.0, 0.0) * quant.scale
+        tail[:, rule.stats_at(d) - d] = rule.loss_coordinate(losses, w) * quant.scale
+        tail[:, rule.stats_at(d) + 1 - d] = np.where(clipped, 1.0, 0.0) * quant.scale
+    counts = None
+    if rule.eval_classes:
+        ev = rule.eval_coordinates(evals)
+        tail[:, rule.eval_at(d) - d] = ev[:, 0] * quant.scale
+        counts = ev[:, 1:]
+        if not np.array_equal(counts, np.rint(counts)) or counts.min(initial=0) < 0:
+            raise DataError("evaluation counts must be non-negative integers")
     tail[~finite] = 0.0
     wide = quant.modulus_bits == 64
     ring = ring_dtype(quant.modulus_bits)
@@ -279,6 +356,9 @@ def encode_ring_batch(deltas: np.ndarray, examples: np.ndarray, rule: UpdateRule
             rings[i] = 0
             failed.append(i)
     bad_rows = sorted(set(np.flatnonzero(~finite).tolist()) | set(failed))
+    if counts is not None:  # exact integers as ring units (two's complement of a count >= 0)
+        good = np.setdiff1d(np.arange(k), bad_rows)
+        rings[good, rule.count_columns(d)] = counts[good].astype(np.int64).astype(ring)
     return EncodedBatch(rings=rings, clipped=clipped & finite,
                         bad=tuple(int(i) for i in bad_rows))
 
@@ -341,8 +421,17 @@ def quantization_for(*, n_parties: int, rule: UpdateRule, modulus_bits: int, dim
     return QuantizationSpec(clip_norm=norm, scale=scale, modulus_bits=modulus_bits)
 
 
-def ring_to_float(total: np.ndarray, quant: QuantizationSpec) -> np.ndarray:
-    return dequantize(total, quant)
+def ring_to_float(total: np.ndarray, quant: QuantizationSpec,
+                  rule: UpdateRule | None = None) -> np.ndarray:
+    """The float sum from a ring sum: every coordinate divided by the scale, except a
+    ``rule``'s evaluation counts, which were summed as the integers they are."""
+    out = dequantize(total, quant)
+    if rule is not None and rule.eval_classes:
+        from lepton_ray.secagg.quantize import centred_lift
+
+        cols = rule.count_columns(len(total) - rule.extras - 1)
+        out[cols] = centred_lift(total[cols], quant.modulus_bits).astype(np.float64)
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -354,14 +443,22 @@ class Aggregate:
     clip_bits: float | None  # sum of b_i (adaptive clipping)
     loss_sum: float | None = None  # sum of w_i * clamp(loss_i, 0, L) (rule.stats)
     clipped: float | None = None  # number of clipped parties (rule.stats)
+    # the summed evaluation vector in fed_eval's layout (rule.eval_classes): loss sum, counts
+    evaluation: np.ndarray | None = None
 
     @classmethod
     def split(cls, total: np.ndarray, dim: int, rule: UpdateRule) -> Aggregate:
         stats = {}
         if rule.stats:
-            end = rule.width(dim)
-            stats = {"loss_sum": float(total[end - 2]) * rule.loss_bound,
-                     "clipped": float(total[end - 1])}
+            a = rule.stats_at(dim)
+            stats = {"loss_sum": float(total[a]) * rule.loss_bound,
+                     "clipped": float(total[a + 1])}
+        if rule.eval_classes:
+            a = rule.eval_at(dim)
+            ev = np.array(total[a: a + rule.eval_width], dtype=np.float64)
+            ev[0] *= rule.loss_bound * max(rule.eval_rows, 1)
+            ev[1:] = np.rint(ev[1:])  # exact integers already (ring units); rint drops -0.0
+            stats["evaluation"] = ev
         return cls(weighted=total[:dim], weight=float(total[dim]),
                    clip_bits=float(total[dim + 1]) if rule.clip_bit else None, **stats)
 
