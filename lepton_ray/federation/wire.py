@@ -507,7 +507,8 @@ def _register_all() -> None:
                            "threshold": INT, "dim": INT, "modulus_bits": INT, "nonce": BYTES,
                            "graph_seed": BYTES})
     register(UpdateRule, {"clip_norm": optional(FLOAT), "weight_cap": optional(FLOAT),
-                          "clip_bit": BOOL, "stats": BOOL, "loss_bound": FLOAT})
+                          "clip_bit": BOOL, "stats": BOOL, "loss_bound": FLOAT,
+                          "eval_classes": INT, "eval_rows": INT})
     register(QuantizationSpec, {"clip_norm": FLOAT, "scale": FLOAT, "modulus_bits": INT})
     try:
         from lepton_ray.privacy.skellam import SkellamParams
