@@ -625,10 +625,11 @@ class JobSpec:
         sa = self.secure_aggregation
         if sa.mode is not SecureAggregation.NONE and sa.scale is not None and not out:
             from lepton_ray.errors import ConfigError as _ConfigError
-            from lepton_ray.learning.secure_updates import quantization_for
+            from lepton_ray.learning.party_update import UpdateRule, quantization_for
 
             try:  # n parties at the clip norm must not overflow Z_{2^b}
-                quantization_for(n_parties=self.parties.count, clip_norm=sa.clip_norm,
+                quantization_for(n_parties=self.parties.count,
+                                 rule=UpdateRule(clip_norm=sa.clip_norm),
                                  modulus_bits=sa.modulus_bits, dim=1, scale=sa.scale)
             except _ConfigError as exc:
                 out += [f"secure_aggregation.scale: {p.split(': ', 1)[-1]}" for p in exc.problems]

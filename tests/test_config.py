@@ -209,3 +209,15 @@ def test_a_deployment_needs_a_public_weight_cap():
     assert spec.secure_aggregation.weight_cap is None
     # simulation keeps its default (the driver made the split and knows the sizes)
     assert load_spec({"parties": {"count": 2}}).secure_aggregation.weight_cap is None
+
+
+def test_a_fixed_secure_aggregation_scale_is_checked_not_crashed(small_job):
+    """A spec setting secure_aggregation.scale used to fail to load (an import of a module
+    that no longer exists); now a safe scale loads and an overflowing one names the field."""
+    from lepton_ray.config import build_spec
+    from lepton_ray.errors import ConfigError
+
+    ok = build_spec(dict(small_job, secure_aggregation={"scale": 1000.0}))
+    assert ok.secure_aggregation.scale == 1000.0
+    with pytest.raises(ConfigError, match="secure_aggregation.scale"):
+        build_spec(dict(small_job, secure_aggregation={"scale": 1e12}))
