@@ -657,16 +657,25 @@ class Federation:
         c = self.coordinator
         self._clock.lap("plan")
 
-        outs = {h: hosts[h].advertise.options(num_returns=2).remote(
-                    r, plan_ref, [params_ref], ps, self._evaluating(ps))
-                for h, ps in by_host.items()}
-        live = self._gather(r, "advertise_keys", outs, timeout)
-        self._clock.lap("hosts.advertise_keys")
-        calls += 2 * len(outs) + 1
-        status, broadcast = c.collect_adverts.options(num_returns=2).remote(
-            [by_host[h] for h in live], *_payloads(live))
-        why = self._aborted(r, status)
-        self._clock.lap("server.advertise_keys")
+        def stage(name: str, live: dict, call_host, server_method, extra_calls: int = 0):
+            """One stage: every live host's call, at most ``timeout`` s, then the
+            coordinator's on the answers (bound to each host's own parties). Returns the
+            hosts that answered, the coordinator's output and the abort reason, if any."""
+            nonlocal calls
+            outs = {h: call_host(h) for h in live}
+            answered = self._gather(r, name, outs, timeout)
+            self._clock.lap(f"hosts.{name}")
+            calls += len(outs) + 1 + extra_calls
+            status, out = server_method.options(num_returns=2).remote(
+                [by_host[h] for h in answered], *_payloads(answered))
+            why = self._aborted(r, status)
+            self._clock.lap(f"server.{name}")
+            return answered, out, why
+
+        live, broadcast, why = stage(
+            "advertise_keys", by_host, lambda h: hosts[h].advertise.options(num_returns=2).remote(
+                r, plan_ref, [params_ref], by_host[h], self._evaluating(by_host[h])),
+            c.collect_adverts, extra_calls=len(by_host))  # + each host's training task
         if why:
             return RoundOutcome(status=why, calls=calls, dropped=set(self._lost))
 
@@ -674,51 +683,39 @@ class Federation:
         live = self._gather(r, "share_keys", outs, timeout)
         self._clock.lap("hosts.share_keys")
         calls += len(outs) + 1
-        order = list(live)
+        order = list(live)  # the coordinator returns one inbox dict per host, in this order
         routed = c.route_shares.options(num_returns=1 + len(order)).remote(
             [by_host[h] for h in order], *_payloads(live))
         why = self._aborted(r, routed[0])
         self._clock.lap("server.share_keys")
         if why:
             return RoundOutcome(status=why, calls=calls, dropped=set(self._lost))
+        inbox = dict(zip(order, routed[1:]))
 
-        outs = {h: hosts[h].masked_input.options(num_returns=2).remote(r, routed[1 + i])
-                for i, h in enumerate(order)}
-        live = self._gather(r, "masked_input", outs, timeout)
-        self._clock.lap("hosts.masked_input")
-        calls += len(outs) + 1
+        trained: list = []
+
+        def aborted(why: str) -> RoundOutcome:
+            return RoundOutcome(status=why, calls=calls, devices={t.device for t in trained},
+                                dropped=set(self._lost))
+
+        live, check, why = stage(
+            "masked_input", live,
+            lambda h: hosts[h].masked_input.options(num_returns=2).remote(r, inbox[h]),
+            c.collect_masked)
         trained = [rep for rep, _ in live.values()]
-        status, check = c.collect_masked.options(num_returns=2).remote(
-            [by_host[h] for h in live], *_payloads(live))
-        why = self._aborted(r, status)
-        self._clock.lap("server.masked_input")
         if why:
-            return RoundOutcome(status=why, calls=calls, devices={t.device for t in trained},
-                                dropped=set(self._lost))
-
-        outs = {h: hosts[h].consistency.options(num_returns=2).remote(r, check) for h in live}
-        live = self._gather(r, "consistency", outs, timeout)
-        self._clock.lap("hosts.consistency")
-        calls += len(outs) + 1
-        status, request = c.collect_consistency.options(num_returns=2).remote(
-            [by_host[h] for h in live], *_payloads(live))
-        why = self._aborted(r, status)
-        self._clock.lap("server.consistency")
+            return aborted(why)
+        live, request, why = stage(  # every survivor signs the survivor set (Bonawitz §4)
+            "consistency", live,
+            lambda h: hosts[h].consistency.options(num_returns=2).remote(r, check),
+            c.collect_consistency)
         if why:
-            return RoundOutcome(status=why, calls=calls, devices={t.device for t in trained},
-                                dropped=set(self._lost))
-
-        outs = {h: hosts[h].unmask.options(num_returns=2).remote(r, request) for h in live}
-        live = self._gather(r, "unmask", outs, timeout)
-        self._clock.lap("hosts.unmask")
-        calls += len(outs) + 1
-        status, result = c.finish.options(num_returns=2).remote(
-            [by_host[h] for h in live], *_payloads(live))
-        why = self._aborted(r, status)
-        self._clock.lap("server.unmask")
+            return aborted(why)
+        live, result, why = stage(
+            "unmask", live, lambda h: hosts[h].unmask.options(num_returns=2).remote(r, request),
+            c.finish)
         if why:
-            return RoundOutcome(status=why, calls=calls, devices={t.device for t in trained},
-                                dropped=set(self._lost))
+            return aborted(why)
         released: Released = ray.get(result)
         survivors = set(released.survivors)
         return RoundOutcome(
