@@ -206,7 +206,9 @@ def build_report(out: Path) -> str:
     if start.get("dp_sgd"):
         d = start["dp_sgd"]
         rec = summary.get("privacy", {}).get("record_level", {})
-        lines += [f"Record-level DP-SGD inside every party (Abadi et al. 2016): noise multiplier "
+        lines += [f"Record-level DP-SGD inside every party (Abadi et al. 2016; per-sample "
+                  "gradients conditionally rounded to integers, exact discrete Gaussian noise on "
+                  "their sum, accounted as a sampled discrete Gaussian): noise multiplier "
                   f"{_fmt(d['noise_multiplier'])}, per-sample clip {_fmt(d['clip_norm'])}, delta "
                   f"{_fmt(d['delta'])}; largest per-party epsilon {_fmt(rec.get('epsilon_max'))} "
                   "(each party's own epsilon is written only to its host's log: it reveals how "

@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--mechanism", choices=["gaussian", "discrete_gaussian", "skellam"],
                        default="gaussian",
                        help="gaussian: the continuous reference; discrete_gaussian: the central "
-                            "noise jobs add (the bound their ledger charges); skellam: "
+                            "noise jobs add (the bound their ledger charges) and record-level "
+                            "DP-SGD's per-step noise; skellam: "
                             "distributed noise inside SecAgg")
         g.add_argument("--bits", type=int, help="bit width of the Skellam ring")
         g.add_argument("--parties", type=int, help="parties per round")

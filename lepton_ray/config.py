@@ -506,6 +506,11 @@ class PrivacySpec:
             out.append(f"{path}.accountant: 'pld' cannot account for central noise, a "
                        "multi-dimensional discrete Gaussian (dp-accounting's PLD has none); "
                        "use 'rdp'")
+        if self.dp_sgd.enabled and self.accountant is AccountantChoice.PLD:
+            out.append(f"{path}.accountant: 'pld' cannot account for record-level DP-SGD "
+                       "(privacy.dp_sgd): its per-step noise is a multi-dimensional discrete "
+                       "Gaussian on conditionally rounded integer gradients, and dp-accounting's "
+                       "PLD has none; use 'rdp'")
         if self.enabled and self.noise is NoisePlacement.DISTRIBUTED and self.adaptive_clipping.enabled:
             out.append(f"{path}.adaptive_clipping: not available with noise 'distributed' (use a fixed clip_norm)")
         out += self.adaptive_clipping.problems(f"{path}.adaptive_clipping")

@@ -159,6 +159,18 @@ def test_attack_pld_with_distributed_noise_fails_at_validation():
         privacy={"mode": "user_level", "accountant": "pld"})
 
 
+def test_attack_pld_with_dp_sgd_fails_at_validation():
+    """DP-SGD's per-step noise is a multi-dimensional discrete Gaussian: PLD cannot account
+    for it, so the job is refused before it starts, not when a host reports its epsilon."""
+    msg = _problems(privacy={"mode": "none", "accountant": "pld",
+                             "dp_sgd": {"noise_multiplier": 1.1}})
+    assert "privacy.accountant: 'pld' cannot account for record-level DP-SGD" in msg
+    assert "use 'rdp'" in msg
+    load_spec("jobs/synthetic_dp.yaml", privacy={"mode": "none", "accountant": "rdp",
+                                                 "dp_sgd": {"noise_multiplier": 1.1}})
+    load_spec("jobs/synthetic_dp.yaml", privacy={"mode": "none", "accountant": "pld"})
+
+
 def test_zhu_wang_amplification_is_refused_as_unsound():
     msg = _problems(privacy=dict(DISTRIBUTED, amplification="zhu_wang"))
     assert "privacy.amplification: 'zhu_wang' was removed" in msg and "unsound" in msg

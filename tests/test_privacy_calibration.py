@@ -18,7 +18,8 @@ from lepton_ray.privacy.calibration import (
     record_level_event,
     sampled_gaussian_event,
 )
-from lepton_ray.privacy.events import Gaussian, PoissonSampled, SelfComposed
+from lepton_ray.privacy.discrete_gaussian import discrete_gaussian_epsilon
+from lepton_ray.privacy.events import DiscreteGaussian, Gaussian, PoissonSampled, SelfComposed
 
 
 def _eps(z: float, q: float, steps: int, delta: float, kind=AccountantKind.RDP) -> float:
@@ -105,20 +106,49 @@ def test_compute_epsilon_validates_and_builds_the_sampled_gaussian_workload():
     assert _eps(1.0, 0.02, 100, 1e-5) > base
 
 
+def _pld_1d_discrete_gaussian(sigma: int, sensitivity: int, q: float, steps: int, delta: float):
+    """Independent oracle (dp-accounting): the exact epsilon (PLD, pessimistic to ~1e-4) of a
+    1-D instance of the mechanism - N_Z(0, sigma^2) on an integer query of sensitivity
+    ``sensitivity``, Poisson-sampled at q, ``steps`` times. The d-dimensional mechanism
+    contains this instance (a rounded gradient (Delta, 0, ..., 0)), so a sound bound at
+    z = sigma / sensitivity is never below it."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    dist = pld.from_discrete_gaussian_mechanism(sigma, sensitivity=sensitivity,
+                                                sampling_prob=q)
+    return dist.self_compose(steps).get_epsilon_for_delta(delta)
+
+
 def test_record_level_epsilon_uses_batch_over_n_and_ceil_steps():
     event = record_level_event(n_local=1000, batch_size=64, epochs=3, noise_multiplier=1.1)
-    assert event == SelfComposed(
-        event=PoissonSampled(sampling_probability=0.064, event=Gaussian(noise_multiplier=1.1)),
+    assert event == SelfComposed(  # the sampled discrete Gaussian central DP uses, per step
+        event=DiscreteGaussian(noise_multiplier=1.1, sampling_probability=0.064),
         count=3 * 16,  # ceil(1000 / 64) = 16
     )
     eps = record_level_epsilon(
         n_local=1000, batch_size=64, epochs=3, noise_multiplier=1.1, delta=1e-5
     )
-    assert eps == pytest.approx(_eps(1.1, 0.064, 48, 1e-5))
+    assert eps == pytest.approx(discrete_gaussian_epsilon(
+        noise_multiplier=1.1, sampling_rate=0.064, steps=48, delta=1e-5), rel=1e-12)
+    # oracles: never below the exact 1-D discrete Gaussian (sigma 110, sensitivity 100), and
+    # within 25 % of the continuous sampled Gaussian (dp-accounting RDP) it replaces
+    assert eps >= _pld_1d_discrete_gaussian(110, 100, 0.064, 48, 1e-5)
+    assert _eps(1.1, 0.064, 48, 1e-5) <= eps <= 1.25 * _eps(1.1, 0.064, 48, 1e-5)
     with pytest.raises(PrivacyError, match="batch_size"):
         record_level_event(n_local=10, batch_size=11, epochs=1, noise_multiplier=1.0)
     with pytest.raises(PrivacyError, match="epochs"):
         record_level_event(n_local=10, batch_size=5, epochs=0, noise_multiplier=1.0)
+
+
+def test_record_level_epsilon_refuses_pld_by_name():
+    from lepton_ray.privacy.calibration import record_level_epsilon_over_rounds
+
+    kw = dict(n_local=300, batch_size=32, epochs=1, noise_multiplier=1.1, delta=1e-5,
+              accountant=AccountantKind.PLD)
+    for call in (lambda: record_level_epsilon(**kw),
+                 lambda: record_level_epsilon_over_rounds(rounds=2, **kw)):
+        with pytest.raises(PrivacyError, match="discrete Gaussian.*only the RDP accountant"):
+            call()
 
 
 def test_record_level_epsilon_over_rounds_composes_the_one_round_event():
@@ -126,9 +156,29 @@ def test_record_level_epsilon_over_rounds_composes_the_one_round_event():
 
     kw = dict(n_local=300, batch_size=32, epochs=2, noise_multiplier=1.1, delta=1e-5)
     assert record_level_epsilon_over_rounds(rounds=0, **kw) == 0.0
-    # oracle: RDP of 5 rounds x 2 epochs x ceil(300/32) Poisson steps at q = 32/300
+    # oracle: 5 rounds x 2 epochs x ceil(300/32) sampled discrete Gaussian steps at q = 32/300
     assert record_level_epsilon_over_rounds(rounds=5, **kw) == pytest.approx(
-        compute_epsilon(sampling_rate=32 / 300, noise_multiplier=1.1, steps=5 * 2 * 10, delta=1e-5), rel=1e-9)
-    # a batch larger than the party is capped at its size (q = 1)
+        discrete_gaussian_epsilon(sampling_rate=32 / 300, noise_multiplier=1.1, steps=5 * 2 * 10,
+                                  delta=1e-5), rel=1e-9)
+    # a batch larger than the party is capped at its size (q = 1): unsampled, the discrete
+    # Gaussian's RDP is the Gaussian's (CKS20), so dp-accounting's Gaussian is the oracle
     assert record_level_epsilon_over_rounds(**dict(kw, n_local=20), rounds=1) == pytest.approx(
         compute_epsilon(sampling_rate=1.0, noise_multiplier=1.1, steps=2, delta=1e-5), rel=1e-9)
+
+
+@pytest.mark.parametrize("n_local,shown", [(144, 8.958), (143, 9.017)])
+def test_readme_digits_party_record_level_epsilon(n_local, shown):
+    """README: digits parties (144 or 143 examples, batch 32, 1 epoch, z = 1.1, delta 1e-5)
+    after 7 rounds of DP-SGD, as the hosts logged them in a real run. Oracles (dp-accounting):
+    at q = 32/n the binding bound is the forward divergence, which for the discrete Gaussian
+    is exactly the continuous sampled Gaussian's (integer shifts), so the epsilon equals
+    dp-accounting's RDP sampled Gaussian; and it is never below the exact 1-D discrete
+    Gaussian instance (PLD, sigma 110 on sensitivity 100)."""
+    from lepton_ray.privacy.calibration import record_level_epsilon_over_rounds
+
+    eps = record_level_epsilon_over_rounds(n_local=n_local, rounds=7, batch_size=32, epochs=1,
+                                           noise_multiplier=1.1, delta=1e-5)
+    assert round(eps, 3) == shown
+    steps = 7 * math.ceil(n_local / 32)
+    assert eps == pytest.approx(_eps(1.1, 32 / n_local, steps, 1e-5), rel=1e-6)
+    assert eps >= _pld_1d_discrete_gaussian(110, 100, 32 / n_local, steps, 1e-5)

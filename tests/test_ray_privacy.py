@@ -89,9 +89,12 @@ def test_dp_sgd_reports_only_the_largest_record_level_epsilon(ray_session, small
     rec = r.summary["privacy"]["record_level"]
     assert "per_party" not in rec and "epsilon_median" not in rec  # each party's is its own
     # every party trained in both rounds; the smallest has the largest q = 32 / n: composition
-    # of 2 * ceil(n / 32) Poisson-sampled Gaussian steps
+    # of 2 * ceil(n / 32) Poisson-sampled discrete Gaussian steps (DP-SGD's integer noise)
+    from lepton_ray.privacy.discrete_gaussian import discrete_gaussian_epsilon
+
     n = r.summary["party_sizes"]["min"]
-    two = compute_epsilon(sampling_rate=32 / n, noise_multiplier=1.1, steps=2 * -(-n // 32), delta=1e-5)
+    two = discrete_gaussian_epsilon(sampling_rate=32 / n, noise_multiplier=1.1,
+                                    steps=2 * -(-n // 32), delta=1e-5)
     assert rec["epsilon_max"] == pytest.approx(two, rel=1e-6)
     assert r.history["test_accuracy"].iloc[-1] > 0.3
 

@@ -211,7 +211,7 @@ def test_a_host_tells_each_party_its_own_epsilon_and_the_driver_only_the_maximum
     from actors.party_host import PartyHost
     from lepton_ray.config import load_spec
     from lepton_ray.learning.data import as_float32, load_federated
-    from lepton_ray.privacy.calibration import compute_epsilon
+    from lepton_ray.privacy.discrete_gaussian import discrete_gaussian_epsilon as compute_epsilon
 
     spec = load_spec(small_job, privacy={"dp_sgd": {"noise_multiplier": 1.1, "clip_norm": 1.0}})
     data = load_federated(spec.data, 6, spec.seed)
@@ -220,7 +220,8 @@ def test_a_host_tells_each_party_its_own_epsilon_and_the_driver_only_the_maximum
     host.participation[1] += 2  # party 1 trained in two more rounds
     worst = host.record_level_epsilon_max()
     err = capfd.readouterr().err
-    n = int(data.party_sizes[1])  # oracle: RDP of 3 rounds of ceil(n/32) Poisson steps each
+    n = int(data.party_sizes[1])  # oracle: RDP of 3 rounds of ceil(n/32) sampled discrete
+    # Gaussian steps each (the integer noise DP-SGD adds)
     expected = compute_epsilon(sampling_rate=32 / n, noise_multiplier=1.1, steps=3 * -(-n // 32), delta=1e-5)
     assert "party 0: record-level DP-SGD epsilon" in err and "party 1: record-level" in err
     assert "(3 rounds" in err and "(1 rounds" in err

@@ -76,7 +76,8 @@ def train_parties(
 ) -> LocalResult:
     """Train each party from ``global_params``. With ``dp_sgd`` (a ``DpSgdSpec``) every step
     is record-level DP-SGD (Abadi et al. 2016): a Poisson batch with rate B/n, per-sample
-    clipping and Gaussian noise (see :mod:`lepton_ray.privacy.dpsgd`)."""
+    clipping, conditional rounding and exact discrete Gaussian noise (see
+    :mod:`lepton_ray.privacy.dpsgd`)."""
     device = torch.device(device)
     model = build_model(model_spec, n_features, n_classes).to(device)
     start = torch.tensor(np.asarray(global_params, dtype=np.float32), device=device)
@@ -153,8 +154,10 @@ def _train_one_dp(model: nn.Module, X, y, training: TrainingSpec, dp, seed: int,
                   device: torch.device) -> float:
     """DP-SGD: ``epochs * ceil(n / B)`` steps, each on a Poisson batch (every row with
     probability q' = floor(q 2^64)/2^64 <= q = B / n, as the accountant assumes), per-sample
-    clipped and noised. Batch membership comes from an AES-CTR stream keyed by the party's
-    secret seed (:func:`dp_batch_stream`); the noise from an OS-seeded generator."""
+    clipped, conditionally rounded to integers and noised with an exact discrete Gaussian
+    (:func:`~lepton_ray.privacy.dpsgd.dp_sgd_step`). Batch membership comes from an AES-CTR
+    stream keyed by the party's secret seed (:func:`dp_batch_stream`); the noise from
+    ``os.urandom`` (exact integer sampler); the rounding uniforms from an OS-seeded generator."""
     from lepton_ray.privacy.dpsgd import dp_sgd_step, os_seeded_generator
 
     X_t = torch.tensor(np.asarray(X, dtype=np.float32), device=device)
@@ -169,7 +172,7 @@ def _train_one_dp(model: nn.Module, X, y, training: TrainingSpec, dp, seed: int,
     from lepton_ray.learning.sampling import bernoulli_mask
 
     batches = dp_batch_stream(seed)  # Poisson membership from AES-CTR, not torch's MT
-    noise = os_seeded_generator(device)
+    rounding = os_seeded_generator(device)  # the noise itself: os.urandom, in dp_sgd_step
     from lepton_ray.learning.custom import per_example_loss, resolve_loss
 
     user_loss = resolve_loss(training.loss)
@@ -185,7 +188,7 @@ def _train_one_dp(model: nn.Module, X, y, training: TrainingSpec, dp, seed: int,
         step = dp_sgd_step(model, {k: v.detach() for k, v in params.items()}, {},
                            X_t[idx], y_t[idx], loss_fn, clip_norm=dp.clip_norm,
                            noise_multiplier=dp.noise_multiplier, expected_batch_size=q * n,
-                           generator=noise)
+                           generator=rounding)
         opt.zero_grad(set_to_none=True)
         for name, p in params.items():
             p.grad = step.grads[name]

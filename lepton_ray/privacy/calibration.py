@@ -1,7 +1,11 @@
 """DP-SGD / DP-FedAvg epsilon and noise calibration: what ``lepton-ray epsilon`` calls.
 
-The workload is ``steps`` Poisson-sampled Gaussian releases with sampling rate q and noise
-multiplier z: ``SelfComposed(PoissonSampled(q, Gaussian(z)), steps)`` (Abadi et al. 2016).
+The reference workload is ``steps`` Poisson-sampled Gaussian releases with sampling rate q and
+noise multiplier z: ``SelfComposed(PoissonSampled(q, Gaussian(z)), steps)`` (Abadi et al. 2016).
+Record-level DP-SGD as :mod:`lepton_ray.privacy.dpsgd` runs it adds *discrete* Gaussian noise
+to conditionally rounded integer gradients, so its event (:func:`record_level_event`) is
+``SelfComposed(DiscreteGaussian(z, q), steps)`` (RDP only: dp-accounting has no PLD for a
+multi-dimensional discrete Gaussian).
 """
 
 from __future__ import annotations
@@ -12,7 +16,13 @@ from collections.abc import Callable
 
 from lepton_ray.errors import PrivacyError
 from lepton_ray.privacy.accountants import AccountantKind, make_accountant
-from lepton_ray.privacy.events import Event, Gaussian, PoissonSampled, SelfComposed
+from lepton_ray.privacy.events import (
+    DiscreteGaussian,
+    Event,
+    Gaussian,
+    PoissonSampled,
+    SelfComposed,
+)
 
 __all__ = [
     "CALIBRATION_TOLERANCE",
@@ -179,21 +189,32 @@ def _narrow(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _record_level_accountant(accountant: AccountantKind) -> AccountantKind:
+    if accountant is not AccountantKind.RDP:
+        raise PrivacyError(
+            f"record-level DP-SGD adds a multi-dimensional discrete Gaussian (integer noise), "
+            f"which only the RDP accountant covers (dp-accounting has no PLD for it); got "
+            f"accountant {getattr(accountant, 'value', accountant)!r}, use 'rdp'")
+    return accountant
+
+
 def record_level_event(
     *, n_local: int, batch_size: int, epochs: int, noise_multiplier: float
 ) -> Event:
-    """A party's record-level DP-SGD event (:mod:`lepton_ray.privacy.dpsgd`): Poisson
-    sampling with q = batch_size / n_local for steps = epochs * ceil(n_local / batch_size)."""
+    """A party's record-level DP-SGD event (:mod:`lepton_ray.privacy.dpsgd`): per step the
+    Poisson-sampled discrete Gaussian ``DiscreteGaussian(z, q)``, q = batch_size / n_local,
+    composed over steps = epochs * ceil(n_local / batch_size). Each step adds N_Z(0, sigma^2)
+    with sigma = ceil(z Delta) >= z Delta to integers of L2 sensitivity Delta, so charging z
+    is never optimistic (the exact multiplier sigma / Delta is at least z)."""
     for name, value in (("n_local", n_local), ("batch_size", batch_size), ("epochs", epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PrivacyError(f"{name} must be an integer >= 1, got {value!r}")
     if batch_size > n_local:
         raise PrivacyError(f"batch_size={batch_size} exceeds the party's n_local={n_local}")
-    return sampled_gaussian_event(
-        sampling_rate=batch_size / n_local,
-        noise_multiplier=noise_multiplier,
-        steps=epochs * math.ceil(n_local / batch_size),
-    )
+    step = DiscreteGaussian(noise_multiplier=noise_multiplier,
+                            sampling_probability=batch_size / n_local)
+    steps = epochs * math.ceil(n_local / batch_size)
+    return step if steps == 1 else SelfComposed(event=step, count=steps)
 
 
 def record_level_epsilon(
@@ -205,11 +226,12 @@ def record_level_epsilon(
     delta: float,
     accountant: AccountantKind = AccountantKind.RDP,
 ) -> float:
-    """Record-level epsilon at ``delta`` of one party's local DP-SGD run."""
+    """Record-level epsilon at ``delta`` of one party's local DP-SGD run (RDP only)."""
+    kind = _record_level_accountant(accountant)
     event = record_level_event(
         n_local=n_local, batch_size=batch_size, epochs=epochs, noise_multiplier=noise_multiplier
     )
-    return make_accountant(accountant).composed(event).epsilon(delta)
+    return make_accountant(kind).composed(event).epsilon(delta)
 
 
 def record_level_epsilon_over_rounds(
@@ -225,12 +247,12 @@ def record_level_epsilon_over_rounds(
     """Record-level epsilon at ``delta`` of a party that ran local DP-SGD in ``rounds``
     rounds: its one-round event (:func:`record_level_event`, with the batch capped at
     ``n_local``) composed ``rounds`` times (0 rounds: epsilon 0). ``rounds`` is how often the
-    party took part, so the result is the party's own to know (its host reports it to it)."""
-    from lepton_ray.privacy.events import SelfComposed
-
+    party took part, so the result is the party's own to know (its host reports it to it).
+    RDP only (a PLD accountant raises :class:`PrivacyError`)."""
+    kind = _record_level_accountant(accountant)
     if rounds <= 0:
         return 0.0
     one = record_level_event(n_local=n_local, batch_size=min(batch_size, n_local), epochs=epochs,
                              noise_multiplier=noise_multiplier)
     event = one if rounds == 1 else SelfComposed(event=one, count=int(rounds))
-    return make_accountant(accountant).composed(event).epsilon(delta)
+    return make_accountant(kind).composed(event).epsilon(delta)

@@ -26,8 +26,8 @@ caveat this module used to carry: floating-point samplers leak through their low
 (Mironov 2012, "On Significance of the Least Significant Bits for Differential Privacy";
 Jin et al. 2022), and Box-Muller on 53-bit uniforms truncates at |x| <= 8.57. The two are kept
 as a library API and for tests; do not use them for a release that DP relies on.
-(Record-level DP-SGD's per-step noise inside a party is still torch's float Gaussian; see
-:mod:`lepton_ray.privacy.dpsgd`.)
+Record-level DP-SGD inside a party adds the same exact discrete Gaussian to conditionally
+rounded integer per-sample gradients (:mod:`lepton_ray.privacy.dpsgd`).
 """
 
 from __future__ import annotations
