@@ -227,3 +227,39 @@ def test_a_site_killed_mid_job_is_a_dropout_and_the_rounds_go_on(federation):
     expected = sum(np.load(fed.where / f"rec-{s}" / f"{job_id}-round-6.npy").astype(np.uint64)
                    for s in ("north", "south")) % 2**32
     assert np.array_equal(total.astype(np.uint64), expected)
+
+
+def test_a_killed_site_restarted_with_its_kit_rejoins_and_never_reruns_a_round(federation):
+    """East is SIGKILLed after round 2 and started again with the same kit and state dir:
+    the coordinator offers it the job again and it takes part in later rounds; its
+    participation log (fsynced in its state dir) holds the rounds of both runs, so the
+    restarted site knows every round it already took part in and refuses them (the refusal
+    itself is tested on the real classes in tests/test_secagg_adversary.py and
+    tests/test_secagg_protocol.py)."""
+    fed = federation
+    job = _job(fed.where, rounds=30)
+    fed.coordinator(job)
+    for name in SITES:
+        fed.site(name)
+    deadline = time.monotonic() + 120
+    while not list((fed.where / "rec-east").glob("*-round-2.npy")):
+        assert time.monotonic() < deadline, fed.log("coordinator")
+        time.sleep(0.05)
+    fed.kill("east")
+    killed_after = max(int(p.stem.split("-round-")[1]) for p in (fed.where / "rec-east").glob(
+        "*-round-*.npy") if p.stem.split("-round-")[1].isdigit())
+    fed.site("east")
+    assert fed.wait("coordinator") == 0, fed.log("coordinator")
+    history = _history(fed)
+    assert list(history["status"]) == ["ok"] * 30
+    later = [int(r) for r, n in zip(history["round"], history["parties_completed"])
+             if int(r) > killed_after + 1 and int(n) == 3]
+    assert later, f"east never rejoined:\n{fed.log('east')[-2000:]}"
+    rounds = sorted(int(p.stem.split("-round-")[1]) for p in (fed.where / "rec-east").glob(
+        "*-round-*.npy") if p.stem.split("-round-")[1].isdigit())
+    assert max(rounds) >= later[0]
+    log = [json.loads(line) for line in
+           (fed.where / "kits" / "east" / "state" / "participation.jsonl").read_text().splitlines()]
+    logged = [rec["round"] for rec in log]
+    assert len(logged) == len(set(logged))  # one claim per round, across both processes
+    assert min(logged) <= killed_after < later[0] <= max(logged)
