@@ -424,17 +424,9 @@ class Federation:
     def _job_pins(self):
         """What every host checks each round's plan against (lepton_ray.secagg.JobPins): the
         job id, the roster's hash, the graph seed, and the k/t policy of the spec."""
-        from lepton_ray.secagg import COMPLETE_GRAPH, JobPins
-        from lepton_ray.secagg.graph import NeighbourPolicy
-        from lepton_ray.secagg.plan import job_graph_seed
+        from lepton_ray.secagg import JobPins
 
-        sa = self.spec.secure_aggregation
-        return JobPins(job_id=self.job_id, roster_digest=self.roster.digest,
-                       graph_seed=job_graph_seed(self.job_id),
-                       policy=NeighbourPolicy(corrupt_rate=sa.corrupt_fraction),
-                       neighbours=(COMPLETE_GRAPH if sa.mode is SecureAggregation.SECAGG
-                                   else sa.neighbours),
-                       threshold=sa.threshold)
+        return JobPins.for_job(self.job_id, self.roster, self.spec.secure_aggregation)
 
     def _new_host(self, h: int):
         block = self.blocks[h]
@@ -759,14 +751,9 @@ class Federation:
         import hashlib
 
         from lepton_ray.learning.party_update import SecureRoundPlan, quantization_for
-        from lepton_ray.secagg import COMPLETE_GRAPH, plan_round, required_threshold
+        from lepton_ray.secagg import required_threshold
 
         sa = self.spec.secure_aggregation
-        neighbours = COMPLETE_GRAPH if sa.mode is SecureAggregation.SECAGG else sa.neighbours
-        # public randomness for the neighbour graph, bound to this job (and pinned by every
-        # host): the same participants get the same graph every round, so parties reuse their
-        # pair secrets (the round's fresh nonce keeps every round's masks independent)
-        graph_seed = self.pins.graph_seed
         dp = self.dp.distributed if self.dp is not None else None
         if dp is not None:  # distributed DP: the Skellam pipeline sets the ring and the width
             from lepton_ray.privacy.rotation import padded_dim
@@ -774,10 +761,11 @@ class Federation:
             dim, bits = padded_dim(len(self.params)), (32 if dp.bits <= 32 else 64)
         else:
             dim, bits = rule.width(len(self.params)), sa.modulus_bits
-        config = plan_round(job_id=self.job_id, round_=r, roster=self.roster, dim=dim,
-                            graph_seed=graph_seed, participants=sorted(participants),
-                            modulus_bits=bits, neighbours=neighbours, threshold=sa.threshold,
-                            policy=self.pins.policy)
+        # the graph comes from the job's pinned seed: the same participants get the same graph
+        # every round, so parties reuse their pair secrets (the round's fresh nonce keeps every
+        # round's masks independent)
+        config = self.pins.plan(roster=self.roster, round_=r, dim=dim,
+                                participants=sorted(participants), modulus_bits=bits)
         secure_t = required_threshold(config.graph, self.pins.policy)
         if config.threshold < secure_t:
             raise ConfigError([f"secure_aggregation.threshold: t = {config.threshold} is below "

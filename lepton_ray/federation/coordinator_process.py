@@ -196,19 +196,11 @@ class Coordinator:
                                     scale=np.asarray(self.scale, np.float64))
 
     def _config(self, r: int, sessions: Mapping[str, Any], dim: int, *, modulus_bits: int):
-        from lepton_ray.config import SecureAggregation
-        from lepton_ray.secagg import COMPLETE_GRAPH, plan_round
-        from lepton_ray.secagg.graph import NeighbourPolicy
-        from lepton_ray.secagg.plan import job_graph_seed
+        from lepton_ray.secagg import JobPins
 
-        sa = self.spec.secure_aggregation
-        return plan_round(job_id=self.job_id, round_=r, roster=self.roster, dim=dim,
-                          graph_seed=job_graph_seed(self.job_id),
-                          participants=sorted(v.index for v in sessions.values()),
-                          modulus_bits=modulus_bits,
-                          neighbours=COMPLETE_GRAPH if sa.mode is SecureAggregation.SECAGG
-                          else sa.neighbours, threshold=sa.threshold,
-                          policy=NeighbourPolicy(corrupt_rate=sa.corrupt_fraction))
+        pins = JobPins.for_job(self.job_id, self.roster, self.spec.secure_aggregation)
+        return pins.plan(roster=self.roster, round_=r, dim=dim, modulus_bits=modulus_bits,
+                         participants=sorted(v.index for v in sessions.values()))
 
     # ------------------------------------------------------------------ one round
     def run_round(self, r: int) -> dict[str, Any]:

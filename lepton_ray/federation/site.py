@@ -210,19 +210,9 @@ def site_pins(job_id: str, roster, spec=None):
     """The pins a site checks a round of ``job_id`` against: the kit's CA-signed roster, the
     graph seed every party derives from the job id, and the k/t policy of the job spec the
     site accepted (defaults when it accepted none)."""
-    from lepton_ray.config import SecureAggregation
-    from lepton_ray.secagg import COMPLETE_GRAPH, JobPins
-    from lepton_ray.secagg.graph import NeighbourPolicy
-    from lepton_ray.secagg.plan import job_graph_seed
+    from lepton_ray.secagg import JobPins
 
-    sa = getattr(spec, "secure_aggregation", None)
-    kw = {}
-    if sa is not None:
-        kw = {"policy": NeighbourPolicy(corrupt_rate=sa.corrupt_fraction),
-              "neighbours": COMPLETE_GRAPH if sa.mode is SecureAggregation.SECAGG
-              else sa.neighbours, "threshold": sa.threshold}
-    return JobPins(job_id=job_id, roster_digest=roster.digest,
-                   graph_seed=job_graph_seed(job_id), **kw)
+    return JobPins.for_job(job_id, roster, getattr(spec, "secure_aggregation", None))
 
 
 def offer_job(sessions: Mapping[str, Any], job_id: str, spec: dict, *, timeout: float = 30.0

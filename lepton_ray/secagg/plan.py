@@ -31,6 +31,7 @@ from lepton_ray.crypto.identity import Roster
 from lepton_ray.crypto.prg import ring_dtype
 from lepton_ray.errors import ConfigError, ProtocolError
 from lepton_ray.secagg.graph import (
+    COMPLETE_GRAPH,
     DEFAULT_POLICY,
     GraphTopology,
     NeighbourGraph,
@@ -167,6 +168,34 @@ class JobPins:
     neighbours: int | GraphTopology | None = None
     threshold: int | None = None
     min_participants: int = 2
+
+    @classmethod
+    def for_job(cls, job_id: str, roster: Roster, secure_aggregation=None) -> JobPins:
+        """A job's pins from its roster and its spec's ``secure_aggregation`` section
+        (:class:`lepton_ray.config.SecureAggregationSpec`; ``None``: the defaults): the graph
+        seed the job id gives, the corrupt fraction as the policy, the complete graph for
+        ``secagg``, and the spec's explicit k and t. The driver, a federation coordinator and
+        every site build them the same way, and plan with :meth:`plan`."""
+        base = dict(job_id=job_id, roster_digest=roster.digest, graph_seed=job_graph_seed(job_id))
+        sa = secure_aggregation
+        if sa is None:
+            return cls(**base)
+        from lepton_ray.config import SecureAggregation
+
+        return cls(**base, policy=NeighbourPolicy(corrupt_rate=sa.corrupt_fraction),
+                   neighbours=(COMPLETE_GRAPH if sa.mode is SecureAggregation.SECAGG
+                               else sa.neighbours),
+                   threshold=sa.threshold)
+
+    def plan(self, *, roster: Roster, round_: int, dim: int, participants: Sequence[int],
+             modulus_bits: int = 32, nonce: bytes | None = None) -> RoundConfig:
+        """:func:`plan_round` with these pins' graph seed, k/t policy and explicit k and t:
+        the plan an honest coordinator sends, which :meth:`check` accepts (the roster must
+        be the pinned one)."""
+        return plan_round(job_id=self.job_id, round_=round_, roster=roster, dim=dim,
+                          graph_seed=self.graph_seed, participants=participants,
+                          modulus_bits=modulus_bits, neighbours=self.neighbours,
+                          threshold=self.threshold, policy=self.policy, nonce=nonce)
 
     @classmethod
     def of(cls, config: RoundConfig, **kw) -> JobPins:
