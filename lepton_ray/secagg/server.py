@@ -92,7 +92,7 @@ class SecAggServer:
         self._not_holding: dict[int, set[int]] = {}
         self._recovery: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # blob, seeds' owners
         self._commitments: dict[int, bytes] = {}  # party -> H(seed) || H(recovery key)
-        self._share_messages: dict[int, ShareKeys] = {}  # evidence against a bad blob
+        self._share_signatures: dict[int, bytes] = {}  # evidence against a bad blob
         self._singles: dict[int, MaskedInput] = {}
         self._sums: list[MaskedSum] = []
         self._cheaters: set[int] = set()
@@ -145,7 +145,7 @@ class SecAggServer:
         self._recovery = {p: (msg.recovery, self._live_neighbours(p))
                           for p, msg in accepted.items()}
         self._commitments = {p: msg.commitments for p, msg in accepted.items()}
-        self._share_messages = accepted
+        self._share_signatures = {p: msg.signature for p, msg in accepted.items()}
         self._next = Stage.MASKED_INPUT
         return self._inboxes([accepted[p] for p in sorted(accepted)])
 
@@ -421,7 +421,7 @@ class SecAggServer:
         except ProtocolError:
             # the key matches party's own commitment, so party sealed a blob that does not
             # open under it: party cheated (its signed share message is the evidence)
-            sig = self._share_messages[party].signature if party in self._share_messages else b""
+            sig = self._share_signatures.get(party, b"")
             self._rejections.append(Rejection(
                 party, Stage.SHARE_KEYS, RejectionReason.BAD_SHARE,
                 "its sealed pair seeds do not open under the recovery key it committed to "
@@ -512,24 +512,21 @@ class SecAggServer:
         t = self.config.threshold
         shares = [s for s in shares if s[0] not in self._cheaters]
         m = len(shares)
-        tried = 0
+        if m < t:  # cheaters named while rebuilding other secrets held shares of this one
+            self._abort(f"only {m} shares of {what} remain from holders not caught cheating, "
+                        f"threshold is {t}")
         # leave-one-out over the first t + 1 first (one bad share), then public random subsets
         candidates = it.chain(
-            (tuple(i for i in range(min(m, t + 1)) if i != skip) for skip in range(min(m, t + 1))),
+            (tuple(i for i in range(t + 1) if i != skip) for skip in range(t + 1) if m > t),
             (tuple(sorted(random.Random(f"{owner}/{n}").sample(range(m), t)))
              for n in range(_SUBSET_TRIES)))
         found = None
         for subset in candidates:
-            if len(subset) != t or m < t:
-                continue
-            tried += 1
             xs = np.array([[shares[i][1] for i in subset]], dtype=np.int64)
             ys = np.stack([shares[i][2] for i in subset])[None]
             secret, ok = combine_checked(xs, ys)
             if ok[0] and self._matches(owner, label, secret[0].tobytes()):
                 found = (subset, secret[0].tobytes())
-                break
-            if tried > _SUBSET_TRIES + t + 1:
                 break
         if found is None:
             self._abort(f"no {t} shares of {what} match its commitment: too few honest holders")
