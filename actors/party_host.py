@@ -357,19 +357,18 @@ class PartyHost:
 
     # ------------------------------------------------------------------ helpers
     def _signed_survivors(self, config, request) -> int:
-        """How many listed survivors signed the survivor set (each checked once per host)."""
-        from lepton_ray.secagg import signing
-
+        """How many listed survivors signed the survivor set (each checked once per host; the
+        set and its statement are the keyring's, which the parties' own checks reuse)."""
         signatures = getattr(request, "signature_of", None)
-        survivors = getattr(request, "survivors", None)
-        if signatures is None or not isinstance(survivors, tuple):
+        if signatures is None:
             return 0
-        statement = signing.consistency_statement(config.transcript, survivors)
+        alive, statement, problem = self.keyring.survivor_view(
+            getattr(request, "survivors", None), config)
+        if problem:
+            return 0
         verify, roster = self.keyring.verifier.verify, config.roster
-        listed = set(survivors)
         return sum(1 for p, sig in signatures.items()
-                   if p in listed and p in config.roster
-                   and verify(roster.public_key(p), statement, sig))
+                   if p in alive and verify(roster.public_key(p), statement, sig))
 
     def _ring_buffer(self, rows: int, width: int, modulus_bits: int) -> np.ndarray:
         """The host's quantised-update buffer, reused while the round shape stays the same
