@@ -203,17 +203,29 @@ def test_a_site_whose_policy_refuses_is_recorded_and_the_job_continues(federatio
     assert any(e["event"] == "site_refused" and e["site"] == "east" for e in audit)
 
 
-def test_a_site_killed_mid_job_is_a_dropout_and_the_rounds_go_on(federation):
-    fed = federation
-    job = _job(fed.where, rounds=6)
-    fed.coordinator(job)
+def _kill_east_after_round_2(fed, *, rounds: int) -> None:
+    """Start the coordinator and the three sites on a digits job of ``rounds`` rounds, and
+    SIGKILL east once it has recorded its round-2 input: its TLS stream breaks, pending calls
+    fail (SiteGone)."""
+    fed.coordinator(_job(fed.where, rounds=rounds))
     for name in SITES:
         fed.site(name)
     deadline = time.monotonic() + 120
     while not list((fed.where / "rec-east").glob("*-round-2.npy")):
         assert time.monotonic() < deadline, fed.log("coordinator")
         time.sleep(0.05)
-    fed.kill("east")  # SIGKILL: its TLS stream breaks, pending calls fail (SiteGone)
+    fed.kill("east")
+
+
+def _recorded_rounds(fed, site: str) -> list[int]:
+    """The rounds whose ring input ``site`` recorded (test mode, ``--record``)."""
+    names = (p.stem.split("-round-")[1] for p in (fed.where / f"rec-{site}").glob("*-round-*.npy"))
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def test_a_site_killed_mid_job_is_a_dropout_and_the_rounds_go_on(federation):
+    fed = federation
+    _kill_east_after_round_2(fed, rounds=6)
     assert fed.wait("coordinator") == 0, fed.log("coordinator")
     summary, history = _summary(fed), _history(fed)
     assert summary["status"] == "completed"
@@ -237,17 +249,8 @@ def test_a_killed_site_restarted_with_its_kit_rejoins_and_never_reruns_a_round(f
     itself is tested on the real classes in tests/test_secagg_adversary.py and
     tests/test_secagg_protocol.py)."""
     fed = federation
-    job = _job(fed.where, rounds=30)
-    fed.coordinator(job)
-    for name in SITES:
-        fed.site(name)
-    deadline = time.monotonic() + 120
-    while not list((fed.where / "rec-east").glob("*-round-2.npy")):
-        assert time.monotonic() < deadline, fed.log("coordinator")
-        time.sleep(0.05)
-    fed.kill("east")
-    killed_after = max(int(p.stem.split("-round-")[1]) for p in (fed.where / "rec-east").glob(
-        "*-round-*.npy") if p.stem.split("-round-")[1].isdigit())
+    _kill_east_after_round_2(fed, rounds=30)
+    killed_after = max(_recorded_rounds(fed, "east"))
     fed.site("east")
     assert fed.wait("coordinator") == 0, fed.log("coordinator")
     history = _history(fed)
@@ -255,9 +258,7 @@ def test_a_killed_site_restarted_with_its_kit_rejoins_and_never_reruns_a_round(f
     later = [int(r) for r, n in zip(history["round"], history["parties_completed"])
              if int(r) > killed_after + 1 and int(n) == 3]
     assert later, f"east never rejoined:\n{fed.log('east')[-2000:]}"
-    rounds = sorted(int(p.stem.split("-round-")[1]) for p in (fed.where / "rec-east").glob(
-        "*-round-*.npy") if p.stem.split("-round-")[1].isdigit())
-    assert max(rounds) >= later[0]
+    assert max(_recorded_rounds(fed, "east")) >= later[0]
     log = [json.loads(line) for line in
            (fed.where / "kits" / "east" / "state" / "participation.jsonl").read_text().splitlines()]
     logged = [rec["round"] for rec in log]
