@@ -233,3 +233,14 @@ def test_a_fixed_secure_aggregation_scale_is_checked_not_crashed(small_job):
     assert ok.secure_aggregation.scale == 1000.0
     with pytest.raises(ConfigError, match="secure_aggregation.scale"):
         build_spec(dict(small_job, secure_aggregation={"scale": 1e12}))
+
+
+def test_corrupt_fraction_out_of_range_is_named(small_job):
+    from lepton_ray.config import build_spec
+    from lepton_ray.errors import ConfigError
+
+    assert build_spec(dict(small_job, secure_aggregation={"corrupt_fraction": 0.01})
+                      ).secure_aggregation.corrupt_fraction == 0.01
+    for bad in (-0.1, 0.5, "many"):
+        with pytest.raises(ConfigError, match="secure_aggregation.corrupt_fraction"):
+            build_spec(dict(small_job, secure_aggregation={"corrupt_fraction": bad}))
