@@ -22,12 +22,13 @@ import numpy as np
 import ray
 
 from actors.coordinator import Released, SmpcCoordinator
-from actors.party_host import PartyHost, StageReport
+from actors.hosts import HostPool, RayHosts, discard, gather, is_dropout, split_hosts  # noqa: F401
+from actors.party_host import StageReport
 from lepton_ray.config import JobSpec, NoisePlacement, SamplingKind, SecureAggregation
 from lepton_ray.errors import (BudgetExhaustedError, ConfigError, LeptonError, PrivacyError,
                                ProtocolError,
                                ResumeError, user_message)
-from lepton_ray.learning.data import FederatedData, as_float32, load_federated
+from lepton_ray.learning.data import FederatedData, load_federated
 from lepton_ray.learning.sampling import sample_parties
 from lepton_ray.privacy.resume import ROUND_START, executions_after, prior_executions
 from lepton_ray.outputs import (
@@ -60,31 +61,6 @@ PARTICIPANTS_WARNING = (
     "and dropped in every round. It is confidential (under DP the guarantee relies on the "
     "sample staying secret): never publish it or store it with the released outputs."
 )
-
-
-DROPOUT_ERRORS = (
-    ray.exceptions.ActorDiedError,
-    ray.exceptions.ActorUnavailableError,
-    ray.exceptions.WorkerCrashedError,
-    ray.exceptions.NodeDiedError,
-    ray.exceptions.ObjectLostError,
-    ray.exceptions.OutOfMemoryError,
-)
-
-
-HOST_DEATH = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
-
-
-def is_dropout(exc: BaseException) -> bool:
-    """A process or node died (the parties it carried drop out), as opposed to an exception
-    raised by our own code, which is a bug or a bad input and must surface."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, DROPOUT_ERRORS):
-            return True
-        exc = getattr(exc, "cause", None) or exc.__cause__
-        seen += 1
-    return False
 
 
 def ensure_ray(num_cpus: int | None = None, *, dashboard: bool = False) -> bool:
@@ -180,21 +156,15 @@ def prepare_output_dir(out: Path, *, overwrite: bool, discard_privacy_ledger: bo
     out.mkdir(parents=True, exist_ok=True)
 
 
-def split_hosts(spec: JobSpec, n_cpus: int) -> list[list[int]]:
-    n = spec.parties.count
-    if spec.parties.deploy:
-        return [[p] for p in range(n)]  # deployment: one host per party, on its node
-    if spec.parties.per_host:
-        n_hosts = math.ceil(n / spec.parties.per_host)
-    else:
-        n_hosts = max(1, min(n, n_cpus))
-    return [list(map(int, block)) for block in np.array_split(np.arange(n), n_hosts)]
-
-
 class Federation:
-    """The driver's state for one job: hosts, coordinator, global model, outputs."""
+    """The driver's state for one job: the round loop, the global model, privacy and
+    outputs. It reaches the parties' hosts only through ``hosts`` (:class:`actors.hosts.HostPool`):
+    by default ``PartyHost`` actors in this Ray cluster (:class:`~actors.hosts.RayHosts`); a
+    federation coordinator passes its sites (:class:`lepton_ray.federation.site_hosts.SiteHosts`)
+    and the job id it offered them."""
 
-    def __init__(self, spec: JobSpec, data: FederatedData):
+    def __init__(self, spec: JobSpec, data: FederatedData, hosts: HostPool | None = None,
+                 job_id: str | None = None):
         import torch
 
         from lepton_ray.learning.models import build_model, flat_parameters
@@ -226,7 +196,9 @@ class Federation:
         self.epsilon: float | None = None
         self.record_level_max: float | None = None  # largest per-party DP-SGD epsilon (hosts')
         self.placement: dict[str, dict] = {}
-        self.hosts: list[Any] = []
+        self.hosts: HostPool = hosts if hosts is not None else RayHosts(spec, data)
+        self.remote_parties = self.hosts.remote  # party sizes never reach this driver
+        self.job_id = job_id
         self.blocks: list[list[int]] = []
         self.coordinator = None
         self.secure = False
@@ -244,33 +216,28 @@ class Federation:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.blocks = split_hosts(self.spec, cpus)
-        self.parties = as_float32(self.data.parties)
-        # each host's identity seed (OS CSPRNG, never written anywhere): a restarted host gets
-        # the same one back, so its parties keep their roster identities for the whole job
-        self.host_seeds = [os.urandom(32) for _ in self.blocks]
-        self.hosts = [self._new_host(h) for h in range(len(self.blocks))]
+        self.blocks = self.hosts.layout(cpus)
+        self.hosts.start(self._host_prior)
         if self.spec.parties.deploy:
             self._check_placement_feasible()
             # where each host runs, nothing about its party's data: a party's row count is a
             # statistic of its data and stays on its node (the example counts the round needs
             # travel inside the secure sum; the weight cap is public, from the spec)
-            placed = ray.get([h.placement.remote() for h in self.hosts])
+            placed = self.hosts.get_all("placement")
             self.placement = {self.spec.parties.deploy[b[0]].id: {"host_node": pl["node"]}
                               for b, pl in zip(self.blocks, placed)}
         self.coordinator = ray.remote(SmpcCoordinator).options(num_cpus=0).remote(
             self.spec.secure_aggregation.mode
         )
-        ray.get([h.ready.remote() for h in self.hosts] + [self.coordinator.ready.remote()])
+        ray.get(self.coordinator.ready.remote())
+        self.hosts.ready()
         self.secure = self.spec.secure_aggregation.mode is not SecureAggregation.NONE
         if self.secure:
-            self.keys: dict[int, bytes] = {}
-            for part in ray.get([h.public_keys.remote() for h in self.hosts]):
-                self.keys.update(part)
+            self.keys: dict[int, bytes] = self.hosts.keys()
             self._update_roster()
-            self.job_id = f"{self.spec.name}-{os.urandom(8).hex()}"
+            self.job_id = self.job_id or f"{self.spec.name}-{os.urandom(8).hex()}"
             self.pins = self._job_pins()
-            ray.get([h.pin.remote(self.pins) for h in self.hosts])
+            self.hosts.pin(self.pins)
         self.weight_cap = self._weight_cap()
         self.eval_rows = 0  # public bound on a party's held-out rows (federated evaluation)
         if self.spec.evaluation.federated:
@@ -295,7 +262,9 @@ class Federation:
         cap = self.spec.secure_aggregation.weight_cap
         if cap is not None:
             return float(cap)
-        if self.spec.parties.deploy:
+        if self.hosts.public_weight_cap() is not None:
+            return float(self.hosts.public_weight_cap())
+        if self.remote_parties:
             if not self.spec.privacy.enabled:  # validation refuses this spec; never guess
                 raise ConfigError(["secure_aggregation.weight_cap: required with parties.deploy"])
             return None
@@ -428,24 +397,14 @@ class Federation:
 
         return JobPins.for_job(self.job_id, self.roster, self.spec.secure_aggregation)
 
-    def _new_host(self, h: int):
-        block = self.blocks[h]
-        # rounds this job ran before the host existed (resume, restart): the host counts its
-        # parties in all of them for record-level DP-SGD accounting (over-count, never under)
-        prior = {"prior_rounds": self.prior_executions
-                 + max(self.round_now, self.first_round) - self.first_round,
-                 "identity_seed": self.host_seeds[h], "first_round": self.round_now}
-        if self.spec.parties.deploy:  # one host per party, pinned to the party's node
-            import dataclasses
-
-            party = self.spec.parties.deploy[block[0]]
-            stats = dataclasses.replace(self.data, X_test=self.data.X_test[:0], y_test=self.data.y_test[:0])
-            return ray.remote(PartyHost).options(
-                num_cpus=0, resources={party.node_resource: 0.001}, name=None).remote(
-                h, self.spec, block, None, self.data.n_features, self.data.n_classes, stats, **prior)
-        return ray.remote(PartyHost).options(num_cpus=0).remote(
-            h, self.spec, block, [self.parties[p] for p in block],
-            self.data.n_features, self.data.n_classes, **prior)
+    def _host_prior(self) -> dict:
+        """What a host started now is told about the job so far: rounds it ran before the
+        host existed (resume, restart; the host counts its parties in all of them for
+        record-level DP-SGD accounting: over-count, never under) and the round it starts in
+        (it never joins an earlier one)."""
+        return {"prior_rounds": self.prior_executions
+                + max(self.round_now, self.first_round) - self.first_round,
+                "first_round": self.round_now}
 
     def _check_placement_feasible(self) -> None:
         """A party whose node resource no node offers would wait forever: say so instead."""
@@ -463,30 +422,20 @@ class Federation:
         self.roster = Roster(tuple(self.keys[p] for p in range(self.spec.parties.count)))
 
     def restart_dead_hosts(self) -> None:
-        """A host that died last round is started again with its identity seed: its parties
-        keep their roster identities (the roster is fixed for the job), get fresh SecAgg+
-        keys, and never join a round that started before the restart."""
-        for h in sorted(self.dead):
-            self.hosts[h] = self._new_host(h)
-            if self.secure:
-                keys = ray.get(self.hosts[h].public_keys.remote())
-                if any(self.keys[p] != k for p, k in keys.items()):  # cannot happen: same seed
-                    raise ProtocolError(f"host {h} restarted with identities outside the "
-                                        "job's roster")
-                ray.get(self.hosts[h].pin.remote(self.pins))
-            print(f"host {h} restarted for parties {self.blocks[h][0]}..{self.blocks[h][-1]} "
-                  "(same identities, fresh round keys)", file=sys.stderr, flush=True)
+        """Hosts that died last round come back before this one (:meth:`HostPool.revive`:
+        same identities, fresh round keys, never a round that started before)."""
+        self.hosts.revive(set(self.dead), self._host_prior)
         self.dead.clear()
 
     def stop(self) -> None:
-        if self.spec.privacy.dp_sgd.enabled and self.hosts:
+        if self.spec.privacy.dp_sgd.enabled and self.blocks:
             self.record_level_max = self._record_level_max()
         if self.accountant is not None:
             self.accountant.close()
-        for actor in [*self.hosts, self.coordinator]:
-            if actor is not None:
-                ray.kill(actor)
-        self.hosts, self.coordinator, self.accountant = [], None, None
+        self.hosts.stop()
+        if self.coordinator is not None:
+            ray.kill(self.coordinator)
+        self.coordinator, self.accountant = None, None
 
     # ------------------------------------------------------------------ one round
     def run_round(self, r: int) -> dict[str, Any]:
@@ -606,8 +555,8 @@ class Federation:
         if noise is not None:  # central DP: hosts quantise, the noise goes into the ring sum
             quant, bound = self._quantization(sum(len(ps) for ps in by_host.values()), rule)
             noise, ring = noise.in_ring(quant, bound), (quant, bound)
-        outs = {h: self.hosts[h].train.options(num_returns=2).remote(
-                    r, [params_ref], ps, rule, ring, self._evaluating(ps))
+        outs = {h: self.hosts.call(h, "train", r, [params_ref], ps, rule, ring,
+                                   self._evaluating(ps))
                 for h, ps in by_host.items()}
         live = self._gather(r, "train", outs, timeout=None)
         self._clock.lap("hosts.train")
@@ -665,13 +614,13 @@ class Federation:
             return answered, out, why
 
         live, broadcast, why = stage(
-            "advertise_keys", by_host, lambda h: hosts[h].advertise.options(num_returns=2).remote(
-                r, plan_ref, [params_ref], by_host[h], self._evaluating(by_host[h])),
+            "advertise_keys", by_host, lambda h: hosts.call(
+                h, "advertise", r, plan_ref, [params_ref], by_host[h], self._evaluating(by_host[h])),
             c.collect_adverts, extra_calls=len(by_host))  # + each host's training task
         if why:
             return RoundOutcome(status=why, calls=calls, dropped=set(self._lost))
 
-        outs = {h: hosts[h].share_keys.options(num_returns=2).remote(r, broadcast) for h in live}
+        outs = {h: hosts.call(h, "share_keys", r, broadcast) for h in live}
         live = self._gather(r, "share_keys", outs, timeout)
         self._clock.lap("hosts.share_keys")
         calls += len(outs) + 1
@@ -692,19 +641,19 @@ class Federation:
 
         live, check, why = stage(
             "masked_input", live,
-            lambda h: hosts[h].masked_input.options(num_returns=2).remote(r, inbox[h]),
+            lambda h: hosts.call(h, "masked_input", r, inbox[h]),
             c.collect_masked)
         trained = [rep for rep, _ in live.values()]
         if why:
             return aborted(why)
         live, request, why = stage(  # every survivor signs the survivor set (Bonawitz §4)
             "consistency", live,
-            lambda h: hosts[h].consistency.options(num_returns=2).remote(r, check),
+            lambda h: hosts.call(h, "consistency", r, check),
             c.collect_consistency)
         if why:
             return aborted(why)
         live, result, why = stage(
-            "unmask", live, lambda h: hosts[h].unmask.options(num_returns=2).remote(r, request),
+            "unmask", live, lambda h: hosts.call(h, "unmask", r, request),
             c.finish)
         if why:
             return aborted(why)
@@ -810,34 +759,31 @@ class Federation:
 
     def _gather(self, r: int, stage: str, outs: dict, timeout: float | None):
         """Wait (at most ``timeout`` s) for each host's stage report; returns the hosts that
-        answered, ``{host: (report, payload_ref)}``. Parties lost at this stage (a dead or late
+        answered, ``{host: (report, payload)}``. Parties lost at this stage (a dead or late
         host's parties of this round, parties a host reports as failed) join ``self._lost``."""
-        metas = {meta: h for h, (meta, _) in outs.items()}
-        ready, late = ray.wait(list(metas), num_returns=len(metas), timeout=timeout)
-        live: dict[int, tuple[StageReport, Any]] = {}
+        got = gather(outs, timeout)
         dropped: list[int] = []
-        for ref in ready:
-            h = metas[ref]
-            try:
-                report = ray.get(ref)
-            except ray.exceptions.RayError as exc:
-                if not is_dropout(exc):
-                    _collect(outs)  # so Ray reports no "unhandled error" for the stage's others
-                    raise  # a bug or a bad input: surface it, never hide it
-                if isinstance(exc, HOST_DEATH):
-                    self.dead.add(h)
-                print(f"round {r} {stage}: host {h} died; its parties count as dropped "
-                      f"({type(exc).__name__})", file=sys.stderr, flush=True)
-                dropped += self._round_parties.get(h, [])
-                continue
+        for h, exc in got.failed.items():
+            lost, died = self.hosts.dropout(exc)
+            if not lost:
+                discard(outs)  # so Ray reports no "unhandled error" for the stage's others
+                raise exc  # a bug or a bad input: surface it, never hide it
+            if died:
+                self.dead.add(h)
+            print(f"round {r} {stage}: host {h} failed; its parties count as dropped "
+                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                  file=sys.stderr, flush=True)
+            dropped += self._round_parties.get(h, [])
+        live: dict[int, tuple[StageReport, Any]] = {}
+        for h, (report, payload) in got.answered.items():
             for party, reason in report.failed:
                 print(f"round {r} {stage}: party {party} dropped: {reason}", file=sys.stderr, flush=True)
             dropped += [party for party, _ in report.failed]
-            live[h] = (report, outs[h][1])
-        for ref in late:
-            print(f"round {r} {stage}: host {metas[ref]} did not answer within {timeout} s; "
+            live[h] = (report, payload)
+        for h in got.late:
+            print(f"round {r} {stage}: host {h} did not answer within {timeout} s; "
                   "its parties count as dropped", file=sys.stderr, flush=True)
-            dropped += self._round_parties.get(metas[ref], [])
+            dropped += self._round_parties.get(h, [])
         self._lost.update(dropped)
         return live
 
@@ -960,7 +906,7 @@ class Federation:
                 "min": int(self.data.party_sizes.min()),
                 "median": float(np.median(self.data.party_sizes)),
                 "max": int(self.data.party_sizes.max()),
-            }} if not self.spec.parties.deploy else {}),
+            }} if not self.remote_parties else {}),
             "test_rows": int(len(self.data.y_test)),
             "final": {k: last.get(k) for k in ("test_loss", "test_accuracy", "test_precision",
                                                "test_recall", "test_f1")},
@@ -974,6 +920,7 @@ class Federation:
             "training_path": getattr(self, "training_path", None),
             "privacy": self.privacy_summary(),
             **({"placement": self.placement} if self.placement else {}),
+            **self.hosts.summary(),
             "spec": self.spec.to_dict(),
         }
         if self.dp is not None:
@@ -1016,11 +963,11 @@ class Federation:
         from lepton_ray.privacy.calibration import record_level_epsilon_over_rounds
 
         worst = 0.0
-        for h, ref in enumerate([host.record_level_epsilon_max.remote() for host in self.hosts]):
+        for h in range(len(self.blocks)):
             try:
-                worst = max(worst, float(ray.get(ref, timeout=60)))
-            except ray.exceptions.RayError:
-                if self.spec.parties.deploy:
+                worst = max(worst, float(self.hosts.get(h, "record_level_epsilon_max", timeout=60)))
+            except (ray.exceptions.RayError, LeptonError):
+                if self.remote_parties:
                     # the driver does not know a deployed party's size (it stays on its node),
                     # so it has no bound to put in: report none rather than too little
                     print(f"host {h} did not report its parties' record-level epsilon; the "
@@ -1265,18 +1212,6 @@ def _mean_laps(rounds: list[dict[str, float]]) -> dict[str, float]:
     stages = {s for laps in rounds for s in laps}
     return {s: round(float(np.mean([laps.get(s, 0.0) for laps in rounds])), 4)
             for s in sorted(stages)} if rounds else {}
-
-
-def _collect(outs: dict, timeout: float = 30.0) -> None:
-    """Read (and drop) every result of a stage that is being abandoned. An object ref whose
-    task failed and that is freed unread makes Ray print an "Unhandled error" traceback at
-    exit; after a clean error the user should see the error, once."""
-    for refs in outs.values():
-        for ref in refs:
-            try:
-                ray.get(ref, timeout=timeout)
-            except Exception:  # noqa: BLE001 - already reported by the error being raised
-                pass
 
 
 def _payloads(live: dict) -> list:
