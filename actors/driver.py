@@ -26,7 +26,6 @@ from actors.hosts import HostPool, RayHosts, discard, gather, is_dropout, split_
 from actors.party_host import StageReport
 from lepton_ray.config import JobSpec, NoisePlacement, SamplingKind, SecureAggregation
 from lepton_ray.errors import (BudgetExhaustedError, ConfigError, LeptonError, PrivacyError,
-                               ProtocolError,
                                ResumeError, user_message)
 from lepton_ray.learning.data import FederatedData, load_federated
 from lepton_ray.learning.sampling import sample_parties
@@ -211,6 +210,7 @@ class Federation:
         self.stage_seconds: list[dict[str, float]] = []  # wall seconds by stage, per round
         self._clock = StageClock()
         self.devices: set[str] = set()
+        self.record: Path | None = None  # test mode: each round's released sum is saved here
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
     # ------------------------------------------------------------------ lifecycle
@@ -496,6 +496,8 @@ class Federation:
         else:
             outcome = self._plain_round(r, by_host, params_ref, rule, noise)
         agg, clipped_estimate = None, None
+        if outcome.released is not None and self.record is not None:
+            self._record_release(r, outcome)
         if outcome.released is not None and self.dp is not None and self.dp.distributed is not None:
             mean = self.dp.mean(outcome.released.total)  # Skellam: the decoded, noised sum
             self.params = self.optimizer.step(self.params, mean)
@@ -590,6 +592,7 @@ class Federation:
         except _ConfigError as exc:  # e.g. too few sampled parties for any threshold
             return RoundOutcome(status=f"aborted: {exc.problems[0]}")
         self._record_plan(r, plan)
+        self._plan_used = plan
         if noise is not None:  # central DP: integer sigmas for this round's ring
             noise = noise.in_ring(plan.quantization, plan.rounding_bound_sq)
         plan_ref = ray.put(plan)
@@ -665,6 +668,17 @@ class Federation:
             devices={t.device for t in trained}, rejections=self._rejections,
             train_nodes={t.host: t.device.split("@")[-1] for t in trained},
         )
+
+    def _record_release(self, r: int, outcome: "RoundOutcome") -> None:
+        """Test mode (``record``): the round's released sum, its survivors and the ring it
+        was dequantised from, so a test can check it against what the hosts computed."""
+        self.record.mkdir(parents=True, exist_ok=True)
+        quant = getattr(self._plan_used, "quantization", None)
+        np.savez(self.record / f"{self.job_id}-round-{r}.npz", total=outcome.released.total,
+                 survivors=np.asarray(sorted(outcome.released.survivors)),
+                 scale=getattr(quant, "scale", np.nan),
+                 modulus_bits=getattr(quant, "modulus_bits", 0),
+                 clip_norm=getattr(quant, "clip_norm", np.nan))
 
     def _evaluating(self, parties: list[int]) -> tuple[int, ...]:
         """Which of a host's sampled ``parties`` evaluate this round (federated evaluation)."""
@@ -1022,9 +1036,31 @@ def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
                            training_path=training_path)
 
 
+def run_with_hosts(spec: JobSpec, data: FederatedData, hosts: HostPool, *, job_id: str,
+                   overwrite: bool = False, resume: bool = False, on_round=None,
+                   record: Path | None = None) -> RunResult:
+    """:func:`run_job` over a given :class:`~actors.hosts.HostPool` (a federation's sites):
+    the same round loop, privacy, checkpoints, ``--resume`` and outputs. ``data`` holds only
+    the coordinator's test set (standardised); ``job_id`` is the id the hosts accepted.
+    ``record`` (test mode): each round's released sum is written there."""
+    from lepton_ray.privacy.ledger import LedgerLock
+
+    training_path = _check_model(spec, data)
+    out = Path(spec.output.dir)
+    if resume and not out.is_dir():
+        raise ResumeError(f"--resume {out}: no such directory; nothing to resume")
+    with LedgerLock.acquire(out / LEDGER) as lock:
+        return _run_locked(spec, data, lock, overwrite=overwrite, resume=resume, num_cpus=None,
+                           on_round=on_round, dashboard=False, embedded=True,
+                           discard_privacy_ledger=False, training_path=training_path,
+                           hosts=hosts, job_id=job_id, record=record)
+
+
 def _run_locked(spec: JobSpec, data: FederatedData, lock, *, overwrite: bool, resume: bool,
                 num_cpus: int | None, on_round, dashboard: bool, embedded: bool,
-                discard_privacy_ledger: bool, training_path: str) -> RunResult:
+                discard_privacy_ledger: bool, training_path: str,
+                hosts: HostPool | None = None, job_id: str | None = None,
+                record: Path | None = None) -> RunResult:
     from actors.metrics import RoundGauges
     from lepton_ray.tracking import Trackers
     from actors.resources import check_cluster
@@ -1050,7 +1086,8 @@ def _run_locked(spec: JobSpec, data: FederatedData, lock, *, overwrite: bool, re
     gauges = RoundGauges(spec.name)
     if not embedded:  # a cluster we joined: its GPUs (or its autoscaler's) against the job's
         spec = check_cluster(spec, embedded=False)
-    fed = Federation(spec, data)
+    fed = Federation(spec, data, hosts=hosts, job_id=job_id)
+    fed.record = record
     fed.ledger_lock = lock
     fed.training_path = training_path
     if resume:

@@ -60,8 +60,10 @@ class PartyHost:
 
     def __init__(self, host: int, spec: JobSpec, party_ids: list[int], datasets: list | None,
                  n_features: int, n_classes: int, server=None, *, prior_rounds: int = 0,
-                 identity_seed: bytes | None = None, first_round: int = 0):
-        from lepton_ray.secagg.keys import PartyKeyring
+                 identity_seed: bytes | None = None, first_round: int = 0,
+                 identity_keys: dict[int, bytes] | None = None,
+                 participation_log: str | None = None, record: str | None = None):
+        from lepton_ray.secagg.keys import ParticipationLog, PartyKeyring
 
         self.host = host
         self.spec = spec
@@ -101,8 +103,21 @@ class PartyHost:
         # restarted host has the same identities and the job's roster never changes; and its
         # SecAgg+ key material (X25519 keys, pair secrets, signature memo, participation log).
         # The private keys never leave this process.
-        self.identities = party_identities(identity_seed or os.urandom(32), self.party_ids)
-        self.keyring = PartyKeyring()
+        # A federation site passes its kit's identity (``identity_keys``: party -> Ed25519
+        # private bytes; the actor runs on the site's own Ray) and its participation log, a
+        # file in the site's state directory that survives restarts.
+        if identity_keys is not None:
+            from lepton_ray.crypto.identity import IdentityKey
+
+            if sorted(identity_keys) != sorted(self.party_ids):
+                raise ProtocolError(f"host {host}: identity keys for {sorted(identity_keys)}, "
+                                    f"parties {self.party_ids}")
+            self.identities = {p: IdentityKey.from_private_bytes(k)
+                               for p, k in identity_keys.items()}
+        else:
+            self.identities = party_identities(identity_seed or os.urandom(32), self.party_ids)
+        self.keyring = PartyKeyring(participation=ParticipationLog(participation_log))
+        self.record = record  # test mode (federation --record): each round's ring inputs here
         self.first_round = int(first_round)  # a restarted host never joins an earlier round
         self.pins = None  # the job's lepton_ray.secagg.JobPins, set by pin()
         self.round: _Round | None = None
@@ -324,6 +339,8 @@ class PartyHost:
             except (DataError, PrivacyError) as exc:  # e.g. a diverged, non-finite update
                 failed.append((p, str(exc)))
                 cohort.drop(p)
+        if self.record is not None:
+            self._record_inputs(state.plan.config, vectors)
         messages, more = cohort.masked_sum(inboxes, vectors)
         sent = messages[0].parties if messages else ()
         report = StageReport(host=self.host, parties=sent, failed=tuple(failed + more), device=device)
@@ -356,6 +373,18 @@ class PartyHost:
         return self._report(messages, failed), messages
 
     # ------------------------------------------------------------------ helpers
+    def _record_inputs(self, config, vectors: dict) -> None:
+        """Test mode: write each party's ring input of this round (one host per party in a
+        federation: ``<job>-round-<r>.npy``)."""
+        from pathlib import Path
+
+        out = Path(self.record)
+        out.mkdir(parents=True, exist_ok=True)
+        for p, vector in vectors.items():
+            name = (f"{config.job_id}-round-{config.round}" if len(self.party_ids) == 1
+                    else f"{config.job_id}-round-{config.round}-party-{p}")
+            np.save(out / f"{name}.npy", vector)
+
     def _signed_survivors(self, config, request) -> int:
         """How many listed survivors signed the survivor set (each checked once per host; the
         set and its statement are the keyring's, which the parties' own checks reuse)."""

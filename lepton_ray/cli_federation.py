@@ -33,7 +33,7 @@ def cmd_party(args) -> int:
 
     return run_party(kit=args.kit, data=args.data, policy=args.policy, state=args.state,
                      record=args.record, connect=args.connect,
-                     exit_after_job=args.exit_after_job)
+                     exit_after_job=args.exit_after_job, address=args.address)
 
 
 def cmd_coordinator(args) -> int:
@@ -46,7 +46,8 @@ def cmd_coordinator(args) -> int:
         overrides[key.replace(".", "__")] = value
     return run_coordinator(kit=args.kit, job=args.spec, min_parties=args.min_parties,
                            wait_s=args.wait_s, out=args.out, overwrite=args.overwrite,
-                           listen=args.listen, record=args.record, overrides=overrides)
+                           listen=args.listen, record=args.record, overrides=overrides,
+                           resume=args.resume, address=args.address)
 
 
 def register_processes(sub) -> None:
@@ -63,6 +64,9 @@ def register_processes(sub) -> None:
                    help="test mode: write each round's ring input to DIR")
     p.add_argument("--connect", metavar="HOST:PORT", default=None,
                    help="the coordinator's address (default: the kit's)")
+    p.add_argument("--address", metavar="RAY_ADDRESS", default=None,
+                   help="join this organisation's own Ray cluster (default: start an embedded "
+                        "local Ray for the site's PartyHost and training tasks)")
     p.add_argument("--exit-after-job", action="store_true",
                    help="exit when the coordinator ends a job (default: serve until stopped)")
     p.set_defaults(func=cmd_party)
@@ -76,6 +80,11 @@ def register_processes(sub) -> None:
                    help="how long to wait for them (default 300)")
     p.add_argument("--out", metavar="DIR", default=None, help="output directory (output.dir)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs already in DIR")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the job in DIR from its checkpoint (a fresh job id: sites "
+                        "are offered it again; re-run rounds are new executions)")
+    p.add_argument("--address", metavar="RAY_ADDRESS", default=None,
+                   help="run the driver's actors on this Ray cluster (default: embedded local)")
     p.add_argument("--listen", metavar="[HOST:]PORT", default=None,
                    help="listen address (default: all interfaces, the kit's port)")
     p.add_argument("--record", metavar="DIR", default=None,

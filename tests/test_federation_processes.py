@@ -122,6 +122,22 @@ def federation(tmp_path):
         fed.close()
 
 
+def _check_release(fed, job_id: str, r: int, sites) -> None:
+    """The coordinator's released sum of round ``r`` (test mode: the float sum after
+    unmasking, with the ring it came from) equals numpy's sum mod 2^32 of the ring inputs the
+    ``sites`` recorded locally, dequantised; and exactly those sites survived."""
+    from lepton_ray.learning.party_update import ring_to_float
+    from lepton_ray.secagg.quantize import QuantizationSpec
+
+    rec = np.load(fed.where / "rec-coordinator" / f"{job_id}-round-{r}.npz")
+    assert sorted(rec["survivors"].tolist()) == sorted(SITES.index(s) for s in sites)
+    inputs = [np.load(fed.where / f"rec-{s}" / f"{job_id}-round-{r}.npy") for s in sites]
+    ring = (sum(v.astype(np.uint64) for v in inputs) % 2**32).astype(np.uint32)
+    quant = QuantizationSpec(clip_norm=float(rec["clip_norm"]), scale=float(rec["scale"]),
+                             modulus_bits=int(rec["modulus_bits"]))
+    np.testing.assert_array_equal(rec["total"], ring_to_float(ring, quant))
+
+
 def _summary(fed) -> dict:
     return json.loads((fed.where / "out" / "summary.json").read_text())
 
@@ -154,12 +170,10 @@ def test_three_site_processes_run_digits_like_the_simulation(federation):
     # the aggregate of a round equals the sum (mod 2^32) of what the sites recorded locally
     job_id = summary["job_id"]
     for r in (1, 3):
-        total = np.load(fed.where / "rec-coordinator" / f"{job_id}-round-{r}.npy")
         inputs = [np.load(fed.where / f"rec-{s}" / f"{job_id}-round-{r}.npy") for s in SITES]
-        assert total.dtype == np.uint32 and all(v.shape == total.shape for v in inputs)
-        expected = sum(v.astype(np.uint64) for v in inputs) % 2**32
-        assert np.array_equal(total.astype(np.uint64), expected)
+        assert all(v.dtype == np.uint32 for v in inputs)
         assert len({v.tobytes() for v in inputs}) == 3  # three different updates
+        _check_release(fed, job_id, r, SITES)
 
     # the reference: lepton-ray simulate of the same spec on the same three files
     sim = _job(fed.where, rounds=5)
@@ -233,12 +247,7 @@ def test_a_site_killed_mid_job_is_a_dropout_and_the_rounds_go_on(federation):
     assert list(history["parties_completed"])[-2:] == [2, 2]
     assert float(history["test_accuracy"].iloc[-1]) > 0.85
     job_id = summary["job_id"]
-    survivors = np.load(fed.where / "rec-coordinator" / f"{job_id}-round-6-survivors.npy")
-    assert sorted(survivors.tolist()) == [0, 1]
-    total = np.load(fed.where / "rec-coordinator" / f"{job_id}-round-6.npy")
-    expected = sum(np.load(fed.where / f"rec-{s}" / f"{job_id}-round-6.npy").astype(np.uint64)
-                   for s in ("north", "south")) % 2**32
-    assert np.array_equal(total.astype(np.uint64), expected)
+    _check_release(fed, job_id, 6, ("north", "south"))
 
 
 def test_a_killed_site_restarted_with_its_kit_rejoins_and_never_reruns_a_round(federation):

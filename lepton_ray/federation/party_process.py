@@ -1,8 +1,12 @@
 """``lepton-ray party``: one organisation's site process in a federation.
 
 The site dials **out** to the coordinator named in its kit (mutual TLS, :mod:`.transport`)
-and reconnects after network failures and coordinator restarts. Everything it receives is a
-schema-checked message (:mod:`.wire`), never code:
+and reconnects after network failures and coordinator restarts. It starts its own Ray (an
+embedded local instance, or with ``--address`` the organisation's own cluster), where its
+party's ``PartyHost`` actor and that actor's GPU-allocated training tasks run: the same actor
+and the same protocol code as a simulation's, so one round loop drives both
+(:class:`actors.hosts.HostPool`). Everything the site receives is a schema-checked message
+(:mod:`.wire`), never code:
 
 1. ``JobOffer``: the job spec as data. The site's own policy (:class:`.policy.SitePolicy`)
    accepts or refuses it; the refusal's reason goes back to the coordinator, which records it.
@@ -11,24 +15,24 @@ schema-checked message (:mod:`.wire`), never code:
    The site reads its file with the same loader as a simulation's ``party_files``
    (:func:`lepton_ray.learning.data.load_party_file`), refuses (with the difference named) if
    its columns or labels disagree, and keeps its rows in memory.
-3. Round 0, a SecAgg+ secure sum of the sites' moments (:mod:`.stats`): with
-   ``data.standardize`` the row count, feature sums and sums of squares, otherwise the row
-   count alone. The coordinator learns only the pooled values.
-4. ``standardise`` (:class:`.wire.Standardisation`): the pooled mean and scale; the site
-   standardises its rows with them.
-5. Each round ``r``: ``train`` (:class:`.wire.TrainRound`) carries the global parameters, the
-   update rule and the quantisation. The site checks the rule against the spec it accepted
-   (the clip norm and ring are the spec's: a coordinator cannot ask for an unclipped update),
-   trains locally in a background thread (it overlaps the key stages) and encodes the delta
-   exactly as a simulated party does (:func:`lepton_ray.learning.party_update.encode_ring_batch`:
-   clipped, weighted, stochastically rounded into the ring); then the SecAgg+ stages of
-   :class:`.site.SiteSecAgg` mask that ring vector with the site's own Ed25519 identity.
+3. Round 0 of a job without DP, a SecAgg+ secure sum of the sites' moments (:mod:`.stats`):
+   with ``data.standardize`` the row count, feature sums and sums of squares, otherwise the
+   row count alone. The coordinator learns only the pooled values. (Under DP there is no
+   round 0: exact pooled statistics would be released outside the accountant, so the
+   coordinator standardises with its own test file's, as a simulation does.)
+4. ``standardise`` (:class:`.wire.Standardisation`): the mean and scale; the site
+   standardises its rows with them and starts the job's ``PartyHost`` on its Ray with its
+   kit's Ed25519 identity, its participation log and the job's pins.
+5. Each round ``r``: the driver's stage calls (``advertise`` with the round's plan and the
+   global parameters, ``share_keys``, ``masked_input``, ``consistency``, ``unmask``). Before
+   anything reaches its host the site checks the plan: its roster is the CA-signed roster in
+   the kit, its update rule is the accepted spec's (a coordinator cannot ask for an unclipped
+   or unnoised update), its threshold passes the site policy, and with DP the round is
+   charged to the site's own lifetime ledger first (write-ahead). The host then checks the
+   graph, job and t against the job's pins and never takes part twice in one (job, round).
 
-Training runs in this process (torch), not in a Ray actor on the site's own Ray: the issue's
-"PartyHost on the site's Ray" is not built yet (see the README).
-
-``--record DIR`` (a test mode) writes each round's ring input to ``DIR/round-<r>.npy`` so a
-test can check that the aggregate equals the sum of what the sites computed.
+``--record DIR`` (a test mode) writes each round's ring input to ``DIR/<job>-round-<r>.npy``
+so a test can check that the aggregate equals the sum of what the sites computed.
 """
 
 from __future__ import annotations
@@ -42,35 +46,41 @@ from typing import Any
 
 import numpy as np
 
-from lepton_ray.errors import DataError, FederationError, LeptonError
+from lepton_ray.errors import DataError, FederationError
 from lepton_ray.federation import wire
 from lepton_ray.federation.site import SiteSecAgg
 
-TRAIN_WAIT_S = 3600.0  # masked_input waits at most this long for the round's training
+HOST_STAGES = ("advertise", "share_keys", "masked_input", "consistency", "unmask")
 
 
 class PartySite(SiteSecAgg):
-    """A site with data: :class:`SiteSecAgg` plus the job's data, standardisation and local
-    training. ``record``: a directory for each round's ring input (test mode), or None."""
+    """A site with data: :class:`SiteSecAgg` (the round-0 secure sum, played in this process)
+    plus the job's data, standardisation and its ``PartyHost`` on the site's own Ray, which
+    answers the driver's stage calls of every training round. ``record``: a directory for
+    each round's ring input (test mode), or None."""
 
     def __init__(self, kit, data_path: str, *, policy=None, ledger=None,
                  state_dir: str | None = None, record: str | None = None):
-        super().__init__(kit, self._input, policy=policy, data_path=data_path, ledger=ledger,
+        super().__init__(kit, self._moments, policy=policy, data_path=data_path, ledger=ledger,
                          state_dir=state_dir)
         self.record_dir = Path(record) if record else None
-        self.data: dict[str, dict[str, Any]] = {}  # job id -> its rows, schema, round state
+        self.log_path = (os.path.join(state_dir, "participation.jsonl") if state_dir else None)
+        self.data: dict[str, dict[str, Any]] = {}  # job id -> its rows, schema, host
         self.finished = threading.Event()
         self.jobs_done: list[str] = []
+        self._round_job: dict[int, str] = {}  # round in progress -> its job
+
+    def __call__(self, message: Any) -> Any:
+        # the driver's stage calls carry the round first: (round, ...); round 0's secure sum
+        # (SiteSecAgg) carries one protocol message
+        if (isinstance(message, wire.Call) and message.method in HOST_STAGES
+                and len(message.args) >= 2):
+            return self._host_stage(message.method, message.args)
+        return super().__call__(message)
 
     # ------------------------------------------------------------------ job admission
     def offer(self, offer: wire.JobOffer) -> wire.JobAnswer:
         answer = super().offer(offer)
-        spec = self.jobs.get(offer.job_id)
-        if answer.accepted and spec is not None and spec.privacy.enabled:
-            del self.jobs[offer.job_id]  # refused: the site cannot keep the job's promise
-            answer = wire.JobAnswer(job_id=offer.job_id, accepted=False, reason=(
-                "job refused: privacy.mode is not none, and this site's lepton-ray does not yet "
-                "run differentially private jobs in a federation"))
         verdict = "accepted" if answer.accepted else f"refused: {answer.reason}"
         _say(f"job {offer.job_id}: {verdict}")
         return answer
@@ -93,15 +103,26 @@ class PartySite(SiteSecAgg):
             X, y = load_party_file(spec.data, self.data_path, schema, field="--data")
         except DataError as exc:
             raise FederationError(f"site data refused for job {job.job_id}: {exc}") from None
-        self.data[job.job_id] = {"raw": X, "y": y, "schema": job, "X": None, "rounds": {}}
+        old = self.data.pop(job.job_id, None)
+        if old is not None and old.get("host") is not None:
+            _kill(old["host"])  # the coordinator came back: a fresh host for the job
+        self.data[job.job_id] = {"raw": X, "y": y, "schema": job, "host": None}
         _say(f"job {job.job_id}: {len(y)} rows of {self.data_path}, {features} features, "
              f"{len(job.classes)} classes")
         return 0
 
     def rpc_standardise(self, message: Any) -> int:
+        """Standardise this site's rows with the job's mean and scale and start the job's
+        ``PartyHost`` on the site's Ray (its training tasks run there too)."""
+        import ray
+
+        from actors.party_host import PartyHost
+        from lepton_ray.federation.site import site_pins
+
         if type(message) is not wire.Standardisation:
             raise FederationError("standardise: expected Standardisation")
         job = self._job(message.job_id)
+        spec = self._spec(message.job_id)
         features = len(job["schema"].features)
         mean = np.asarray(message.mean, dtype=np.float64)
         scale = np.asarray(message.scale, dtype=np.float64)
@@ -109,80 +130,101 @@ class PartySite(SiteSecAgg):
             raise FederationError(f"standardise: mean/scale must have {features} values")
         if not (np.isfinite(mean).all() and np.isfinite(scale).all() and (scale > 0).all()):
             raise FederationError("standardise: mean and scale must be finite, scale > 0")
-        job["X"] = np.ascontiguousarray((job["raw"] - mean) / scale, dtype=np.float32)
+        X = np.ascontiguousarray((job["raw"] - mean) / scale, dtype=np.float32)
+        if job["host"] is not None:
+            _kill(job["host"])
+        spec = _spec_for_this_machine(spec)
+        host = ray.remote(PartyHost).options(num_cpus=0).remote(
+            self.party, spec, [self.party], [(X, job["y"])], features, len(job["schema"].classes),
+            identity_keys={self.party: self.kit.identity.private_bytes()},
+            participation_log=self.log_path,
+            record=str(self.record_dir) if self.record_dir else None)
+        ray.get(host.pin.remote(site_pins(message.job_id, self.roster, spec)))
+        job["host"] = host
         return 0
 
     # ------------------------------------------------------------------ rounds
-    def rpc_train(self, message: Any) -> int:
-        """Start this round's local training (in a thread); the ring input is ready for
-        ``masked_input``. The rule and ring are checked against the accepted spec."""
-        if type(message) is not wire.TrainRound:
-            raise FederationError("train: expected TrainRound")
-        spec = self._spec(message.job_id)
-        job = self._job(message.job_id)
-        if job["X"] is None:
-            raise FederationError(f"train: job {message.job_id} has no standardisation yet")
-        if message.round < 1 or message.round > spec.rounds:
-            raise FederationError(f"train: round {message.round} is outside the accepted job's "
-                                  f"1..{spec.rounds}")
-        sa, rule, quant = spec.secure_aggregation, message.rule, message.quantization
-        problems = []
-        if rule.clip_norm is None or abs(rule.clip_norm - sa.clip_norm) > 1e-12:
-            problems.append(f"clip norm {rule.clip_norm}, the accepted spec's is {sa.clip_norm}")
-        if rule.clip_bit or rule.weight_cap is None or not rule.weight_cap > 0:
-            problems.append("the update rule is not the non-private FedAvg rule")
-        if quant.modulus_bits != sa.modulus_bits:
-            problems.append(f"ring of {quant.modulus_bits} bits, the spec's is {sa.modulus_bits}")
-        if abs(quant.clip_norm - rule.norm_bound) > 1e-9 or not quant.scale > 0:
-            problems.append("quantisation does not match the update rule's norm bound")
+    def _host_stage(self, method: str, args: tuple) -> tuple:
+        """One of the driver's stage calls, checked here and answered by the job's
+        ``PartyHost``: ``(wire.Report, messages)``."""
+        import ray
+
+        round_ = args[0]
+        if type(round_) is not int:
+            raise FederationError(f"{method}: the round must be an int")
+        if method == "advertise":
+            job_id, args = self._check_advertise(args)
+        else:
+            job_id = self._round_job.get(round_)
+            if job_id is None:
+                raise FederationError(f"{method}: no round {round_} in progress at this site")
+        host = self._job(job_id)["host"]
+        if host is None:
+            raise FederationError(f"job {job_id}: not standardised yet")
+        report, payload = getattr(host, method).options(num_returns=2).remote(*args)
+        report, payload = ray.get([report, payload])
+        if method == "unmask":
+            self._round_job.pop(round_, None)
+        return (wire.Report(host=report.host, parties=tuple(report.parties),
+                            failed=tuple((int(p), str(w)) for p, w in report.failed),
+                            device=report.device, ray_calls=report.ray_calls), list(payload))
+
+    def _check_advertise(self, args: tuple) -> tuple[str, tuple]:
+        """The site's checks of a round's plan before its host sees it (module docstring)."""
+        import ray
+
+        from lepton_ray.learning.party_update import SecureRoundPlan
+
+        if len(args) not in (4, 5):
+            raise FederationError("advertise: expected (round, plan, [params], parties[, evaluate])")
+        round_, plan, box, sampled = args[:4]
+        evaluate = tuple(args[4]) if len(args) == 5 else ()
+        if type(plan) is not SecureRoundPlan:
+            raise FederationError("advertise: expected a SecureRoundPlan")
+        config = plan.config
+        spec = self._spec(config.job_id)
+        job = self._job(config.job_id)
+        if config.round != round_ or not 1 <= round_ <= spec.rounds:
+            raise FederationError(f"round refused: round {config.round} is outside the accepted "
+                                  f"job's 1..{spec.rounds}")
+        if list(sampled) != [self.party] or evaluate:
+            raise FederationError(f"round refused: a site answers for its own party "
+                                  f"{self.party} only, not {list(sampled)}")
+        if config.roster != self.roster:
+            raise FederationError("round refused: its roster is not the roster pinned in this "
+                                  "site's kit (signed by the federation CA)")
+        if (type(box) is not list or len(box) != 1 or not isinstance(box[0], np.ndarray)
+                or box[0].ndim != 1 or box[0].dtype != np.float32):
+            raise FederationError("advertise: the parameters must be one float32 vector")
+        self.policy.check_round(threshold=config.threshold, secure=True)
+        problems = check_rule(spec, plan)
         if problems:
-            raise FederationError("train refused: " + "; ".join(problems))
-        params = np.ascontiguousarray(message.params, dtype=np.float32)
-        state = {"done": threading.Event(), "ring": None, "error": None}
-        job["rounds"][message.round] = state
-        threading.Thread(target=self._train, args=(spec, job, message, params, state),
-                         daemon=True, name=f"train-{message.round}").start()
-        return 0
+            raise FederationError("round refused: " + "; ".join(problems))
+        self._charge(config)  # write-ahead to the site's own ledger; refused if over budget
+        self._round_job[round_] = config.job_id
+        del job
+        return config.job_id, (round_, plan, [ray.put(box[0])], [self.party], ())
 
-    def _train(self, spec, job, message, params, state) -> None:
-        try:
-            state["ring"] = train_ring_input(spec, job["X"], job["y"], params, message.rule,
-                                             message.quantization, round_=message.round,
-                                             party=self.party,
-                                             n_classes=len(job["schema"].classes))
-        except Exception as exc:  # reported at masked_input: the site drops out this round
-            state["error"] = f"{type(exc).__name__}: {exc}"
-        finally:
-            state["done"].set()
+    def _moments(self, round_: int) -> np.ndarray:
+        """The site's round-0 input: the moments of its rows (:mod:`.stats`)."""
+        from lepton_ray.federation.stats import encode_moments
 
-    def _input(self, round_: int) -> np.ndarray:
-        """The site's SecAgg+ input for ``round_`` of the job in progress: round 0 is the
-        moments of its rows, every later round its encoded update."""
+        if round_ != 0:
+            raise FederationError(f"round {round_}: training rounds are answered by the host")
         job_id = self.state.config.job_id
         job = self._job(job_id)
-        if round_ == 0:
-            from lepton_ray.federation.stats import encode_moments
-
-            X = job["raw"] if job["schema"].moments else job["raw"][:, :0]
-            vector = encode_moments(X, max_sites=max(2, len(self.roster)))
-        else:
-            state = job["rounds"].get(round_)
-            if state is None:
-                raise FederationError(f"round {round_}: no train message came before it")
-            if not state["done"].wait(TRAIN_WAIT_S):
-                raise FederationError(f"round {round_}: training did not finish")
-            job["rounds"].pop(round_, None)
-            if state["error"]:
-                raise FederationError(f"round {round_}: local training failed: {state['error']}")
-            vector = state["ring"]
+        X = job["raw"] if job["schema"].moments else job["raw"][:, :0]
+        vector = encode_moments(X, max_sites=max(2, len(self.roster)))
         if self.record_dir is not None:
             self.record_dir.mkdir(parents=True, exist_ok=True)
-            np.save(self.record_dir / f"{job_id}-round-{round_}.npy", vector)
+            np.save(self.record_dir / f"{job_id}-round-0.npy", vector)
         return vector
 
     def rpc_finish(self, job_id: str, status: str) -> int:
-        """The coordinator says the job ended: the site forgets its rows."""
-        self.data.pop(job_id, None)
+        """The coordinator says the job ended: the site forgets its rows and stops its host."""
+        job = self.data.pop(job_id, None)
+        if job is not None and job.get("host") is not None:
+            _kill(job["host"])
         self.jobs.pop(job_id, None)
         self.jobs_done.append(job_id)
         _say(f"job {job_id} ended ({status})")
@@ -203,58 +245,94 @@ class PartySite(SiteSecAgg):
         return job
 
 
-def train_ring_input(spec, X: np.ndarray, y: np.ndarray, params: np.ndarray, rule, quant, *,
-                     round_: int, party: int, n_classes: int) -> np.ndarray:
-    """One site's round: local training from ``params`` with the job's model and training
-    spec, then the delta clipped, weighted and rounded into the ring exactly as a simulated
-    party's (:func:`~lepton_ray.learning.party_update.encode_ring_batch`). The training seed
-    is secret (OS randomness) unless the job asks for ``training.deterministic_seeds``, when
-    it is the public seed a simulation gives the same party index."""
-    import torch
+def check_rule(spec, plan) -> list[str]:
+    """What a site refuses in a round's plan: an update rule or ring that is not the accepted
+    spec's. Without DP the clip norm, FedAvg weighting and ring are the spec's; with DP every
+    party weighs 1, the noise is where the spec puts it (distributed: the plan carries the
+    Skellam parameters, whose clip norm is the spec's; central: the coordinator's ring), and
+    adaptive clipping sends its clip bit only when the spec asks for it."""
+    from lepton_ray.config import NoisePlacement
 
-    from lepton_ray.learning.local import party_seed, public_party_seed, train_parties
-    from lepton_ray.learning.party_update import encode_ring_batch
-    from lepton_ray.learning.vectorised import train_parties_vectorised, vectorise_blocker
+    sa, p, rule = spec.secure_aggregation, spec.privacy, plan.rule
+    problems = []
+    if rule.eval_classes or rule.eval_rows:
+        problems.append("federated evaluation is not part of the accepted job")
+    if not p.enabled:
+        if rule.clip_norm is None or abs(rule.clip_norm - sa.clip_norm) > 1e-12:
+            problems.append(f"clip norm {rule.clip_norm}, the accepted spec's is {sa.clip_norm}")
+        if rule.clip_bit or rule.weight_cap is None or not rule.weight_cap > 0:
+            problems.append("the update rule is not the non-private FedAvg rule")
+        if plan.skellam is not None or plan.quantization is None:
+            problems.append("the plan is not a non-private secure sum")
+        elif plan.quantization.modulus_bits != sa.modulus_bits:
+            problems.append(f"ring of {plan.quantization.modulus_bits} bits, the spec's is "
+                            f"{sa.modulus_bits}")
+        return problems
+    if rule.weight_cap is not None:
+        problems.append("a weighted update under DP (every party must weigh 1)")
+    if rule.clip_bit != p.adaptive_clipping.enabled:
+        problems.append("the clip bit does not match the spec's adaptive clipping")
+    if not p.adaptive_clipping.enabled and (rule.clip_norm is None
+                                            or abs(rule.clip_norm - p.clip_norm) > 1e-9):
+        problems.append(f"clip norm {rule.clip_norm}, the accepted spec's is {p.clip_norm}")
+    if p.noise is NoisePlacement.DISTRIBUTED:
+        if plan.skellam is None:
+            problems.append("the spec puts the noise at the parties (distributed) but the plan "
+                            "has no Skellam parameters")
+    elif plan.skellam is not None or plan.quantization is None:
+        problems.append("the plan is not the spec's central-noise secure sum")
+    return problems
 
-    train = train_parties
-    if spec.training.vectorised and vectorise_blocker(
-            spec.model, spec.training, dp_sgd=spec.privacy.dp_sgd.enabled, sample=X[:4]) is None:
-        train = train_parties_vectorised
-    seed = (public_party_seed(spec.seed, round_, party) if spec.training.deterministic_seeds
-            else party_seed())
-    result = train(model_spec=spec.model, training=spec.training, n_features=X.shape[1],
-                   n_classes=n_classes, global_params=params, datasets=[(X, y)], seeds=[seed],
-                   device=_device(spec.training.device),
-                   **({"dp_sgd": spec.privacy.dp_sgd} if spec.privacy.dp_sgd.enabled else {}))
-    batch = encode_ring_batch(result.deltas, result.examples, rule, quant,
-                              losses=result.losses if rule.stats else None)
-    if batch.bad:
-        raise DataError("the update has non-finite values (training diverged)")
-    del torch
-    return batch.rings[0].copy()
+
+def _spec_for_this_machine(spec):
+    """The spec the site's host runs: GPUs asked that this site's Ray does not have fall back
+    to the CPU (``training.device: auto``) or are refused (``cuda``), as for ``simulate``."""
+    import ray
+
+    from actors.resources import check_local
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return check_local(spec, gpus, say=_say)
 
 
-def _device(requested):
-    import torch
+def _kill(host) -> None:
+    import ray
 
-    from lepton_ray.config import Device
-
-    if requested is Device.CPU:
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    if requested is Device.CUDA:
-        raise LeptonError("training.device: 'cuda' but this site has no CUDA device")
-    return torch.device("cpu")
+    try:
+        ray.kill(host)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
 
 
 def _say(text: str) -> None:
     print(f"[site] {text}", file=sys.stderr, flush=True)
 
 
+def start_own_ray(address: str | None, temp_root: str | None = None) -> None:
+    """The site's own Ray: ``address`` joins the organisation's cluster (``ray start`` on its
+    own machines); otherwise an embedded local instance in its own temp dir, so several sites
+    (and a coordinator) can share one test machine."""
+    import logging
+    import tempfile
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    from actors.driver import _quiet_token_auth_notice
+
+    temp = tempfile.mkdtemp(prefix="lrs-", dir=temp_root or "/tmp")
+    with _quiet_token_auth_notice():  # token auth on our own instance is what we want
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+                 _temp_dir=temp)
+
+
 def run_party(*, kit: str, data: str, policy: str | None = None, state: str | None = None,
               record: str | None = None, connect: str | None = None,
-              exit_after_job: bool = False) -> int:
+              exit_after_job: bool = False, address: str | None = None) -> int:
     """The ``lepton-ray party`` command (see the module docstring)."""
     import torch
 
@@ -275,11 +353,13 @@ def run_party(*, kit: str, data: str, policy: str | None = None, state: str | No
 
         ledger = SiteLedger(state_dir / "ledger.jsonl", lifetime_epsilon=site_policy.lifetime_epsilon)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    start_own_ray(address)
     site = PartySite(site_kit, str(data), policy=site_policy, ledger=ledger,
                      state_dir=str(state_dir), record=record)
     client = SiteClient(site_kit, site, address=connect)
     print(f"site {site_kit.site} (party {site_kit.index} of federation {site_kit.federation}): "
-          f"data {data}, state {state_dir}; dialling {client.address}", flush=True)
+          f"data {data}, state {state_dir}, Ray {address or 'embedded'}; dialling "
+          f"{client.address}", flush=True)
     try:
         if exit_after_job:  # serve in a thread; return once the coordinator ends a job
             failure: list[BaseException] = []
