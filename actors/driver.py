@@ -252,6 +252,11 @@ class Federation:
         if self.spec.privacy.enabled:
             self._start_privacy()
         self.audit.write("job_start", **self._trust_model())
+        self._audit_host_events()
+
+    def _audit_host_events(self) -> None:
+        for event, info in self.hosts.events():
+            self.audit.write(event, **info)
 
     def _weight_cap(self) -> float | None:
         """The public example count at which a party's FedAvg weight stops growing: the
@@ -426,6 +431,7 @@ class Federation:
         same identities, fresh round keys, never a round that started before)."""
         self.hosts.revive(set(self.dead), self._host_prior)
         self.dead.clear()
+        self._audit_host_events()
 
     def stop(self) -> None:
         if self.spec.privacy.dp_sgd.enabled and self.blocks:

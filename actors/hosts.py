@@ -154,6 +154,11 @@ class HostPool:
         """What the pool adds to ``summary.json``."""
         return {}
 
+    def events(self) -> list[tuple[str, dict]]:
+        """Audit records the pool made since last asked (``audit.jsonl``: e.g. a site's
+        refusal of the job, with its reason)."""
+        return []
+
     def stop(self) -> None:
         raise NotImplementedError
 

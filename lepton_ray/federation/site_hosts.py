@@ -54,6 +54,7 @@ class SiteHosts(HostPool):
         self.bytes: list[dict[str, dict[str, int]]] = []
         self._counters: dict[str, tuple[int, int]] = {}
         self._values: dict[Any, Any] = {}  # ObjectRef -> value, for the round in progress
+        self._events: list[tuple[str, dict]] = []  # audit records not yet written
 
     # ------------------------------------------------------------------ admission
     def admit(self, sessions: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,13 +77,15 @@ class SiteHosts(HostPool):
                 refused[site] = why(exc)
         for site, reason in refused.items():
             self.sites[site] = {"status": "refused", "reason": reason}
+            self._events.append(("site_refused", {"site": site, "reason": reason}))
             say(f"site {site} refused the job: {reason}")
         for site, session in ready.items():
             self.sites[site] = {"status": "accepted", "session": session.session}
+            self._events.append(("site_accepted", {"site": site, "party": session.index}))
         self.refusals = refused
         return ready
 
-    def standardise(self, sessions: Mapping[str, Any], audit=None) -> dict[str, Any]:
+    def standardise(self, sessions: Mapping[str, Any]) -> dict[str, Any]:
         """The job's standardisation, then every site's host is started with it.
 
         Without DP, round 0 is a SecAgg+ secure sum of the sites' moments (:mod:`.stats`):
@@ -119,9 +122,9 @@ class SiteHosts(HostPool):
             say(f"standardisation: secure sum over {len(outcome.result.survivors)} sites, "
                 f"{self.rows} training rows" + (", pooled mean and scale sent to the sites"
                                                 if features else ""))
-            if audit is not None:
-                audit.write("standardisation", sites=len(outcome.result.survivors),
-                            rows=self.rows, standardize=bool(features))
+            self._events.append(("standardisation", {
+                "sites": len(outcome.result.survivors), "rows": self.rows,
+                "standardize": bool(features)}))
             survivors = {self.names[p] for p in outcome.result.survivors}
             live = {s: v for s, v in sessions.items() if s in survivors}
         message = self._standardisation()
@@ -234,6 +237,10 @@ class SiteHosts(HostPool):
             # bytes per site per round (a site's count grows with whether it took part: kept
             # out of DP jobs' outputs like every other per-round figure)
             out["wire_bytes_last_round"] = self.bytes[-1]
+        return out
+
+    def events(self) -> list[tuple[str, dict]]:
+        out, self._events = self._events, []
         return out
 
     def finish(self, status: str) -> None:
