@@ -38,14 +38,20 @@ def test_offered_spec_never_names_a_site_data_path():
 
 
 def test_jobs_the_coordinator_cannot_run_are_refused_with_every_reason():
-    raw = _raw(secure_aggregation={"mode": "none"},
-               privacy={"mode": "user_level", "epsilon": 3.0, "noise_multiplier": 1.0})
+    raw = _raw(secure_aggregation={"mode": "none"}, evaluation={"federated": True})
     with pytest.raises(ConfigError) as err:
         job_from_file(raw, 3, NAMES)
     text = str(err.value)
-    assert "secure_aggregation.mode: none" in text and "privacy" in text
+    assert "secure_aggregation.mode: none" in text and "evaluation.federated" in text
+    with pytest.raises(ConfigError, match="privacy.dp_sgd"):
+        job_from_file(_raw(privacy={"mode": "none", "dp_sgd": {"noise_multiplier": 1.0}}), 3,
+                      NAMES)
     with pytest.raises(ConfigError, match="roster has 3 parties"):
         job_from_file(_raw(parties={"count": 4}), 3, NAMES)
+    # user-level DP runs in a federation now (the driver's accountant and ledger)
+    spec, _ = job_from_file(_raw(privacy={"mode": "user_level", "epsilon": 3.0,
+                                          "delta": 1e-5, "clip_norm": 1.0}), 3, NAMES)
+    assert spec.privacy.enabled
 
 
 def test_new_wire_messages_roundtrip_and_are_type_checked():
@@ -99,32 +105,79 @@ def test_site_refuses_data_that_disagrees_with_the_federation(site):
                                       moments=True))
 
 
-def test_site_refuses_a_round_that_asks_for_an_unclipped_or_foreign_update(site):
+def _plan(site, *, rule, round_=1, modulus_bits=32, roster=None, dp_noise=None):
+    """A round plan for job "j" as the driver makes it (the job's pins, its graph)."""
+    from lepton_ray.learning.party_update import SecureRoundPlan
+    from lepton_ray.secagg import JobPins
+
+    roster = roster or site.roster
+    spec = site.jobs["j"]
+    params = 3 * 2 + 2
+    config = JobPins.for_job("j", roster, spec.secure_aggregation).plan(
+        roster=roster, round_=round_, dim=rule.width(params), participants=[0, 1, 2],
+        modulus_bits=modulus_bits)
+    quant = quantization_for(n_parties=3, rule=rule, modulus_bits=modulus_bits, dim=params)
+    return SecureRoundPlan(config=config, rule=rule, quantization=quant)
+
+
+@pytest.mark.ray
+def test_site_refuses_a_round_that_asks_for_an_unclipped_or_foreign_update(site, ray_session):
+    """The site's own checks, before its PartyHost (on the site's Ray) sees the plan; then a
+    good plan is answered by the host with the site's own advert, and only once."""
+    from lepton_ray.crypto.identity import IdentityKey, Roster
+
     site.rpc_prepare(wire.JobData(job_id="j", features=("a", "b", "c"), classes=(0, 1),
                                   moments=True))
     site.rpc_standardise(wire.Standardisation(job_id="j", mean=np.zeros(3), scale=np.ones(3)))
-    params = np.zeros(3 * 2 + 2, dtype=np.float32)
+    params = [np.zeros(3 * 2 + 2, dtype=np.float32)]
     good = UpdateRule(clip_norm=10.0, weight_cap=40.0, stats=True)  # the spec's default clip norm
-    quant = quantization_for(n_parties=3, rule=good, modulus_bits=32, dim=len(params))
     loose = UpdateRule(clip_norm=1e6, weight_cap=40.0, stats=True)
-    with pytest.raises(FederationError, match="clip norm"):
-        site.rpc_train(wire.TrainRound(job_id="j", round=1, params=params, rule=loose,
-                                       quantization=quantization_for(
-                                           n_parties=3, rule=loose, modulus_bits=32, dim=8)))
-    with pytest.raises(FederationError, match="ring of 64 bits"):
-        site.rpc_train(wire.TrainRound(job_id="j", round=1, params=params, rule=good,
-                                       quantization=QuantizationSpec(
-                                           clip_norm=quant.clip_norm, scale=1.0, modulus_bits=64)))
-    with pytest.raises(FederationError, match="outside the accepted job"):
-        site.rpc_train(wire.TrainRound(job_id="j", round=99, params=params, rule=good,
-                                       quantization=quant))
-    assert site.rpc_train(wire.TrainRound(job_id="j", round=1, params=params, rule=good,
-                                          quantization=quant)) == 0
-    state = site.data["j"]["rounds"][1]
-    assert state["done"].wait(60) and state["error"] is None, state["error"]
-    ring = state["ring"]
-    assert ring.dtype == np.uint32 and ring.shape == (good.width(len(params)),)
-    # the weight coordinate decodes to n_i / W = 40 / 40 (the same rule as a simulated party)
-    from lepton_ray.learning.party_update import ring_to_float
 
-    assert ring_to_float(ring, quant)[len(params)] == pytest.approx(1.0, abs=1e-6)
+    def advertise(plan, round_=1, parties=(0,)):
+        return site(wire.Call(id=1, method="advertise",
+                              args=(round_, plan, params, list(parties), ())))
+
+    with pytest.raises(FederationError, match="clip norm"):
+        advertise(_plan(site, rule=loose))
+    with pytest.raises(FederationError, match="ring of 64 bits"):
+        advertise(_plan(site, rule=good, modulus_bits=64))
+    with pytest.raises(FederationError, match="outside the accepted job"):
+        advertise(_plan(site, rule=good, round_=99), round_=99)
+    with pytest.raises(FederationError, match="its own party 0 only"):
+        advertise(_plan(site, rule=good), parties=(0, 1))
+    swapped = Roster(site.roster.public_keys[:2] + (IdentityKey.generate().public_bytes,))
+    with pytest.raises(FederationError, match="roster is not the roster pinned"):
+        advertise(_plan(site, rule=good, roster=swapped))
+    report, adverts = advertise(_plan(site, rule=good))
+    assert type(report) is wire.Report and report.parties == (0,) and report.failed == ()
+    assert [a.party for a in adverts] == [0] and adverts[0].job_id == "j"
+    # the same round again (a replay by the coordinator): the host refuses, nothing sent
+    report, adverts = advertise(_plan(site, rule=good))
+    assert adverts == [] and "never twice" in report.failed[0][1]
+
+
+def test_a_dp_site_refuses_a_weighted_or_unnoised_plan():
+    """Under user-level DP every party weighs 1 and the noise is where the accepted spec puts
+    it: a plan asking for a weighted update or for no Skellam noise (distributed) is refused
+    by the site's rule check (pure; no Ray)."""
+    from lepton_ray.config import load_spec
+    from lepton_ray.federation.party_process import check_rule
+    from lepton_ray.learning.party_update import SecureRoundPlan
+
+    def spec(noise):
+        raw = _raw(privacy={"mode": "user_level", "epsilon": 3.0, "delta": 1e-5,
+                            "clip_norm": 1.0, "noise": noise})
+        raw["data"]["party_paths"] = ["a.csv"] * 3
+        return load_spec({**raw, "parties": {"count": 3}})
+
+    dp_rule = UpdateRule(clip_norm=1.0, weight_cap=None)
+    quant = quantization_for(n_parties=3, rule=dp_rule, modulus_bits=32, dim=8)
+    fine = SecureRoundPlan(config=None, rule=dp_rule, quantization=quant)
+    assert check_rule(spec("central"), fine) == []
+    weighted = SecureRoundPlan(config=None, rule=UpdateRule(clip_norm=1.0, weight_cap=40.0),
+                               quantization=quant)
+    assert any("weighted" in p for p in check_rule(spec("central"), weighted))
+    assert any("clip norm" in p for p in check_rule(
+        spec("central"), SecureRoundPlan(config=None, rule=UpdateRule(clip_norm=5.0),
+                                         quantization=quant)))
+    assert any("distributed" in p for p in check_rule(spec("distributed"), fine))

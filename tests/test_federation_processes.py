@@ -273,3 +273,88 @@ def test_a_killed_site_restarted_with_its_kit_rejoins_and_never_reruns_a_round(f
     logged = [rec["round"] for rec in log]
     assert len(logged) == len(set(logged))  # one claim per round, across both processes
     assert min(logged) <= killed_after < later[0] <= max(logged)
+
+
+def _participation(fed, site: str) -> list[tuple[str, int]]:
+    """``(job, round)`` of every claim in a site's fsynced participation log."""
+    path = fed.where / "kits" / site / "state" / "participation.jsonl"
+    return [(rec["job"], int(rec["round"])) for rec in
+            (json.loads(line) for line in path.read_text().splitlines() if line.strip())]
+
+
+def test_the_coordinator_killed_and_resumed_reruns_no_round_under_the_same_transcript(federation):
+    """SIGKILL the coordinator after a few checkpointed rounds, start it again with
+    ``--resume``: the sites reconnect to it, are offered the job again under a fresh job id,
+    and the job finishes from the checkpoint. Every round's transcript binds the job id, so
+    the rounds run again after the checkpoint are new executions under new transcripts; no
+    site ever claims one (job, round) twice."""
+    fed = federation
+    rounds = 60
+    job = _job(fed.where, rounds=rounds)
+    job["output"]["checkpoint_every"] = 1
+    fed.coordinator(job)
+    for name in SITES:
+        fed.site(name)
+    history_file = fed.where / "out" / "history.csv"
+    deadline = time.monotonic() + 120
+    while not (history_file.exists() and len(history_file.read_text().splitlines()) > 5):
+        assert time.monotonic() < deadline, fed.log("coordinator")
+        time.sleep(0.05)
+    fed.kill("coordinator")
+    first_log = fed.log("coordinator")
+    fed.coordinator(job, "--resume")
+    assert fed.wait("coordinator") == 0, fed.log("coordinator")
+    for name in SITES:
+        assert fed.wait(name, timeout=60) == 0, fed.log(name)
+    summary, history = _summary(fed), _history(fed)
+    assert summary["status"] == "completed" and summary["rounds_completed"] == rounds
+    assert list(history["round"]) == list(range(1, rounds + 1))  # no row lost or repeated
+    assert float(history["test_accuracy"].iloc[-1]) > 0.9
+    audit = [json.loads(line) for line in (fed.where / "out" / "audit.jsonl").read_text().splitlines()]
+    resumed = [e for e in audit if e["event"] == "resume"]
+    assert len(resumed) == 1 and resumed[0]["from_round"] >= 5
+    first_job = first_log.split("job ")[1].split(" ")[0]
+    assert summary["job_id"] != first_job  # a fresh transcript for every re-run round
+    for name in SITES:
+        claims = _participation(fed, name)
+        assert len(claims) == len(set(claims)), f"{name} took part in a (job, round) twice"
+        jobs = {j for j, _ in claims}
+        assert jobs == {first_job, summary["job_id"]}
+        rerun = {r for j, r in claims if j == first_job} & {r for j, r in claims
+                                                            if j == summary["job_id"]}
+        # each job's round 0 is its own standardisation sum; of the training rounds only
+        # the one the kill cut can have run under both job ids
+        assert rerun - {0} <= {resumed[0]["from_round"] + 1}
+
+
+def test_a_dp_job_runs_across_sites_and_a_site_over_its_lifetime_budget_sits_it_out(federation):
+    """User-level DP (central discrete Gaussian, the driver's DpAccountant and write-ahead
+    ledger) across three sites; east's own policy allows a lifetime epsilon of 1 and the job
+    costs 2, so east's ledger refuses every round before its host sees it, and the job goes
+    on over north and south. Each accepting site charged its own ledger before each round."""
+    fed = federation
+    (fed.where / "east-policy.yaml").write_text("lifetime_epsilon: 1.0\n")
+    (fed.where / "west-policy.yaml").write_text("lifetime_epsilon: 10.0\n")
+    job = _job(fed.where, rounds=3, privacy={"mode": "user_level", "epsilon": 2.0,
+                                             "delta": 1e-5, "clip_norm": 1.0})
+    fed.coordinator(job)
+    fed.site("north", "--policy", "west-policy.yaml")
+    fed.site("south")
+    fed.site("east", "--policy", "east-policy.yaml")
+    assert fed.wait("coordinator") == 0, fed.log("coordinator")
+    summary, history = _summary(fed), _history(fed)
+    assert summary["status"] == "completed"
+    assert list(history["status"]) == ["ok"] * 3
+    assert 0 < history["epsilon"].iloc[-1] <= 2.0 + 1e-9
+    assert summary["privacy"]["epsilon_spent"] <= 2.0 + 1e-9
+    assert (fed.where / "out" / "ledger.jsonl").exists()  # the coordinator's accountant
+    assert "standardisation: secure sum" not in fed.log("coordinator")  # no exact statistics
+    # east: refused by its own ledger every round, nothing written to it
+    assert fed.log("coordinator").count("site budget") >= 3
+    assert not (fed.where / "kits" / "east" / "state" / "ledger.jsonl").read_text().strip()
+    assert not (fed.where / "rec-east").exists()
+    # north: one write-ahead line per round, at the job's epsilon computed by the site
+    lines = [json.loads(x) for x in
+             (fed.where / "kits" / "north" / "state" / "ledger.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2, 3]
+    assert all(x["job"] == summary["job_id"] and x["epsilon"] == 2.0 for x in lines)

@@ -103,9 +103,13 @@ class PartySite(SiteSecAgg):
             X, y = load_party_file(spec.data, self.data_path, schema, field="--data")
         except DataError as exc:
             raise FederationError(f"site data refused for job {job.job_id}: {exc}") from None
-        old = self.data.pop(job.job_id, None)
-        if old is not None and old.get("host") is not None:
-            _kill(old["host"])  # the coordinator came back: a fresh host for the job
+        # one job at a time: a job prepared now (a new one, the same one offered again after
+        # a reconnect, or a resumed coordinator's) stops the hosts of every job before it
+        for old in self.data.values():
+            if old.get("host") is not None:
+                _kill(old["host"])
+                old["host"] = None
+        self.data.pop(job.job_id, None)
         self.data[job.job_id] = {"raw": X, "y": y, "schema": job, "host": None}
         _say(f"job {job.job_id}: {len(y)} rows of {self.data_path}, {features} features, "
              f"{len(job.classes)} classes")
