@@ -48,13 +48,16 @@ def _digits_files(where: Path) -> None:
 
 
 def _job(where: Path, rounds: int, **extra) -> dict:
+    """jobs/digits.yaml (its model, training, server and secure-aggregation sections) for the
+    three sites' files and the coordinator's test file."""
+    import yaml
+
+    main = yaml.safe_load((ROOT / "jobs" / "digits.yaml").read_text())
     return {"name": "digits-fed", "seed": 0, "rounds": rounds,
             "data": {"source": "party_files", "test_path": str(where / "test.csv"),
                      "label": "digit", "standardize": True},
-            "parties": {"count": 3}, "model": {"kind": "mlp", "hidden": [128]},
-            "training": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "epochs": 1,
-                         "batch_size": 32},
-            "server": {"strategy": "fedavg", "lr": 1.0}, "secure_aggregation": {"mode": "secagg+"},
+            "parties": {"count": 3}, "model": main["model"], "training": main["training"],
+            "server": main["server"], "secure_aggregation": main["secure_aggregation"],
             "privacy": {"mode": "none"}, "output": {"dir": str(where / "out"), "progress": False},
             **extra}
 
@@ -151,6 +154,10 @@ def _history(fed):
 def test_three_site_processes_run_digits_like_the_simulation(federation):
     fed = federation
     job = _job(fed.where, rounds=5)
+    # public per-(round, party) training seeds in both runs (a test setting): the federation
+    # and simulate then train the same parties from the same seeds on the same features, and
+    # differ only by the stochastic rounding into the ring (OS randomness)
+    job["training"] = {**job["training"], "deterministic_seeds": True}
     fed.coordinator(job)
     for name in SITES:
         fed.site(name)
@@ -176,9 +183,9 @@ def test_three_site_processes_run_digits_like_the_simulation(federation):
         _check_release(fed, job_id, r, SITES)
 
     # the reference: lepton-ray simulate of the same spec on the same three files
-    sim = _job(fed.where, rounds=5)
-    sim["data"]["party_paths"] = [str(fed.where / f"{s}.csv") for s in SITES]
-    sim["output"]["dir"] = str(fed.where / "sim")
+    sim = dict(job)
+    sim["data"] = {**job["data"], "party_paths": [str(fed.where / f"{s}.csv") for s in SITES]}
+    sim["output"] = {**job["output"], "dir": str(fed.where / "sim")}
     (fed.where / "sim.yaml").write_text(fed.yaml.safe_dump(sim))
     done = subprocess.run([sys.executable, "-m", "lepton_ray.cli", "simulate", "sim.yaml",
                            "--quiet", "--num-cpus", "2"], cwd=fed.where, env=fed.env,
@@ -188,11 +195,8 @@ def test_three_site_processes_run_digits_like_the_simulation(federation):
 
     sim_acc = float(read_history(fed.where / "sim")["test_accuracy"].iloc[-1])
     print(f"federation: accuracy {fed_acc:.4f} in {seconds:.1f} s; simulate: {sim_acc:.4f}")
-    # Not bit-identical: training seeds are secret (OS) in both, the rounding is stochastic,
-    # and the federation standardises with the pooled training rows' statistics (secure sum)
-    # where simulate's party_files uses the test file's. 5 rounds of digits land within 3
-    # points of each other (measured: 0.967 vs 0.969); chance is 0.10.
-    assert abs(fed_acc - sim_acc) <= 0.03
+    # the issue's bar: within 1 point of simulate of the same spec (chance is 0.10)
+    assert abs(fed_acc - sim_acc) <= 0.01
     assert fed_acc > 0.9
 
 

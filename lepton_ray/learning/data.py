@@ -12,6 +12,8 @@ statistics come from the server's test file, so no party's data is pooled.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,8 +325,16 @@ def _load_party_files(spec: DataSpec, paths=None) -> FederatedData:
                            mean=mean, scale=scale)
     if paths is not None and not paths:
         return server
-    parties = [load_party_file(spec, p, server, field=f"data.party_paths[{i}]")
+    # read raw (mean 0, scale 1), then standardise with the pooled training rows' statistics,
+    # as every other source does and as a federation computes them by a secure sum of the
+    # sites' moments (lepton_ray.federation.stats): simulate and a federation of the same
+    # spec on the same files train on the same features
+    raw = dataclasses.replace(server, mean=np.zeros_like(mean), scale=np.ones_like(scale))
+    parties = [load_party_file(spec, p, raw, field=f"data.party_paths[{i}]")
                for i, p in enumerate(spec.party_paths or ())]
+    if spec.standardize and parties:
+        mean, scale = _standardisation(np.concatenate([X for X, _ in parties]), True)
+        parties = [((X - mean) / scale, y) for X, y in parties]
     return FederatedData(
         parties=tuple(parties),
         X_test=((test.X - mean) / scale).astype(np.float32),
