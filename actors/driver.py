@@ -1,9 +1,25 @@
-"""The federation driver: starts hosts and the coordinator and runs the round loop.
+"""The federation driver: the round loop of one job, whatever reaches its hosts.
 
 One round (see shared/DESIGN.md): sample parties -> put the global parameters in the object
-store once -> one ``train`` call per host (each trains its sampled parties in a
-GPU-allocated task and accumulates locally) -> the coordinator reduces across hosts -> the
-server optimiser steps -> evaluate -> history row (fsynced) and checkpoint (atomic).
+store once -> one call per host and stage (each host trains its sampled parties in a
+GPU-allocated task and accumulates locally; with SecAgg+ five batched stages) -> the
+coordinator reduces across hosts -> the server optimiser steps -> evaluate -> history row
+(fsynced) and checkpoint (atomic).
+
+:class:`Federation` is built from parts, each in its own module:
+
+- the round loop (here): sampling, the plain and secure rounds, the plan, the stage gather;
+- the hosts (:mod:`actors.hosts`): one :class:`~actors.hosts.HostPool` interface, with
+  ``PartyHost`` actors in this Ray cluster (:class:`~actors.hosts.RayHosts`: simulation and
+  the trusted-cluster deployment) or a federation's sites over mutual TLS
+  (:class:`lepton_ray.federation.site_hosts.SiteHosts`);
+- privacy (:mod:`actors.job_privacy`): calibration, the write-ahead ledger, record-level
+  reporting;
+- outputs (:mod:`actors.job_outputs`): audit records, checkpoints and ``--resume``, the model
+  and the summary.
+
+:func:`run_job` runs a spec on its own hosts; :func:`run_with_hosts` on a given pool (the
+federation coordinator).
 """
 
 from __future__ import annotations
@@ -18,18 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 
 from actors.coordinator import Released, SmpcCoordinator
-from actors.hosts import HostPool, RayHosts, discard, gather, is_dropout, split_hosts  # noqa: F401
+from actors.hosts import HostPool, RayHosts, discard, gather
+from actors.job_outputs import JobOutputs
+from actors.job_privacy import JobPrivacy
 from actors.party_host import StageReport
-from lepton_ray.config import JobSpec, NoisePlacement, SamplingKind, SecureAggregation
-from lepton_ray.errors import (BudgetExhaustedError, ConfigError, LeptonError, PrivacyError,
-                               ResumeError, user_message)
+from lepton_ray.config import JobSpec, SecureAggregation
+from lepton_ray.errors import (BudgetExhaustedError, ConfigError, LeptonError, ResumeError,
+                               user_message)
 from lepton_ray.learning.data import FederatedData, load_federated
 from lepton_ray.learning.sampling import sample_parties
-from lepton_ray.privacy.resume import ROUND_START, executions_after, prior_executions
+from lepton_ray.privacy.resume import ROUND_START
 from lepton_ray.outputs import (
     AUDIT,
     CHECKPOINT,
@@ -43,10 +60,8 @@ from lepton_ray.outputs import (
     ParticipantsLog,
     atomic_write_json,
     output_path,
-    read_audit,
     read_history,
     read_output,
-    write_output,
 )
 from lepton_ray.result import RunResult
 
@@ -155,7 +170,7 @@ def prepare_output_dir(out: Path, *, overwrite: bool, discard_privacy_ledger: bo
     out.mkdir(parents=True, exist_ok=True)
 
 
-class Federation:
+class Federation(JobPrivacy, JobOutputs):
     """The driver's state for one job: the round loop, the global model, privacy and
     outputs. It reaches the parties' hosts only through ``hosts`` (:class:`actors.hosts.HostPool`):
     by default ``PartyHost`` actors in this Ray cluster (:class:`~actors.hosts.RayHosts`); a
@@ -274,126 +289,6 @@ class Federation:
                 raise ConfigError(["secure_aggregation.weight_cap: required with parties.deploy"])
             return None
         return float(self.data.party_sizes.max())
-
-    def _start_privacy(self) -> None:
-        """Calibrate DP-FedAvg, open (or replay) the ledger, and refuse a job whose first
-        round alone would exceed the budget, before any training."""
-        from actors.accountant import DpAccountant
-        from lepton_ray.privacy.accountants import AccountantKind
-        from lepton_ray.privacy.dpfedavg import DpFedAvg
-
-        p, smp = self.spec.privacy, self.spec.sampling
-        q = smp.fraction if smp.kind is SamplingKind.POISSON else 1.0
-        kind = AccountantKind(p.accountant.value)
-        ac = p.adaptive_clipping
-        distributed = None
-        if p.noise is NoisePlacement.DISTRIBUTED:
-            from lepton_ray.privacy.dpfedavg import DistributedNoise
-
-            from lepton_ray.privacy.events import SkellamAmplification
-
-            from lepton_ray.privacy.dpfedavg import sample_size_bound
-
-            distributed = DistributedNoise(bits=p.bits, dim=len(self.params),
-                                           min_survivor_fraction=p.min_survivor_fraction,
-                                           amplification=SkellamAmplification(p.amplification.value),
-                                           colluding_parties=p.colluding_parties,
-                                           max_sample=sample_size_bound(self.spec.parties.count, q))
-        if self.dp is None:  # a resumed job restores its state from the checkpoint
-            self.dp = DpFedAvg.create(distributed=distributed,
-                n_parties=self.spec.parties.count, sampling_rate=q, rounds=self.spec.rounds,
-                epsilon=p.epsilon, delta=p.delta, clip_norm=p.clip_norm,
-                noise_multiplier=p.noise_multiplier, accountant=kind, adaptive=ac.enabled,
-                target_quantile=ac.target_quantile, learning_rate=ac.learning_rate,
-                count_noise_std=ac.count_noise_std)
-        # in the driver's process, under the job's ledger lock (held since before the output
-        # directory was touched): the ledger lives beside the other outputs, on this node
-        self.accountant = DpAccountant(str(self.out / LEDGER), p.epsilon, p.delta, kind,
-                                       lock=self.ledger_lock)
-        self.epsilon = self.accountant.spent()
-        skellam = self._expected_skellam() if self.dp.distributed is not None else None
-        first = self.accountant.epsilon_if_charged(self.dp.event(skellam))
-        if first > p.epsilon and self.first_round > 1:  # a resume asking for more rounds
-            raise BudgetExhaustedError(
-                f"rounds: {self.spec.rounds} asked, but the privacy budget allows no round after "
-                f"round {self.first_round - 1}: epsilon spent {self.epsilon:.4g}, the next round "
-                f"would take it to {first:.4g} > privacy.epsilon {p.epsilon:g}; no file changed")
-        if first > p.epsilon:
-            from lepton_ray.errors import PrivacyError
-
-            raise PrivacyError(
-                f"privacy.epsilon: one round at noise multiplier {self.dp.noise_multiplier:.4g}"
-                f" and sampling rate {q:g} already costs epsilon {first:.4g} (spent so far "
-                f"{self.epsilon:.4g}) > budget {p.epsilon:g}; raise privacy.noise_multiplier "
-                "or the budget, or lower sampling.fraction")
-
-    def _record_plan(self, r: int, plan) -> None:
-        """Audit what the first secure round actually used (k, t, ring; with distributed DP
-        the Skellam ring, scale, survivors and colluders): the spec's k and t are usually
-        null (chosen per round from the sample size), so only the plan can say."""
-        if getattr(self, "_plan_recorded", False):
-            return
-        self._plan_recorded = True
-        cfg = plan.config
-        info: dict[str, Any] = {
-            "round": r, "neighbours": cfg.graph.degree, "complete_graph": cfg.graph.complete,
-            "threshold": cfg.threshold, "modulus_bits": cfg.modulus_bits,
-            "neighbours_chosen": "spec" if self.spec.secure_aggregation.neighbours else "auto",
-        }
-        if plan.skellam is not None:
-            sk = plan.skellam
-            info["skellam"] = {"bits": sk.bits, "gamma": sk.gamma, "min_survivors": sk.min_survivors,
-                               "colluding": sk.colluding, "honest_survivors": sk.honest_survivors,
-                               "l2_sensitivity": sk.l2_sensitivity, "mu": sk.mu,
-                               "wraparound_probability": sk.wraparound_probability}
-        elif plan.quantization is not None:
-            info["quantization_scale"] = getattr(plan.quantization, "scale", None)
-        self.audit.write("secagg_plan", **info)
-
-    def _trust_model(self) -> dict[str, Any]:
-        sa, p = self.spec.secure_aggregation, self.spec.privacy
-        info: dict[str, Any] = {
-            "job": self.spec.name, "parties": self.spec.parties.count, "hosts": len(self.blocks),
-            "rounds": self.spec.rounds, "secure_aggregation": sa.mode.value,
-            "sampling": {"kind": self.spec.sampling.kind.value, "fraction": self.spec.sampling.fraction},
-            "privacy": p.mode.value,
-        }
-        if self.secure:
-            from lepton_ray.crypto import shamir
-
-            # k and t are chosen per round from the sample (null here = automatic); the values
-            # used are in the "secagg_plan" record of the first secure round
-            info["secagg"] = {"modulus_bits": sa.modulus_bits, "neighbours_spec": sa.neighbours,
-                              "threshold_spec": sa.threshold, "stage_timeout_s": sa.stage_timeout_s,
-                              "job_id": self.job_id, "corrupt_fraction": sa.corrupt_fraction,
-                              "roster_hash": self.roster.digest.hex(),
-                              "shamir_field": f"GF(2^31 - 1), {shamir.SECRET_BYTES * 8}-bit secrets "
-                                              f"in {shamir.LIMBS} limbs of {shamir.LIMB_BITS} bits"}
-        if self.dp is not None:
-            info["dp"] = {"noise": p.noise.value, "epsilon_budget": p.epsilon, "delta": p.delta,
-                          "noise_multiplier": self.dp.noise_multiplier,
-                          "delta_noise_multiplier": self.dp.delta_noise_multiplier,
-                          "clip_norm": self.dp.clip_norm, "sampling_rate": self.dp.sampling_rate,
-                          "expected_parties": self.dp.expected_parties,
-                          "adaptive_clipping": p.adaptive_clipping.enabled,
-                          "accountant": p.accountant.value,
-                          # the event charged per round, i.e. the mechanism actually accounted
-                          "round_event": self.dp.event(self._expected_skellam() if
-                                                       self.dp.distributed is not None else None
-                                                       ).to_dict(),
-                          "neighbouring": ("zero_out_party" if self.dp.distributed is not None
-                                           else "add_remove_party")}
-            if self.dp.distributed is not None:
-                dn = self.dp.distributed
-                info["dp"]["distributed"] = {
-                    "bits": dn.bits, "min_survivor_fraction": dn.min_survivor_fraction,
-                    "colluding_parties": p.colluding_parties,
-                    "colluding_at_expected_sample": dn.colluding(max(2, round(self.dp.expected_parties))),
-                    "amplification": dn.amplification.value}
-        if p.dp_sgd.enabled:
-            info["dp_sgd"] = {"noise_multiplier": p.dp_sgd.noise_multiplier,
-                              "clip_norm": p.dp_sgd.clip_norm, "delta": p.dp_sgd.delta}
-        return info
 
     def _job_pins(self):
         """What every host checks each round's plan against (lepton_ray.secagg.JobPins): the
@@ -675,51 +570,14 @@ class Federation:
             train_nodes={t.host: t.device.split("@")[-1] for t in trained},
         )
 
-    def _record_release(self, r: int, outcome: "RoundOutcome") -> None:
-        """Test mode (``record``): the round's released sum, its survivors and the ring it
-        was dequantised from, so a test can check it against what the hosts computed."""
-        self.record.mkdir(parents=True, exist_ok=True)
-        quant = getattr(self._plan_used, "quantization", None)
-        np.savez(self.record / f"{self.job_id}-round-{r}.npz", total=outcome.released.total,
-                 survivors=np.asarray(sorted(outcome.released.survivors)),
-                 scale=getattr(quant, "scale", np.nan),
-                 modulus_bits=getattr(quant, "modulus_bits", 0),
-                 clip_norm=getattr(quant, "clip_norm", np.nan))
-
     def _evaluating(self, parties: list[int]) -> tuple[int, ...]:
         """Which of a host's sampled ``parties`` evaluate this round (federated evaluation)."""
         return tuple(p for p in parties if p in self._evaluators)
 
-    def _distributed_plan(self, r: int, by_host: dict[int, list[int]], rule):
-        """The round's SecAgg+ plan with its Skellam parameters, and those parameters. A round
-        that cannot run (fewer than 2 parties, no valid threshold) gets the reason instead of
-        a plan and the parameters at the expected size, so it is still charged."""
-        participants = [p for ps in by_host.values() for p in ps]
-        why = "no_parties" if not participants else "aborted: fewer than 2 parties sampled"
-        if len(participants) >= 2:
-            try:
-                plan = self._plan(r, participants, rule)
-                return plan, self._expected_skellam()  # charged: independent of the sample size
-            except ConfigError as exc:
-                why = f"aborted: {exc.problems[0]}"
-            except PrivacyError as exc:  # e.g. too few sampled parties for the colluders
-                why = f"aborted: {exc}"
-        return why, self._expected_skellam()
-
-    def _expected_skellam(self):
-        """The parameters every distributed round is charged at (the scale for the public
-        bound on the sample; a job checkpointed before there was one keeps the old rule)."""
-        dn = self.dp.distributed
-        if getattr(dn, "max_sample", None) is not None:
-            return dn.charged_params(clip_norm=self.dp.clip_norm,
-                                     noise_multiplier=self.dp.noise_multiplier)
-        return dn.params(n=max(2, round(self.dp.expected_parties)), threshold=1,
-                         clip_norm=self.dp.clip_norm, noise_multiplier=self.dp.noise_multiplier)
-
     def _plan(self, r: int, participants: list[int], rule):
         import hashlib
 
-        from lepton_ray.learning.party_update import SecureRoundPlan, quantization_for
+        from lepton_ray.learning.party_update import SecureRoundPlan
         from lepton_ray.secagg import required_threshold
 
         sa = self.spec.secure_aggregation
@@ -749,33 +607,6 @@ class Federation:
                                    rotation_seed=seed)
         quant, bound = self._quantization(len(participants), rule)
         return SecureRoundPlan(config=config, rule=rule, quantization=quant, rounding_bound_sq=bound)
-
-    def _quantization(self, n: int, rule):
-        """The round's quantisation for ``n`` parties and, with central DP, the conditional-
-        rounding bound (the sensitivity in ring units). Under DP the scale also leaves room
-        for the coordinator's noise: 13 sigma per coordinate (P[|N_Z| > 13 sigma] < 1e-36)
-        counted as extra parties of norm C (sigma_ring / (norm bound s) <= z)."""
-        import math
-
-        from lepton_ray.learning.party_update import quantization_for, rounding_bound_sq
-
-        sa = self.spec.secure_aggregation
-        central = self.dp is not None and self.dp.distributed is None
-        extra = 0
-        if central:
-            noise = self.dp.noise(len(self.params))
-            ratio = max(noise.delta_multiplier, (noise.bits_multiplier or 0.0) / rule.norm_bound)
-            extra = math.ceil(13 * ratio)
-        quant = quantization_for(n_parties=n + extra, rule=rule, modulus_bits=sa.modulus_bits,
-                                 dim=len(self.params), scale=sa.scale)
-        if central:  # the exact sampler takes sigma <= 2^24 ring units: a finer scale buys nothing
-            from dataclasses import replace
-
-            from lepton_ray.privacy.discrete_gaussian import MAX_SIGMA
-
-            top = max(noise.delta_multiplier * rule.clip_norm, noise.bits_multiplier or 0.0)
-            quant = replace(quant, scale=min(quant.scale, MAX_SIGMA / (1.01 * top) - 2.0))
-        return quant, (rounding_bound_sq(rule, quant, len(self.params)) if central else None)
 
     def _gather(self, r: int, stage: str, outs: dict, timeout: float | None):
         """Wait (at most ``timeout`` s) for each host's stage report; returns the hosts that
@@ -819,190 +650,6 @@ class Federation:
         return f"aborted: {status.reason}"
 
     # ------------------------------------------------------------------ outputs
-    def write_checkpoint(self, r: int) -> None:
-        import torch
-
-        state = {
-            "round": r,
-            # round executions so far, re-runs included (a count, no party id): a resume
-            # counts every party in all of them (record-level DP-SGD; over-count, never under)
-            "executions": self.prior_executions + r - self.first_round + 1,
-            "params": self.params,
-            "server_state": self.optimizer.state,
-            "dp": self.dp,
-            "spec": self.spec.to_dict(),
-        }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        write_output(self.out, CHECKPOINT, buf.getvalue(), self.key)
-
-    def restore(self, state: dict | None = None) -> int:
-        """Resume from ``checkpoint.pt`` (``state``: as :func:`read_checkpoint` returns it):
-        parameters, server-optimiser and DP state. Read-only; :meth:`commit_resume` cuts the
-        history once the job has started. Returns the checkpoint's round."""
-        from lepton_ray.learning.models import load_flat
-
-        if state is None:  # died before its first checkpoint (run_job checked): from round 1
-            lost = executions_after(0, audit_events=read_audit(self.out) if (self.out / AUDIT)
-                                    .exists() else [], ledger_rounds=self._ledger_rounds())
-            self.prior_executions = prior_executions(0, lost)
-            self._recounted = lost
-            return 0
-        if state["params"].shape != self.params.shape:
-            raise ResumeError(f"--resume {self.out}: checkpoint parameters have shape "
-                              f"{state['params'].shape}, the model {self.params.shape}")
-        self.params = state["params"]
-        load_flat(self.model, self.params)  # the model written if no round runs is the checkpoint's
-        self.optimizer.state = state["server_state"]
-        self.dp = state["dp"]
-        r = int(state["round"])
-        # every execution after the checkpoint may have released: DP-SGD participation counts
-        # each for every party (lepton_ray.privacy.resume); the ledger is never cut, so those
-        # rounds stay charged and are charged again when they re-run
-        lost = executions_after(r, audit_events=read_audit(self.out) if (self.out / AUDIT).exists()
-                                else [], ledger_rounds=self._ledger_rounds())
-        self.prior_executions = prior_executions(int(state.get("executions", r)), lost)
-        self._recounted = lost
-        self.first_round = r + 1
-        return r
-
-    def _ledger_rounds(self) -> list[int]:
-        from lepton_ray.privacy.ledger import read_ledger
-
-        path = self.out / LEDGER
-        if not path.exists() or path.stat().st_size == 0:
-            return []
-        return [row.round for row in read_ledger(path)]
-
-    def commit_resume(self) -> None:
-        """History rows after the checkpoint are cut (those rounds run again, so no row is
-        duplicated); the privacy ledger is only ever replayed, never cut."""
-        from lepton_ray.outputs import truncate_history
-
-        r = self.first_round - 1
-        cut = truncate_history(self.out, r)
-        self.audit.write("resume", from_round=r, history_rows_cut=cut,
-                         executions_recounted=self._recounted)
-        self.resumed = True
-
-    def write_model(self) -> None:
-        import torch
-
-        buf = io.BytesIO()
-        torch.save(
-            {
-                "state_dict": self.model.state_dict(),
-                "spec": self.spec.to_dict(),
-                "n_features": self.data.n_features,
-                "classes": self.data.classes,
-                "feature_names": list(self.data.feature_names),
-                "mean": self.data.mean,
-                "scale": self.data.scale,
-            },
-            buf,
-        )
-        write_output(self.out, MODEL, buf.getvalue(), self.key)
-
-    def released_stage_seconds(self) -> dict[str, float] | None:
-        """The last round's wall seconds by stage for trackers and gauges; None under DP (a
-        round's time grows with the secret number of parties it trained)."""
-        if self.dp is not None or not self.stage_seconds:
-            return None
-        return self.stage_seconds[-1]
-
-    def summary(self, last: dict[str, Any], status: str, seconds: float) -> dict[str, Any]:
-        after_first = self.round_seconds[1:] or self.round_seconds
-        out = {
-            "name": self.spec.name,
-            "status": status,
-            # rounds in history.csv: those before the checkpoint a resumed job started from,
-            # and those run now
-            "rounds_completed": self.first_round - 1 + len(self.round_seconds),
-            "rounds_planned": self.spec.rounds,
-            "parties": self.spec.parties.count,
-            "hosts": len(self.blocks),
-            # simulation only: a deployment's party sizes never leave the parties' nodes
-            **({"party_sizes": {
-                "min": int(self.data.party_sizes.min()),
-                "median": float(np.median(self.data.party_sizes)),
-                "max": int(self.data.party_sizes.max()),
-            }} if not self.remote_parties else {}),
-            "test_rows": int(len(self.data.y_test)),
-            "final": {k: last.get(k) for k in ("test_loss", "test_accuracy", "test_precision",
-                                               "test_recall", "test_f1")},
-            "seconds_total": seconds,
-            "seconds_per_round": float(np.mean(after_first)) if after_first else None,
-            "first_round_seconds": self.round_seconds[0] if self.round_seconds else None,
-            "ray_calls_per_round": float(np.mean(self.ray_calls)) if self.ray_calls else None,
-            "stage_seconds_per_round": _mean_laps(self.stage_seconds[1:] or self.stage_seconds),
-            "devices": sorted(self.devices),
-            "secure_aggregation": self.spec.secure_aggregation.mode.value,
-            "training_path": getattr(self, "training_path", None),
-            "privacy": self.privacy_summary(),
-            **({"placement": self.placement} if self.placement else {}),
-            **self.hosts.summary(),
-            "spec": self.spec.to_dict(),
-        }
-        if self.dp is not None:
-            # Exact statistics of party data outside the accountant: the party sizes, the
-            # Ray calls per round (they grow with the hosts sampled: one per party deployed),
-            # and per-round times (they grow with the parties trained). Kept: whole-job totals
-            # (seconds_total, and seconds_per_round as the mean over every round run).
-            out.pop("party_sizes", None)
-            del out["ray_calls_per_round"], out["first_round_seconds"], out["stage_seconds_per_round"]
-            out["seconds_per_round"] = (float(np.mean(self.round_seconds))
-                                        if self.round_seconds else None)
-        return out
-
-    def privacy_summary(self) -> dict[str, Any]:
-        p = self.spec.privacy
-        out: dict[str, Any] = {"mode": p.mode.value}
-        if self.dp is not None:
-            out.update({
-                "noise": p.noise.value, "epsilon_spent": self.epsilon, "epsilon_budget": p.epsilon,
-                "delta": p.delta, "accountant": p.accountant.value,
-                "noise_multiplier": self.dp.noise_multiplier, "clip_norm": self.dp.clip_norm,
-                "sampling_rate": self.dp.sampling_rate, "ledger": str(self.out / LEDGER),
-            })
-        if p.dp_sgd.enabled:
-            out["record_level"] = self.record_level_epsilons()
-        return out
-
-    def record_level_epsilons(self) -> dict[str, Any]:
-        """Record-level (epsilon, delta) of local DP-SGD: only the largest over the parties.
-        Each party's own epsilon (it reveals how often the party was sampled) is written by
-        its host to the host's own log, for that party alone."""
-        d = self.spec.privacy.dp_sgd
-        return {"noise_multiplier": d.noise_multiplier, "clip_norm": d.clip_norm, "delta": d.delta,
-                "epsilon_max": self.record_level_max}
-
-    def _record_level_max(self) -> float | None:
-        """The hosts' largest per-party record-level epsilon. A host that cannot answer (it
-        died) is replaced by the bound for its parties had they trained in every round run."""
-        from lepton_ray.privacy.accountants import AccountantKind
-        from lepton_ray.privacy.calibration import record_level_epsilon_over_rounds
-
-        worst = 0.0
-        for h in range(len(self.blocks)):
-            try:
-                worst = max(worst, float(self.hosts.get(h, "record_level_epsilon_max", timeout=60)))
-            except (ray.exceptions.RayError, LeptonError):
-                if self.remote_parties:
-                    # the driver does not know a deployed party's size (it stays on its node),
-                    # so it has no bound to put in: report none rather than too little
-                    print(f"host {h} did not report its parties' record-level epsilon; the "
-                          "job's maximum is unbounded (see that party's own log)",
-                          file=sys.stderr, flush=True)
-                    return math.inf
-                d, t = self.spec.privacy.dp_sgd, self.spec.training
-                n = int(min(self.data.party_sizes[p] for p in self.blocks[h]))
-                worst = max(worst, record_level_epsilon_over_rounds(
-                    n_local=n, rounds=self.prior_executions + max(0, self.round_now - self.first_round + 1),
-                    batch_size=t.batch_size, epochs=t.epochs,
-                    noise_multiplier=d.noise_multiplier, delta=d.delta,
-                    accountant=AccountantKind(self.spec.privacy.accountant.value)))
-        return worst
-
 def run_job(spec: JobSpec, *, overwrite: bool = False, resume: bool = False,
             num_cpus: int | None = None, on_round=None, dashboard: bool = False,
             discard_privacy_ledger: bool = False) -> RunResult:
@@ -1249,12 +896,6 @@ class StageClock:
         now = time.perf_counter()
         self.laps[stage] = self.laps.get(stage, 0.0) + now - self._last
         self._last = now
-
-
-def _mean_laps(rounds: list[dict[str, float]]) -> dict[str, float]:
-    stages = {s for laps in rounds for s in laps}
-    return {s: round(float(np.mean([laps.get(s, 0.0) for laps in rounds])), 4)
-            for s in sorted(stages)} if rounds else {}
 
 
 def _payloads(live: dict) -> list:
