@@ -181,3 +181,22 @@ def test_a_dp_site_refuses_a_weighted_or_unnoised_plan():
         spec("central"), SecureRoundPlan(config=None, rule=UpdateRule(clip_norm=5.0),
                                          quantization=quant)))
     assert any("distributed" in p for p in check_rule(spec("distributed"), fine))
+
+
+def test_a_site_that_answers_for_another_party_is_refused():
+    """Attack: a site's stage reply claims another party's report. The coordinator takes a
+    reply only as its own party's (its mTLS identity); the messages inside are checked again
+    by the SmpcCoordinator (IMPERSONATION, tests/test_secagg_adversary.py)."""
+    from lepton_ray.federation.site_hosts import _stage_reply
+
+    report, messages = _stage_reply((wire.Report(host=1, parties=(1,)), []), 1)
+    assert report.host == 1 and report.parties == (1,) and messages == []
+    with pytest.raises(FederationError, match="answered for"):
+        _stage_reply((wire.Report(host=1, parties=(2,)), []), 1)
+    with pytest.raises(FederationError, match="answered for"):
+        _stage_reply((wire.Report(host=2, parties=()), []), 1)
+    with pytest.raises(FederationError, match="expected"):
+        _stage_reply(("not a report", []), 1)
+    # a failure the site reports is its own party's, whatever id it wrote
+    report, _ = _stage_reply((wire.Report(host=1, parties=(), failed=((7, "diverged"),)), []), 1)
+    assert report.failed == ((1, "diverged"),)
