@@ -21,7 +21,6 @@ from typing import Any
 
 import ray
 
-from lepton_ray.config import NoisePlacement, SamplingKind
 from lepton_ray.errors import BudgetExhaustedError, ConfigError, LeptonError, PrivacyError
 from lepton_ray.outputs import LEDGER
 
@@ -32,32 +31,13 @@ class JobPrivacy:
         round alone would exceed the budget, before any training."""
         from actors.accountant import DpAccountant
         from lepton_ray.privacy.accountants import AccountantKind
-        from lepton_ray.privacy.dpfedavg import DpFedAvg
+        from lepton_ray.privacy.dpfedavg import dp_fedavg_for_spec
 
-        p, smp = self.spec.privacy, self.spec.sampling
-        q = smp.fraction if smp.kind is SamplingKind.POISSON else 1.0
+        p = self.spec.privacy
         kind = AccountantKind(p.accountant.value)
-        ac = p.adaptive_clipping
-        distributed = None
-        if p.noise is NoisePlacement.DISTRIBUTED:
-            from lepton_ray.privacy.dpfedavg import DistributedNoise
-
-            from lepton_ray.privacy.events import SkellamAmplification
-
-            from lepton_ray.privacy.dpfedavg import sample_size_bound
-
-            distributed = DistributedNoise(bits=p.bits, dim=len(self.params),
-                                           min_survivor_fraction=p.min_survivor_fraction,
-                                           amplification=SkellamAmplification(p.amplification.value),
-                                           colluding_parties=p.colluding_parties,
-                                           max_sample=sample_size_bound(self.spec.parties.count, q))
         if self.dp is None:  # a resumed job restores its state from the checkpoint
-            self.dp = DpFedAvg.create(distributed=distributed,
-                n_parties=self.spec.parties.count, sampling_rate=q, rounds=self.spec.rounds,
-                epsilon=p.epsilon, delta=p.delta, clip_norm=p.clip_norm,
-                noise_multiplier=p.noise_multiplier, accountant=kind, adaptive=ac.enabled,
-                target_quantile=ac.target_quantile, learning_rate=ac.learning_rate,
-                count_noise_std=ac.count_noise_std)
+            self.dp = dp_fedavg_for_spec(self.spec, len(self.params))
+        q = self.dp.sampling_rate
         # in the driver's process, under the job's ledger lock (held since before the output
         # directory was touched): the ledger lives beside the other outputs, on this node
         self.accountant = DpAccountant(str(self.out / LEDGER), p.epsilon, p.delta, kind,

@@ -200,3 +200,45 @@ def test_a_site_that_answers_for_another_party_is_refused():
     # a failure the site reports is its own party's, whatever id it wrote
     report, _ = _stage_reply((wire.Report(host=1, parties=(), failed=((7, "diverged"),)), []), 1)
     assert report.failed == ((1, "diverged"),)
+
+
+def test_a_distributed_dp_site_refuses_less_noise_than_the_spec_promises():
+    """Attack: the coordinator sends the parties Skellam parameters with a smaller noise
+    multiplier (or another rotation) than the accepted spec's calibration gives, while every
+    site's ledger would charge the promised epsilon. The site recomputes the parameters from
+    its own copy of the spec (the driver's calibration, dp_fedavg_for_spec) and refuses."""
+    import dataclasses
+    import hashlib
+
+    from lepton_ray.config import load_spec
+    from lepton_ray.crypto.identity import IdentityKey, Roster
+    from lepton_ray.federation.party_process import check_rule
+    from lepton_ray.learning.party_update import SecureRoundPlan
+    from lepton_ray.privacy.dpfedavg import dp_fedavg_for_spec
+    from lepton_ray.secagg import JobPins
+
+    raw = _raw(privacy={"mode": "user_level", "epsilon": 3.0, "delta": 1e-5, "clip_norm": 1.0,
+                        "noise": "distributed", "colluding_parties": 0})
+    raw["data"]["party_paths"] = ["a.csv"] * 3
+    spec = load_spec({**raw, "parties": {"count": 3}})
+    n_params = 8
+    roster = Roster(tuple(IdentityKey.generate().public_bytes for _ in range(3)))
+    dp = dp_fedavg_for_spec(spec, n_params)
+    config = JobPins.for_job("j", roster, spec.secure_aggregation).plan(
+        roster=roster, round_=1, dim=8, participants=[0, 1, 2], modulus_bits=32)
+    honest = dp.distributed.params(n=3, threshold=config.threshold, clip_norm=1.0,
+                                   noise_multiplier=dp.noise_multiplier)
+    seed = hashlib.sha256(b"lepton-ray/rotation/j/1").digest()
+    rule = UpdateRule(clip_norm=1.0, weight_cap=None)
+
+    def plan(skellam, rotation=seed):
+        return SecureRoundPlan(config=config, rule=rule, quantization=None, skellam=skellam,
+                               rotation_seed=rotation)
+
+    assert check_rule(spec, plan(honest), n_params=n_params) == []
+    quieter = dataclasses.replace(honest, noise_multiplier=honest.noise_multiplier / 10)
+    assert any("Skellam parameters" in p for p in check_rule(spec, plan(quieter), n_params=n_params))
+    fewer = dataclasses.replace(honest, min_survivors=1)
+    assert any("Skellam parameters" in p for p in check_rule(spec, plan(fewer), n_params=n_params))
+    assert any("rotation seed" in p for p in check_rule(spec, plan(honest, rotation=b"\0" * 32),
+                                                       n_params=n_params))

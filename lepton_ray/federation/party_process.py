@@ -201,7 +201,7 @@ class PartySite(SiteSecAgg):
                 or box[0].ndim != 1 or box[0].dtype != np.float32):
             raise FederationError("advertise: the parameters must be one float32 vector")
         self.policy.check_round(threshold=config.threshold, secure=True)
-        problems = check_rule(spec, plan)
+        problems = check_rule(spec, plan, n_params=len(box[0]))
         if problems:
             raise FederationError("round refused: " + "; ".join(problems))
         self._charge(config)  # write-ahead to the site's own ledger; refused if over budget
@@ -249,7 +249,33 @@ class PartySite(SiteSecAgg):
         return job
 
 
-def check_rule(spec, plan) -> list[str]:
+def _check_skellam(spec, plan, n_params: int) -> list[str]:
+    """Distributed DP: the plan's Skellam parameters must be exactly those the site computes
+    from the spec it accepted (the same calibration as the driver,
+    :func:`lepton_ray.privacy.dpfedavg.dp_fedavg_for_spec`) for this round's participants,
+    threshold and clip norm, and its rotation seed the public one of the (job, round).
+    Otherwise a coordinator could ask the parties for less noise (or a weaker survivor bound)
+    than the spec promises while every site's ledger charges the promised epsilon."""
+    import hashlib
+
+    from lepton_ray.privacy.dpfedavg import dp_fedavg_for_spec
+
+    config = plan.config
+    dp = dp_fedavg_for_spec(spec, n_params)
+    expected = dp.distributed.params(n=len(config.participants), threshold=config.threshold,
+                                     clip_norm=plan.rule.clip_norm,
+                                     noise_multiplier=dp.noise_multiplier)
+    problems = []
+    if plan.skellam != expected:
+        problems.append(f"Skellam parameters {plan.skellam} are not the accepted spec's for "
+                        f"this round ({expected})")
+    seed = hashlib.sha256(f"lepton-ray/rotation/{config.job_id}/{config.round}".encode()).digest()
+    if plan.rotation_seed != seed:
+        problems.append("the rotation seed is not the public one of this (job, round)")
+    return problems
+
+
+def check_rule(spec, plan, n_params: int | None = None) -> list[str]:
     """What a site refuses in a round's plan: an update rule or ring that is not the accepted
     spec's. Without DP the clip norm, FedAvg weighting and ring are the spec's; with DP every
     party weighs 1, the noise is where the spec puts it (distributed: the plan carries the
@@ -283,6 +309,8 @@ def check_rule(spec, plan) -> list[str]:
         if plan.skellam is None:
             problems.append("the spec puts the noise at the parties (distributed) but the plan "
                             "has no Skellam parameters")
+        elif n_params is not None:
+            problems += _check_skellam(spec, plan, n_params)
     elif plan.skellam is not None or plan.quantization is None:
         problems.append("the plan is not the spec's central-noise secure sum")
     return problems

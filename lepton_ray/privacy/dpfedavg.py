@@ -298,3 +298,34 @@ class DpFedAvg:
         fraction = clip_bit_sum / self.expected_parties + 0.5
         clipping = self.clipping.update(fraction)
         return replace(self, clipping=clipping, clip_norm=clipping.clip_norm)
+
+
+def dp_fedavg_for_spec(spec, n_params: int) -> DpFedAvg:
+    """The job's DP-FedAvg state at round 1, from its spec alone (``JobSpec``) and the
+    model's parameter count: the sampling rate, the calibrated noise multiplier and, with
+    ``privacy.noise: distributed``, the Skellam setting. Deterministic, so the driver and
+    every federation site that accepted the spec compute the same thing: a site checks the
+    Skellam parameters of each round's plan against its own (a coordinator cannot ask the
+    parties for less noise than the spec promises)."""
+    from lepton_ray.config import NoisePlacement, SamplingKind
+    from lepton_ray.privacy.accountants import AccountantKind
+
+    p, smp = spec.privacy, spec.sampling
+    q = smp.fraction if smp.kind is SamplingKind.POISSON else 1.0
+    ac = p.adaptive_clipping
+    distributed = None
+    if p.noise is NoisePlacement.DISTRIBUTED:
+        from lepton_ray.privacy.events import SkellamAmplification
+
+        distributed = DistributedNoise(bits=p.bits, dim=n_params,
+                                       min_survivor_fraction=p.min_survivor_fraction,
+                                       amplification=SkellamAmplification(p.amplification.value),
+                                       colluding_parties=p.colluding_parties,
+                                       max_sample=sample_size_bound(spec.parties.count, q))
+    return DpFedAvg.create(distributed=distributed, n_parties=spec.parties.count,
+                           sampling_rate=q, rounds=spec.rounds, epsilon=p.epsilon,
+                           delta=p.delta, clip_norm=p.clip_norm,
+                           noise_multiplier=p.noise_multiplier,
+                           accountant=AccountantKind(p.accountant.value), adaptive=ac.enabled,
+                           target_quantile=ac.target_quantile, learning_rate=ac.learning_rate,
+                           count_noise_std=ac.count_noise_std)
